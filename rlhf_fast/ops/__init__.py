@@ -1,0 +1,1 @@
+"""The ops: for each, host launcher -> custom op with autograd -> public function."""

@@ -1,0 +1,9 @@
+"""Reference implementations: the plain formulas in PyTorch, differentiated by autograd.
+
+They are the ground truth of the tests and the baseline of the benchmarks. They hold whole
+``[N, V]`` tensors and run in whatever dtype they are given (float64 for the tests).
+"""
+
+from .token_logprobs import token_logprobs
+
+__all__ = ["token_logprobs"]

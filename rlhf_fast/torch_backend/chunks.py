@@ -1,0 +1,31 @@
+"""Row chunks of a ``[B, T, V]`` tensor as views, sized by a byte budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+CHUNK_BYTES = 64 * 2**20
+"""Budget of one chunk's float32 ``[rows, V]`` temporaries (a few of them live at once)."""
+
+
+def row_chunks(batch: int, seq_len: int, n_cols: int,
+               chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, slice]]:
+    """Yield ``(b, t_slice)`` so that ``x[b, t_slice]`` is a ``[rows, V]`` view of bounded size."""
+    rows = max(1, chunk_bytes // max(1, 4 * n_cols))
+    for b in range(batch):
+        for start in range(0, seq_len, rows):
+            yield b, slice(start, min(start + rows, seq_len))
+
+
+
+def merge_batch(x: Tensor) -> Tensor:
+    """View ``[B, T, ...]`` as ``[1, B*T, ...]`` when the strides allow it (no copy), else ``x``.
+
+    Chunks then span sequence boundaries, so ``B`` large and ``T`` small needs few chunks.
+    """
+    try:
+        return x.view(1, x.shape[0] * x.shape[1], *x.shape[2:])
+    except RuntimeError:
+        return x

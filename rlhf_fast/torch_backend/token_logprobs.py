@@ -1,0 +1,124 @@
+"""Torch backend of ``token_logprobs``: the stats sweep and gradient sweep over row chunks.
+
+Mirrors ``kernels/softmax_stats.py`` and ``kernels/softmax_grad.py``: the target's column is
+summed apart from the others so that ``1 - p_y`` and ``log_s`` stay exact when ``p_y -> 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .chunks import CHUNK_BYTES, merge_batch, row_chunks
+
+
+def _chunk_stats(x: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
+                 with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Stats of ``x [R, V]``: returns ``logp [R]``, ``entropy [R]``, ``stats [R, 3]``."""
+    n_cols = x.shape[-1]
+    z = x.float() * inv_temp
+    ignored = targets == ignore_index
+    valid = (targets >= 0) & (targets < n_cols)
+    y = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    d = z.sub_(m)                                   # z - m, in place over z
+    d_y = d.gather(-1, y).squeeze(-1)
+    e = d.exp()
+    e.scatter_(-1, y, 0.0)                          # the target is added back exactly below
+    s_excl = e.sum(-1)
+    e_y = d_y.exp()
+    s_all = s_excl + e_y
+    ratio = s_excl / torch.where(e_y > 0, e_y, torch.ones_like(e_y))
+    log_s = torch.where(e_y >= s_excl, d_y + torch.log1p(ratio), s_all.log())
+    logp = d_y - log_s
+    q = s_excl / s_all
+
+    if with_entropy:
+        t_excl = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
+        t_all = t_excl + torch.where(e_y > 0, e_y * d_y, torch.zeros_like(e_y))
+        entropy = log_s - t_all / s_all
+    else:
+        entropy = torch.zeros_like(logp)
+
+    stats = torch.stack([m.squeeze(-1), log_s, q], dim=-1)
+    nan = torch.full_like(logp, float("nan"))
+    bad = ~valid & ~ignored
+    logp = torch.where(ignored, torch.zeros_like(logp), torch.where(bad, nan, logp))
+    entropy = torch.where(ignored, torch.zeros_like(entropy), torch.where(bad, nan, entropy))
+    stats = torch.where(ignored.unsqueeze(-1), torch.zeros_like(stats),
+                        torch.where(bad.unsqueeze(-1), float("nan"), stats))
+    return logp, entropy, stats
+
+
+def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
+                           ignore_index: int, with_entropy: bool,
+                           chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor, Tensor]:
+    """logits ``[B, T, V]`` (any strides), targets ``[B, T]`` -> logp, entropy, stats.
+
+    logp and entropy are float32 ``[B, T]`` (entropy is empty when not asked for);
+    stats is float32 ``[B, T, 3]`` holding ``(m, log_s, 1 - p_y)`` of the scaled logits.
+    """
+    out_shape = logits.shape[:2]
+    logits = merge_batch(logits)
+    targets = targets.reshape(logits.shape[:2])
+    batch, seq_len, n_cols = logits.shape
+    logp = logits.new_empty((batch, seq_len), dtype=torch.float32)
+    entropy = logits.new_empty((batch, seq_len) if with_entropy else (0,), dtype=torch.float32)
+    stats = logits.new_empty((batch, seq_len, 3), dtype=torch.float32)
+    inv_temp = 1.0 / temperature
+    for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
+        lp, ent, st = _chunk_stats(logits[b, ts], targets[b, ts], inv_temp, ignore_index,
+                                   with_entropy)
+        logp[b, ts] = lp
+        stats[b, ts] = st
+        if with_entropy:
+            entropy[b, ts] = ent
+    if with_entropy:
+        entropy = entropy.view(out_shape)
+    return logp.view(out_shape), entropy, stats.view(*out_shape, 3)
+
+
+def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | None,
+                            logits: Tensor, targets: Tensor, entropy: Tensor, stats: Tensor,
+                            temperature: float, ignore_index: int,
+                            chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """dL/dlogits ``[B, T, V]`` in the logits' dtype from the upstream ``[B, T]`` gradients.
+
+        dL/dlogits = (c * (onehot(y) - p) - c_H * p * (log p + H)) / temperature
+    """
+    out_shape = logits.shape
+    logits = merge_batch(logits)
+    batch, seq_len, n_cols = logits.shape
+    targets = targets.reshape(batch, seq_len)
+    stats = stats.reshape(batch, seq_len, 3)
+    grad_logp = grad_logp.reshape(batch, seq_len) if grad_logp is not None else None
+    grad_entropy = grad_entropy.reshape(batch, seq_len) if grad_entropy is not None else None
+    entropy = entropy.reshape(batch, seq_len) if grad_entropy is not None else entropy
+    grad = torch.empty((batch, seq_len, n_cols), dtype=logits.dtype, device=logits.device)
+    inv_temp = 1.0 / temperature
+    for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
+        y = targets[b, ts]
+        st = stats[b, ts]
+        m, log_s, q = st[:, 0:1], st[:, 1:2], st[:, 2]
+        c = grad_logp[b, ts].float() if grad_logp is not None else torch.zeros_like(q)
+        c_h = grad_entropy[b, ts].float() if grad_entropy is not None else None
+
+        logp_all = (logits[b, ts].float() * inv_temp).sub_(m).sub_(log_s)
+        p = logp_all.exp()
+        g = p * -c.unsqueeze(-1)
+        valid = (y >= 0) & (y < n_cols)
+        y_safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
+        target_grad = torch.where(valid, c * q, g.gather(-1, y_safe).squeeze(-1))
+        g.scatter_(-1, y_safe, target_grad.unsqueeze(-1))
+        active = (y != ignore_index) & (c != 0)
+        if c_h is not None:
+            h = entropy[b, ts].unsqueeze(-1)
+            term = torch.where(p > 0, p * (logp_all + h), torch.zeros_like(p))
+            g.sub_(term.mul_(c_h.unsqueeze(-1)))
+            active = (y != ignore_index) & ((c != 0) | (c_h != 0))
+        g.mul_(inv_temp)
+        g = torch.where(active.unsqueeze(-1), g, torch.zeros_like(g))
+        grad[b, ts] = g
+    return grad.view(out_shape)

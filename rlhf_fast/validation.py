@@ -1,0 +1,75 @@
+"""Input checks shared by the ops: clear errors naming the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits(logits: object, name: str = "logits") -> None:
+    """``[B, T, V]`` or ``[N, V]``, float32/bfloat16/float16, V >= 1."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16, got {logits.dtype} "
+            f"(the float64 ground truth is rlhf_fast.reference)"
+        )
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got shape "
+                         f"{tuple(logits.shape)}")
+
+
+def check_token_tensor(x: object, name: str, like: Tensor, *, integer: bool = False) -> None:
+    """A per-token tensor of shape ``like.shape[:-1]`` on ``like``'s device."""
+    expected = tuple(like.shape[:-1])
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, "
+                        f"got {type(x).__name__}")
+    if integer and x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {x.dtype}")
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} (logits.shape[:-1]), "
+                         f"got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but logits are on {like.device}")
+
+
+def check_temperature(temperature: object) -> float:
+    """A finite float > 0."""
+    try:
+        value = float(temperature)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a positive float, got {temperature!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return value
+
+
+def target_checks_enabled() -> bool:
+    """Data-dependent checks (one host sync) are on unless ``RLHF_FAST_CHECK_TARGETS=0``."""
+    return os.environ.get("RLHF_FAST_CHECK_TARGETS", "1") != "0"
+
+
+def check_target_range(targets: Tensor, n_cols: int, ignore_index: int) -> None:
+    """Every target is in ``[0, V)`` or equals ``ignore_index``.
+
+    Costs one device-to-host sync. With ``RLHF_FAST_CHECK_TARGETS=0`` it is skipped and a
+    target out of range gives NaN for its row (the kernels never read out of bounds).
+    """
+    if not target_checks_enabled() or targets.numel() == 0:
+        return
+    bad = ((targets < 0) | (targets >= n_cols)) & (targets != ignore_index)
+    if bool(bad.any()):
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(
+            f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
+            f"found {int(bad.sum())} out of range (first: {first})"
+        )
