@@ -36,7 +36,9 @@ def _chunk_stats(x: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
     q = s_excl / s_all
 
     if with_entropy:
-        t_excl = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(-1)
+        banned = e == 0                             # exp(-inf): 0 * -inf must give 0
+        ed = e.mul_(d).masked_fill_(banned, 0.0)    # e * (z - m), in place over e
+        t_excl = ed.sum(-1)
         t_all = t_excl + torch.where(e_y > 0, e_y * d_y, torch.zeros_like(e_y))
         entropy = log_s - t_all / s_all
     else:
@@ -112,13 +114,13 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
         y_safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
         target_grad = torch.where(valid, c * q, g.gather(-1, y_safe).squeeze(-1))
         g.scatter_(-1, y_safe, target_grad.unsqueeze(-1))
-        active = (y != ignore_index) & (c != 0)
+        active = c != 0
         if c_h is not None:
-            h = entropy[b, ts].unsqueeze(-1)
-            term = torch.where(p > 0, p * (logp_all + h), torch.zeros_like(p))
-            g.sub_(term.mul_(c_h.unsqueeze(-1)))
-            active = (y != ignore_index) & ((c != 0) | (c_h != 0))
-        g.mul_(inv_temp)
-        g = torch.where(active.unsqueeze(-1), g, torch.zeros_like(g))
+            term = logp_all.add_(entropy[b, ts].unsqueeze(-1)).mul_(p)  # p * (log p + H)
+            term.masked_fill_(p == 0, 0.0)          # banned tokens: 0 * -inf -> 0
+            g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)
+            active |= c_h != 0
+        active &= y != ignore_index
+        g.mul_(inv_temp).masked_fill_(~active.unsqueeze(-1), 0.0)
         grad[b, ts] = g
     return grad.view(out_shape)
