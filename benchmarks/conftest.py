@@ -1,0 +1,1 @@
+"""pytest-benchmark entry: ``pytest benchmarks/ --benchmark-only`` (needs the [bench] extra)."""

@@ -1,0 +1,185 @@
+"""Run a suite on the current device, derive the ratios, print the table, write reports.
+
+Report schema (``rlhf_fast.bench/1``), one JSON object:
+
+- ``schema``, ``date`` (UTC ISO 8601), ``command`` (argv), ``device`` (name), ``device_type``
+  (``cuda`` | ``cpu``), ``driver``, ``python``, ``torch``, ``triton``;
+- ``ceilings``: ``copy_gbps`` (device-to-device copy, bytes read + written, same run);
+- ``records``: one per (case, implementation): ``suite``, ``case`` (n, v, dtype, mode),
+  ``label``, ``mode``, ``impl``, ``status`` (``ok`` | ``absent`` | ``error``), ``reason``
+  (absent / error), ``median_ms``, ``peak_extra_mib``, ``err_logp``, ``err_entropy``,
+  ``err_grad`` (fwd+bwd only), ``useful_bytes``, ``bytes_formula``, ``gbps``
+  (useful_bytes / median time), ``frac_of_copy`` (gbps / copy_gbps), ``speedup_vs_reference``
+  (reference time / this time) and ``memory_vs_reference`` (this peak / reference peak).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable
+
+import torch
+
+from . import logprobs_suite
+from .ceilings import copy_bandwidth_gbps
+
+SCHEMA = "rlhf_fast.bench/1"
+SUITES = {"logprobs": logprobs_suite}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def driver_version(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        "device": device_name(device),
+        "device_type": device.type,
+        "driver": driver_version(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+    }
+
+
+def _run_in_child(suite, case, impl: str, device: torch.device, warmup: int, reps: int) -> dict:
+    job = {"case": case.__dict__, "impl": impl, "device": str(device), "warmup": warmup,
+           "reps": reps, "threads": torch.get_num_threads()}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.worker", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"suite": suite.SUITE, "case": case.__dict__, "label": case.label,
+                "mode": case.mode, "impl": impl, "status": "error", "reason": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _derive(records: list[dict], copy_gbps: float) -> None:
+    by_key = {(r["label"], r["mode"], r["impl"]): r for r in records}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        r["gbps"] = r["useful_bytes"] / (r["median_ms"] * 1e-3) / 1e9
+        r["frac_of_copy"] = r["gbps"] / copy_gbps
+        ref = by_key.get((r["label"], r["mode"], "reference"))
+        if ref and ref["status"] == "ok":
+            r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
+            if ref["peak_extra_mib"] > 0:
+                r["memory_vs_reference"] = r["peak_extra_mib"] / ref["peak_extra_mib"]
+
+
+def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
+        device: torch.device | None = None, warmup: int | None = None,
+        reps: int | None = None, progress: bool = True) -> dict:
+    """Run the suites and return the report (see the module docstring for its schema)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    warmup = warmup if warmup is not None else (5 if on_gpu else 1)
+    reps = reps if reps is not None else (20 if on_gpu else 5)
+    report = environment(device)
+    report["ceilings"] = {"copy_gbps": copy_bandwidth_gbps(device)}
+    jobs = [(SUITES[name], case, impl) for name in suites
+            for case in SUITES[name].cases(shapes, device) for impl in SUITES[name].IMPLS]
+    records = []
+    for i, (suite, case, impl) in enumerate(jobs, 1):
+        if progress:
+            print(f"[{i}/{len(jobs)}] {suite.SUITE} {case.label} {case.mode} {impl}",
+                  file=sys.stderr, flush=True)
+        if on_gpu:
+            records.append(suite.run_case(case, impl, device, warmup=warmup, reps=reps))
+            torch.cuda.empty_cache()
+        else:
+            records.append(_run_in_child(suite, case, impl, device, warmup, reps))
+    _derive(records, report["ceilings"]["copy_gbps"])
+    report["records"] = records
+    return report
+
+
+COLUMNS = [
+    ("case", "label", "{}"), ("mode", "mode", "{}"), ("impl", "impl", "{}"),
+    ("ms", "median_ms", "{:.3f}"), ("peak MiB", "peak_extra_mib", "{:.0f}"),
+    ("GB/s", "gbps", "{:.1f}"), ("% copy", "frac_of_copy", "{:.0%}"),
+    ("x ref", "speedup_vs_reference", "{:.2f}"), ("mem/ref", "memory_vs_reference", "{:.2f}"),
+    ("err logp", "err_logp", "{:.1e}"), ("err grad", "err_grad", "{:.1e}"),
+]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["records"]:
+        if r["status"] != "ok":
+            rows.append([r["label"], r["mode"], r["impl"], f"{r['status']}: {r['reason']}"])
+            continue
+        rows.append([fmt.format(r[key]) if r.get(key) is not None else "-"
+                     for _, key, fmt in COLUMNS])
+    return rows
+
+
+def header(report: dict) -> str:
+    return (f"{report['device']} | torch {report['torch']} | triton {report['triton']} | "
+            f"{report['date']} | copy {report['ceilings']['copy_gbps']:.1f} GB/s "
+            f"(bytes read + written)")
+
+
+def format_table(report: dict) -> str:
+    names = [c[0] for c in COLUMNS]
+    rows = table_rows(report)
+    widths = [max(len(names[i]), *(len(r[i]) for r in rows if len(r) == len(names)))
+              for i in range(len(names))]
+    lines = [header(report),
+             "  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    for r in rows:
+        if len(r) == len(names):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        else:
+            lines.append("  ".join(r))
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict) -> str:
+    names = [c[0] for c in COLUMNS]
+    lines = [f"# rlhf-fast bench: {report['device']}", "",
+             f"- date: {report['date']}", f"- command: `{' '.join(report['command'])}`",
+             f"- torch {report['torch']}, triton {report['triton']}, python {report['python']}, "
+             f"driver {report['driver'] or '-'}",
+             f"- copy ceiling: {report['ceilings']['copy_gbps']:.1f} GB/s (bytes read + written)",
+             "- GB/s counts useful bytes: fwd N*V*s (logits read once); fwd+bwd 2*N*V*s "
+             "(logits read once, gradient written once)", "",
+             "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in table_rows(report):
+        r = r + [""] * (len(names) - len(r))
+        lines.append("| " + " | ".join(r) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""``rlhf-fast``: the command line.
+
+    rlhf-fast bench [--suite logprobs|all] [--shapes quick|full] [--json PATH] [--markdown PATH]
+    rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .bench import runner
+
+    suites = list(runner.SUITES) if args.suite == "all" else [args.suite]
+    report = runner.run(suites, shapes=args.shapes, warmup=args.warmup, reps=args.reps)
+    print(runner.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(runner.to_markdown(report))
+    return 1 if any(r["status"] == "error" for r in report["records"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-fast", description="rlhf_fast tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="time the ops against the references on this device")
+    b.add_argument("--suite", default="all", choices=["all", "logprobs"])
+    b.add_argument("--shapes", default="quick", choices=["quick", "full"],
+                   help="quick: one shape (CPU: N=1024 V=32000; CUDA: N=8192 V=151936); "
+                        "full: N in {8192, 32768} x V in {32000, 128256, 151936, 262144}")
+    b.add_argument("--json", help="write the report (schema in rlhf_fast.bench.runner)")
+    b.add_argument("--markdown", help="write the table as Markdown")
+    b.add_argument("--warmup", type=int, help="warm-up calls per case (CUDA 5, CPU 1)")
+    b.add_argument("--reps", type=int, help="timed calls per case (CUDA 20, CPU 5)")
+    sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 and report spills",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "aot":
+        from .aot import main as aot_main
+        return aot_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
