@@ -13,7 +13,8 @@ defined result when that check is disabled).
 
 Backward (grid ``(N, cdiv(V, BLOCK_V))``): one read of the logits and one write of the
 gradient per block; ignored rows and rows whose coefficients are both zero are not read and
-get zeros.
+get zeros. The gradient has its own batch / row strides, so it can be written over the
+logits themselves (each block is read before it is overwritten, by the same program).
 """
 
 import triton
@@ -63,13 +64,15 @@ def token_logprobs_fwd_kernel(
 def token_logprobs_bwd_kernel(
     grad_logits_ptr, logits_ptr, targets_ptr, stats_ptr, entropy_ptr,
     grad_logp_ptr, grad_entropy_ptr,
-    n_cols, seq_len, stride_b, stride_t, inv_temp, ignore_index,
+    n_cols, seq_len, stride_b, stride_t, out_stride_b, out_stride_t, inv_temp, ignore_index,
     BLOCK_V: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < n_cols
-    out_ptrs = grad_logits_ptr + row * n_cols + cols
+    b = row // seq_len
+    t = row - b * seq_len
+    out_ptrs = grad_logits_ptr + b * out_stride_b + t * out_stride_t + cols
     target = tl.load(targets_ptr + row)
 
     c_logp = 0.0
@@ -83,8 +86,7 @@ def token_logprobs_bwd_kernel(
 
     # NaN coefficients compare unequal to 0 and so take the full path: NaN propagates.
     if (target != ignore_index) & ((c_logp != 0.0) | (c_entropy != 0.0)):
-        b = row // seq_len
-        row_ptr = logits_ptr + b * stride_b + (row - b * seq_len) * stride_t
+        row_ptr = logits_ptr + b * stride_b + t * stride_t
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
         m = tl.load(stats_ptr + row * 3)
         log_s = tl.load(stats_ptr + row * 3 + 1)

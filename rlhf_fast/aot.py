@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 
-from .ops import token_logprobs
+from .ops import row_sweeps
 from .ops.launch import KernelSpec
 
-OPS_WITH_KERNELS = (token_logprobs,)
+OPS_WITH_KERNELS = (row_sweeps,)
 
 
 def all_specs() -> list[KernelSpec]:

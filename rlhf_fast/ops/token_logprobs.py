@@ -1,9 +1,9 @@
 """``token_logprobs``: log-prob of each target and the entropy of each row, fused.
 
-Layers, in reading order: Triton launchers (device code in ``kernels/token_logprobs.py``) ->
-custom ops ``rlhf_fast::token_logprobs`` / ``rlhf_fast::token_logprobs_backward`` with
-their autograd formula (so ``torch.compile(fullgraph=True)`` sees one opaque node) -> the
-public function.
+Layers, in reading order: the two row sweeps (``row_sweeps.py``, device code in
+``kernels/token_logprobs.py``) -> custom ops ``rlhf_fast::token_logprobs`` and
+``rlhf_fast::token_logprobs_backward`` with their autograd formula (so
+``torch.compile(fullgraph=True)`` sees one opaque node) -> the public function.
 """
 
 from __future__ import annotations
@@ -13,98 +13,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import BACKENDS, resolve_backend
-from ..torch_backend import token_logprobs as torch_impl
+from ..backend import BACKENDS
 from ..validation import (
     check_logits,
     check_target_range,
     check_temperature,
     check_token_tensor,
 )
-from .launch import MAX_BLOCK_V, KernelSpec, cdiv, row_block_config
+from .row_sweeps import grad_sweep, stats_sweep
 
 __all__ = ["token_logprobs"]
-
-
-# --- Triton launchers -----------------------------------------------------------------------
-
-def _unit_column_stride(logits: Tensor) -> Tensor:
-    # The kernels need unit column stride; any row / batch strides are read in place.
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
-
-
-def _triton_forward(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.token_logprobs import token_logprobs_fwd_kernel
-
-    logits = _unit_column_stride(logits)
-    targets = targets.contiguous()
-    batch, seq_len, n_cols = logits.shape
-    logp = logits.new_empty((batch, seq_len), dtype=torch.float32)
-    entropy = logits.new_empty((batch, seq_len) if with_entropy else (0,), dtype=torch.float32)
-    stats = logits.new_empty((batch, seq_len, 3), dtype=torch.float32)
-    n_rows = batch * seq_len
-    if n_rows == 0:
-        return logp, entropy, stats
-    block, num_warps = row_block_config(n_cols)
-    token_logprobs_fwd_kernel[(n_rows,)](
-        logits, targets, logp, entropy if with_entropy else logp, stats,
-        n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
-        BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=num_warps,
-    )
-    return logp, entropy, stats
-
-
-def _triton_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                     logits: Tensor, targets: Tensor, entropy: Tensor, stats: Tensor,
-                     temperature: float, ignore_index: int) -> Tensor:
-    from ..kernels.token_logprobs import token_logprobs_bwd_kernel
-
-    logits = _unit_column_stride(logits)
-    batch, seq_len, n_cols = logits.shape
-    grad = torch.empty((batch, seq_len, n_cols), dtype=logits.dtype, device=logits.device)
-    n_rows = batch * seq_len
-    if n_rows == 0:
-        return grad
-    grad_logp = grad_logp.contiguous() if grad_logp is not None else None
-    grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-    block, num_warps = row_block_config(n_cols)
-    token_logprobs_bwd_kernel[(n_rows, cdiv(n_cols, block))](
-        grad, logits, targets.contiguous(), stats, entropy,
-        grad_logp if grad_logp is not None else stats,
-        grad_entropy if grad_entropy is not None else stats,
-        n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
-        BLOCK_V=block, HAS_GRAD_LOGP=grad_logp is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, num_warps=num_warps,
-    )
-    return grad
-
-
-def aot_specs() -> list[KernelSpec]:
-    """The variants launches produce at the largest block (the register-heaviest ones)."""
-    block, num_warps = row_block_config(MAX_BLOCK_V)
-    shape = {"n_cols": "i32", "seq_len": "i32", "stride_b": "i64", "stride_t": "i32",
-             "inv_temp": "fp32", "ignore_index": "i32"}
-    aligned = ("n_cols", "stride_b", "stride_t")
-    module = "rlhf_fast.kernels.token_logprobs"
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        fwd_ptrs = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "logp_ptr": "*fp32",
-                    "entropy_ptr": "*fp32", "stats_ptr": "*fp32"}
-        for with_entropy in (True, False):
-            specs.append(KernelSpec(
-                f"{module}:token_logprobs_fwd_kernel", {**fwd_ptrs, **shape},
-                {"BLOCK_V": block, "WITH_ENTROPY": with_entropy},
-                (*fwd_ptrs, *aligned), num_warps))
-        bwd_ptrs = {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}",
-                    "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
-                    "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32"}
-        for has_logp, has_entropy in ((True, True), (True, False), (False, True)):
-            specs.append(KernelSpec(
-                f"{module}:token_logprobs_bwd_kernel", {**bwd_ptrs, **shape},
-                {"BLOCK_V": block, "HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy},
-                (*bwd_ptrs, *aligned), num_warps))
-    return specs
 
 
 # --- custom ops and autograd ----------------------------------------------------------------
@@ -115,10 +33,7 @@ def token_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, ignor
     """logits ``[B, T, V]``, targets ``[B, T]`` -> (logp ``[B, T]``, entropy ``[B, T]`` or
     ``[0]``, stats ``[B, T, 3]``), all float32."""
     check_target_range(targets, logits.shape[-1], ignore_index)
-    if resolve_backend(backend, logits) == "triton":
-        return _triton_forward(logits, targets, temperature, ignore_index, with_entropy)
-    return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
-                                             with_entropy)
+    return stats_sweep(logits, targets, temperature, ignore_index, with_entropy, backend)
 
 
 @token_logprobs_op.register_fake
@@ -134,11 +49,8 @@ def token_logprobs_backward_op(grad_logp: Optional[Tensor], grad_entropy: Option
                                logits: Tensor, targets: Tensor, entropy: Tensor, stats: Tensor,
                                temperature: float, ignore_index: int, backend: str) -> Tensor:
     """dL/dlogits ``[B, T, V]`` (logits' dtype) from upstream gradients of logp and entropy."""
-    if resolve_backend(backend, logits) == "triton":
-        return _triton_backward(grad_logp, grad_entropy, logits, targets, entropy, stats,
-                                temperature, ignore_index)
-    return torch_impl.token_logprobs_backward(grad_logp, grad_entropy, logits, targets,
-                                              entropy, stats, temperature, ignore_index)
+    return grad_sweep(grad_logp, grad_entropy, logits, targets, entropy, stats, temperature,
+                      ignore_index, backend)
 
 
 @token_logprobs_backward_op.register_fake

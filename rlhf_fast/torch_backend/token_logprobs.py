@@ -84,21 +84,26 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
 
 def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | None,
                             logits: Tensor, targets: Tensor, entropy: Tensor, stats: Tensor,
-                            temperature: float, ignore_index: int,
+                            temperature: float, ignore_index: int, out: Tensor | None = None,
                             chunk_bytes: int = CHUNK_BYTES) -> Tensor:
     """dL/dlogits ``[B, T, V]`` in the logits' dtype from the upstream ``[B, T]`` gradients.
 
         dL/dlogits = (c * (onehot(y) - p) - c_H * p * (log p + H)) / temperature
+
+    Written into ``out`` when given (it may be ``logits``: each chunk is read first).
     """
-    out_shape = logits.shape
-    logits = merge_batch(logits)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    result = out
+    merged_logits, merged_out = merge_batch(logits), merge_batch(out)
+    if merged_logits.shape == merged_out.shape:  # both merged, or neither: chunks line up
+        logits, out = merged_logits, merged_out
     batch, seq_len, n_cols = logits.shape
     targets = targets.reshape(batch, seq_len)
     stats = stats.reshape(batch, seq_len, 3)
     grad_logp = grad_logp.reshape(batch, seq_len) if grad_logp is not None else None
     grad_entropy = grad_entropy.reshape(batch, seq_len) if grad_entropy is not None else None
     entropy = entropy.reshape(batch, seq_len) if grad_entropy is not None else entropy
-    grad = torch.empty((batch, seq_len, n_cols), dtype=logits.dtype, device=logits.device)
     inv_temp = 1.0 / temperature
     for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
         y = targets[b, ts]
@@ -122,5 +127,5 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
             active |= c_h != 0
         active &= y != ignore_index
         g.mul_(inv_temp).masked_fill_(~active.unsqueeze(-1), 0.0)
-        grad[b, ts] = g
-    return grad.view(out_shape)
+        out[b, ts] = g
+    return result

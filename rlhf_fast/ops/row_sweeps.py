@@ -1,0 +1,119 @@
+"""The two row sweeps every op is built from, on either backend (DESIGN.md section 3).
+
+- ``stats_sweep``: one read of each row -> logp, entropy and the per-row statistics;
+- ``grad_sweep``: one read and one write of each row -> dL/dlogits from the per-token
+  coefficients ``c = dL/dlogp`` and ``c_H = dL/dH``, optionally over the logits themselves.
+
+Triton launchers here (device code in ``kernels/token_logprobs.py``); the torch backend in
+``rlhf_fast/torch_backend/token_logprobs.py``. ``backend`` is resolved per call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import resolve_backend
+from ..torch_backend import token_logprobs as torch_impl
+from .launch import MAX_BLOCK_V, KernelSpec, cdiv, row_block_config
+
+
+def _unit_column_stride(logits: Tensor) -> Tensor:
+    # The kernels need unit column stride; any row / batch strides are read in place.
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+                with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """logits ``[B, T, V]``, targets ``[B, T]`` -> (logp ``[B, T]``, entropy ``[B, T]`` or
+    ``[0]``, stats ``[B, T, 3]`` = (m, log_s, 1 - p_y)), all float32."""
+    if resolve_backend(backend, logits) == "torch":
+        return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
+                                                 with_entropy)
+    from ..kernels.token_logprobs import token_logprobs_fwd_kernel
+
+    logits = _unit_column_stride(logits)
+    targets = targets.contiguous()
+    batch, seq_len, n_cols = logits.shape
+    logp = logits.new_empty((batch, seq_len), dtype=torch.float32)
+    entropy = logits.new_empty((batch, seq_len) if with_entropy else (0,), dtype=torch.float32)
+    stats = logits.new_empty((batch, seq_len, 3), dtype=torch.float32)
+    n_rows = batch * seq_len
+    if n_rows == 0:
+        return logp, entropy, stats
+    block, num_warps = row_block_config(n_cols)
+    token_logprobs_fwd_kernel[(n_rows,)](
+        logits, targets, logp, entropy if with_entropy else logp, stats,
+        n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
+        BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=num_warps,
+    )
+    return logp, entropy, stats
+
+
+def grad_sweep(c_logp: Optional[Tensor], c_entropy: Optional[Tensor], logits: Tensor,
+               targets: Tensor, entropy: Tensor, stats: Tensor, temperature: float,
+               ignore_index: int, backend: str, out: Optional[Tensor] = None) -> Tensor:
+    """dL/dlogits ``[B, T, V]`` in the logits' dtype:
+
+        dL/dlogits = (c * (onehot(y) - p) - c_H * p * (log p + H)) / temperature
+
+    ``c_logp`` / ``c_entropy`` are float32 ``[B, T]`` or None (a zero coefficient); ``out``
+    (same shape and dtype as logits, unit column stride) receives the gradient, and may be
+    ``logits`` itself.
+    """
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if resolve_backend(backend, logits) == "torch":
+        return torch_impl.token_logprobs_backward(c_logp, c_entropy, logits, targets, entropy,
+                                                  stats, temperature, ignore_index, out=out)
+    from ..kernels.token_logprobs import token_logprobs_bwd_kernel
+
+    logits = _unit_column_stride(logits)
+    assert out.stride(-1) == 1, "grad_sweep writes rows of unit column stride"
+    batch, seq_len, n_cols = logits.shape
+    n_rows = batch * seq_len
+    if n_rows == 0:
+        return out
+    c_logp = c_logp.contiguous() if c_logp is not None else None
+    c_entropy = c_entropy.contiguous() if c_entropy is not None else None
+    block, num_warps = row_block_config(n_cols)
+    token_logprobs_bwd_kernel[(n_rows, cdiv(n_cols, block))](
+        out, logits, targets.contiguous(), stats, entropy,
+        c_logp if c_logp is not None else stats,
+        c_entropy if c_entropy is not None else stats,
+        n_cols, seq_len, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        1.0 / temperature, ignore_index,
+        BLOCK_V=block, HAS_GRAD_LOGP=c_logp is not None,
+        HAS_GRAD_ENTROPY=c_entropy is not None, num_warps=num_warps,
+    )
+    return out
+
+
+def aot_specs() -> list[KernelSpec]:
+    """The variants launches produce at the largest block (the register-heaviest ones)."""
+    block, num_warps = row_block_config(MAX_BLOCK_V)
+    shape = {"n_cols": "i32", "seq_len": "i32", "stride_b": "i64", "stride_t": "i32",
+             "inv_temp": "fp32", "ignore_index": "i32"}
+    aligned = ("n_cols", "stride_b", "stride_t")
+    module = "rlhf_fast.kernels.token_logprobs"
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        fwd_ptrs = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "logp_ptr": "*fp32",
+                    "entropy_ptr": "*fp32", "stats_ptr": "*fp32"}
+        for with_entropy in (True, False):
+            specs.append(KernelSpec(
+                f"{module}:token_logprobs_fwd_kernel", {**fwd_ptrs, **shape},
+                {"BLOCK_V": block, "WITH_ENTROPY": with_entropy},
+                (*fwd_ptrs, *aligned), num_warps))
+        bwd_ptrs = {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}",
+                    "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
+                    "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32"}
+        out_shape = {**shape, "out_stride_b": "i64", "out_stride_t": "i32"}
+        for has_logp, has_entropy in ((True, True), (True, False), (False, True)):
+            specs.append(KernelSpec(
+                f"{module}:token_logprobs_bwd_kernel", {**bwd_ptrs, **out_shape},
+                {"BLOCK_V": block, "HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy},
+                (*bwd_ptrs, *aligned, "out_stride_b", "out_stride_t"), num_warps))
+    return specs

@@ -1,0 +1,206 @@
+"""Reference policy losses: the plain formulas on ``[B, T]`` log-probs, autograd for gradients.
+
+Every stop-gradient is a ``.detach()``, every clip a ``torch.where`` or ``clamp``: this file is
+what the fused op's hand-derived coefficients are tested against (in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import PolicyLossConfig
+from .token_logprobs import token_logprobs
+
+
+def aggregation_weights(mask: Tensor, config: PolicyLossConfig) -> Tensor:
+    """Per-token weights w so that the aggregated loss is sum(w * L)."""
+    m = mask
+    lengths = m.sum(-1, keepdim=True)
+    n_seq = (lengths > 0).sum().clamp(min=1)
+    norm = config.normalizer
+    if config.aggregation == "token_mean":
+        return m / (norm if norm is not None else m.sum().clamp(min=1))
+    if config.aggregation == "seq_mean_token_mean":
+        return m / lengths.clamp(min=1) / (norm if norm is not None else n_seq)
+    if config.aggregation == "seq_mean_token_sum":
+        return m / (norm if norm is not None else n_seq)
+    max_length = config.max_length if config.max_length is not None else m.shape[-1]
+    return m / (norm if norm is not None else m.shape[0] * max_length)
+
+
+def _clamp(x: Tensor, bound: float | None) -> Tensor:
+    return x if bound is None else x.clamp(-bound, bound)
+
+
+def kl_estimate(logp: Tensor, old: Tensor, ref: Tensor | None, config: PolicyLossConfig):
+    """Per-token KL estimator (differentiable in logp), or None when there is no KL term."""
+    if config.kl_reference == "ref":
+        if ref is None:
+            return None
+        log_x = ref - logp
+    else:
+        log_x = logp - old
+    if config.kl_clamp is not None:
+        log_x = _clamp(log_x, config.log_ratio_clamp)
+    if config.kl_estimator == "k1":
+        k = -log_x
+    elif config.kl_estimator == "k2":
+        k = 0.5 * log_x**2
+    else:
+        k = torch.exp(log_x) - 1 - log_x
+    return _clamp(k, config.kl_clamp)
+
+
+def policy_loss(
+    logits: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    config: PolicyLossConfig,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Loss, logp ``[B, T]``, entropy ``[B, T]`` and metrics, all from the plain formulas.
+
+    logits ``[B, T, V]``; targets, mask ``[B, T]``; advantages ``[B]`` or ``[B, T]``. Runs in
+    the logits' dtype (float64 in the tests). ``old_logprobs=None`` is on-policy: old is
+    ``logp.detach()``, so r = 1 in value and carries the gradient of logp.
+    """
+    c = config
+    logp, entropy = token_logprobs(logits, targets, temperature=c.temperature,
+                                   return_entropy=True)
+    dtype = logp.dtype
+    m = (mask.to(dtype)) * (targets != -100).to(dtype)
+    valid = m > 0
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    ent = entropy.detach()
+
+    if c.entropy_advantage_alpha is not None:
+        h = ent[valid]
+        std = h.std() if h.numel() > 1 else torch.ones((), dtype=dtype)
+        std = torch.where((std > 0) & torch.isfinite(std), std, torch.ones_like(std))
+        z = (ent - h.mean()) / std if h.numel() else torch.zeros_like(ent)
+        adv = adv * (1 + c.entropy_advantage_alpha * z)
+
+    if c.top_entropy_quantile is not None and valid.any():
+        threshold = torch.quantile(ent[valid], 1 - c.top_entropy_quantile)
+        entropy_mask = (ent >= threshold).to(dtype)
+    else:
+        entropy_mask = torch.ones_like(ent)
+
+    lengths = m.sum(-1)
+    safe_lengths = lengths.clamp(min=1)
+    log_ratio = _clamp(logp - old, c.log_ratio_clamp)
+    if c.ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    elif c.ratio_level == "sequence":
+        log_s = (log_ratio * m).sum(-1) / safe_lengths
+        ratio = torch.exp(log_s).unsqueeze(-1).expand_as(logp)
+    else:
+        log_s = ((log_ratio * m).sum(-1) / safe_lengths).detach()
+        ratio = torch.exp(log_s.unsqueeze(-1) + logp - logp.detach())
+
+    if c.rollout_correction is not None and rollout_logprobs is not None:
+        log_w = _clamp(old.detach() - rollout_logprobs.to(dtype), c.log_ratio_clamp)
+        if c.rollout_correction.startswith("sequence"):
+            log_w = (log_w * m).sum(-1, keepdim=True).expand_as(logp)
+        w = torch.exp(log_w)
+        if c.rollout_correction.endswith("truncate"):
+            is_weight = torch.clamp(w, max=c.rollout_cap)
+        else:
+            is_weight = torch.where(w <= c.rollout_cap, w, torch.zeros_like(w))
+    else:
+        is_weight = torch.ones_like(logp)
+
+    weights = aggregation_weights(m, c)
+    hi_const = 1.0 + c.clip_eps_high
+    lo_const = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else None
+
+    if c.objective == "gmpo":
+        sign = torch.sign(adv)
+        clipped = log_ratio.clamp(-c.gmpo_clip, c.gmpo_clip)
+        log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * clipped)
+        seq_ratio = torch.exp((log_ratio_c * m).sum(-1) / safe_lengths)
+        mean_adv = (adv * m).sum(-1) / safe_lengths
+        seq_loss = -mean_adv * seq_ratio * is_weight[:, 0]
+        n_seq = (lengths > 0).sum().clamp(min=1)
+        denom = c.normalizer if c.normalizer is not None else n_seq
+        pg_loss = (seq_loss * (lengths > 0).to(dtype)).sum() / denom
+        per_token = None
+    else:
+        if c.objective == "pg":
+            per_token = -ratio * adv
+        elif c.objective == "sapo":
+            tau = torch.where(adv > 0, c.sapo_tau_pos, c.sapo_tau_neg).to(dtype)
+            per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
+        elif c.objective == "cispo":
+            w = ratio.detach().clamp(max=hi_const)
+            if lo_const is not None:
+                w = w.clamp(min=lo_const)
+            per_token = -w * adv * logp
+        else:
+            hi = hi_const * ratio / ratio.detach() if c.clip_gradient != "zero" else hi_const
+            lo = lo_const
+            if lo is not None and c.clip_gradient == "keep_both":
+                lo = lo_const * ratio / ratio.detach()
+            hi_t = torch.as_tensor(hi, dtype=dtype)
+            clipped = torch.where(ratio > hi_t, hi_t, ratio)
+            if lo is not None:
+                lo_t = torch.as_tensor(lo, dtype=dtype)
+                clipped = torch.where(ratio < lo_t, lo_t, clipped)
+            unclipped = ratio if c.delta is None else torch.clamp(ratio, max=c.delta)
+            per_token = -torch.minimum(unclipped * adv, clipped * adv)
+            if c.dual_clip_c is not None:
+                capped = torch.minimum(per_token, -c.dual_clip_c * adv)
+                per_token = torch.where(adv < 0, capped, per_token)
+        pg_loss = (weights * per_token * is_weight * entropy_mask).sum()
+
+    loss = pg_loss
+    kl = kl_estimate(logp, old, ref_logprobs.to(dtype) if ref_logprobs is not None else None, c)
+    if kl is not None and c.kl_coef != 0:
+        loss = loss + c.kl_coef * (weights * kl).sum()
+    if c.entropy_coef != 0:
+        loss = loss - c.entropy_coef * (weights * entropy_mask * entropy).sum()
+
+    metrics = _metrics(ratio.detach(), adv, m, kl, ent, c)
+    return loss, logp.detach(), ent, metrics
+
+
+def _metrics(ratio, adv, m, kl, ent, c: PolicyLossConfig) -> dict[str, Tensor]:
+    """Detached per-batch statistics over valid tokens (plain means, not loss-weighted)."""
+    valid = m > 0
+    count = valid.sum()
+    denom = count.clamp(min=1)
+    zero = torch.zeros((), dtype=ratio.dtype)
+
+    def frac(x: Tensor) -> Tensor:
+        return (x & valid).sum() / denom
+
+    hi = 1.0 + c.clip_eps_high
+    lo = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else -float("inf")
+    if c.objective == "ppo_clip":
+        clip_high = frac((adv > 0) & (ratio > hi))
+        clip_low = frac((adv < 0) & (ratio < lo))
+    elif c.objective == "cispo":
+        clip_high, clip_low = frac(ratio > hi), frac(ratio < lo)
+    else:
+        clip_high = clip_low = zero
+    clip_dual = frac((adv < 0) & (ratio > c.dual_clip_c)) \
+        if c.objective == "ppo_clip" and c.dual_clip_c is not None else zero
+    r = ratio[valid]
+    return {
+        "clip_frac_low": clip_low,
+        "clip_frac_high": clip_high,
+        "clip_frac_dual": clip_dual,
+        "kl_mean": (kl.detach() * m).sum() / denom if kl is not None else zero,
+        "entropy_mean": (ent * m).sum() / denom,
+        "ratio_mean": r.mean() if r.numel() else zero + 1,
+        "ratio_min": r.min() if r.numel() else zero + 1,
+        "ratio_max": r.max() if r.numel() else zero + 1,
+        "token_count": count.to(ratio.dtype),
+    }
