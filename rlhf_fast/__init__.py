@@ -4,11 +4,24 @@ Public API (see DESIGN.md section 2):
 
 - ``token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index)``:
   log-prob of each target and the entropy of each row, in one read of the logits.
+- ``policy_loss(logits, targets, advantages, mask, *, old_logprobs, ref_logprobs,
+  rollout_logprobs, config="grpo", inplace=False, **overrides)``: PPO, GRPO, Dr. GRPO,
+  DAPO, GSPO, CISPO, SAPO, GMPO, AEPO, PPO-penalty, ... with the gradient written in the
+  forward pass; ``PolicyLossConfig`` and its presets choose the loss.
 - ``rlhf_fast.reference``: the plain-PyTorch ground truth of every op (autograd, float64).
 """
 
+from .config import PRESETS, PolicyLossConfig
+from .ops.policy_loss import PolicyLossOutput, policy_loss
 from .ops.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "token_logprobs"]
+__all__ = [
+    "PRESETS",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "__version__",
+    "policy_loss",
+    "token_logprobs",
+]

@@ -73,3 +73,18 @@ def check_target_range(targets: Tensor, n_cols: int, ignore_index: int) -> None:
             f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}; "
             f"found {int(bad.sum())} out of range (first: {first})"
         )
+
+
+def float_token_tensor(x: object, name: str, logits: Tensor, flat: bool) -> Tensor | None:
+    """None, or a float per-token tensor (``[B, T]``; ``[N]`` for flattened logits) returned
+    as float32 ``[B, T]``. ``logits`` is already ``[B, T, V]`` (``[1, N, V]`` when flat)."""
+    if x is None:
+        return None
+    expected = tuple(logits.shape[1:2]) if flat else tuple(logits.shape[:2])
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be None or a float tensor of shape {expected}")
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if x.device != logits.device:
+        raise ValueError(f"{name} is on {x.device} but logits are on {logits.device}")
+    return x.float().reshape(logits.shape[:2])

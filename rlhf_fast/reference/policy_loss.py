@@ -10,23 +10,14 @@ import torch
 from torch import Tensor
 
 from ..config import PolicyLossConfig
+from ..loss_weights import (
+    aggregation_weights,
+    entropy_advantage,
+    rollout_weights,
+    sequence_count,
+    top_entropy_mask,
+)
 from .token_logprobs import token_logprobs
-
-
-def aggregation_weights(mask: Tensor, config: PolicyLossConfig) -> Tensor:
-    """Per-token weights w so that the aggregated loss is sum(w * L)."""
-    m = mask
-    lengths = m.sum(-1, keepdim=True)
-    n_seq = (lengths > 0).sum().clamp(min=1)
-    norm = config.normalizer
-    if config.aggregation == "token_mean":
-        return m / (norm if norm is not None else m.sum().clamp(min=1))
-    if config.aggregation == "seq_mean_token_mean":
-        return m / lengths.clamp(min=1) / (norm if norm is not None else n_seq)
-    if config.aggregation == "seq_mean_token_sum":
-        return m / (norm if norm is not None else n_seq)
-    max_length = config.max_length if config.max_length is not None else m.shape[-1]
-    return m / (norm if norm is not None else m.shape[0] * max_length)
 
 
 def _clamp(x: Tensor, bound: float | None) -> Tensor:
@@ -81,17 +72,8 @@ def policy_loss(
     ent = entropy.detach()
 
     if c.entropy_advantage_alpha is not None:
-        h = ent[valid]
-        std = h.std() if h.numel() > 1 else torch.ones((), dtype=dtype)
-        std = torch.where((std > 0) & torch.isfinite(std), std, torch.ones_like(std))
-        z = (ent - h.mean()) / std if h.numel() else torch.zeros_like(ent)
-        adv = adv * (1 + c.entropy_advantage_alpha * z)
-
-    if c.top_entropy_quantile is not None and valid.any():
-        threshold = torch.quantile(ent[valid], 1 - c.top_entropy_quantile)
-        entropy_mask = (ent >= threshold).to(dtype)
-    else:
-        entropy_mask = torch.ones_like(ent)
+        adv = entropy_advantage(adv, ent, m, c.entropy_advantage_alpha)
+    entropy_mask = top_entropy_mask(ent, m, c.top_entropy_quantile)
 
     lengths = m.sum(-1)
     safe_lengths = lengths.clamp(min=1)
@@ -105,17 +87,7 @@ def policy_loss(
         log_s = ((log_ratio * m).sum(-1) / safe_lengths).detach()
         ratio = torch.exp(log_s.unsqueeze(-1) + logp - logp.detach())
 
-    if c.rollout_correction is not None and rollout_logprobs is not None:
-        log_w = _clamp(old.detach() - rollout_logprobs.to(dtype), c.log_ratio_clamp)
-        if c.rollout_correction.startswith("sequence"):
-            log_w = (log_w * m).sum(-1, keepdim=True).expand_as(logp)
-        w = torch.exp(log_w)
-        if c.rollout_correction.endswith("truncate"):
-            is_weight = torch.clamp(w, max=c.rollout_cap)
-        else:
-            is_weight = torch.where(w <= c.rollout_cap, w, torch.zeros_like(w))
-    else:
-        is_weight = torch.ones_like(logp)
+    is_weight = rollout_weights(old.detach(), rollout_logprobs, m, c)
 
     weights = aggregation_weights(m, c)
     hi_const = 1.0 + c.clip_eps_high
@@ -128,9 +100,7 @@ def policy_loss(
         seq_ratio = torch.exp((log_ratio_c * m).sum(-1) / safe_lengths)
         mean_adv = (adv * m).sum(-1) / safe_lengths
         seq_loss = -mean_adv * seq_ratio * is_weight[:, 0]
-        n_seq = (lengths > 0).sum().clamp(min=1)
-        denom = c.normalizer if c.normalizer is not None else n_seq
-        pg_loss = (seq_loss * (lengths > 0).to(dtype)).sum() / denom
+        pg_loss = (seq_loss * (lengths > 0).to(dtype)).sum() / sequence_count(m, c)
         per_token = None
     else:
         if c.objective == "pg":

@@ -1,0 +1,73 @@
+"""Detached per-token weights of the policy losses, on ``[B, T]`` tensors.
+
+None of these carries a gradient: they are the aggregation weights, the entropy-aware
+advantage, the top-entropy mask and the rollout importance weights. The reference and the
+fused op both use them; what the two compute independently is everything differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import PolicyLossConfig
+
+
+def aggregation_weights(mask: Tensor, config: PolicyLossConfig) -> Tensor:
+    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype."""
+    lengths = mask.sum(-1, keepdim=True)
+    n_seq = (lengths > 0).sum().clamp(min=1)
+    norm = config.normalizer
+    if config.aggregation == "token_mean":
+        return mask / (norm if norm is not None else mask.sum().clamp(min=1))
+    if config.aggregation == "seq_mean_token_mean":
+        return mask / lengths.clamp(min=1) / (norm if norm is not None else n_seq)
+    if config.aggregation == "seq_mean_token_sum":
+        return mask / (norm if norm is not None else n_seq)
+    max_length = config.max_length if config.max_length is not None else mask.shape[-1]
+    return mask / (norm if norm is not None else mask.shape[0] * max_length)
+
+
+def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
+    """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
+    if config.normalizer is not None:
+        return torch.tensor(config.normalizer, dtype=mask.dtype, device=mask.device)
+    return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
+
+
+def entropy_advantage(advantages: Tensor, entropy: Tensor, mask: Tensor,
+                      alpha: float) -> Tensor:
+    """AEPO: ``A * (1 + alpha * z(H))``, z standardised over valid tokens (unbiased std;
+    a zero or undefined std counts as 1)."""
+    valid = mask > 0
+    h = entropy[valid]
+    if h.numel() == 0:
+        return advantages
+    std = h.std() if h.numel() > 1 else torch.ones((), dtype=h.dtype, device=h.device)
+    std = torch.where((std > 0) & torch.isfinite(std), std, torch.ones_like(std))
+    return advantages * (1 + alpha * (entropy - h.mean()) / std)
+
+
+def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None) -> Tensor:
+    """1 where a token's entropy is at least the (1 - quantile) quantile of valid tokens."""
+    valid = mask > 0
+    if quantile is None or not valid.any():
+        return torch.ones_like(entropy)
+    threshold = torch.quantile(entropy[valid], 1 - quantile)
+    return (entropy >= threshold).to(entropy.dtype)
+
+
+def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
+                    config: PolicyLossConfig) -> Tensor:
+    """Truncated importance weights against the inference engine (1 when off)."""
+    if config.rollout_correction is None or rollout is None:
+        return torch.ones_like(old)
+    log_w = old - rollout.to(old.dtype)
+    if config.log_ratio_clamp is not None:
+        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.rollout_correction.startswith("sequence"):
+        log_w = (log_w * mask).sum(-1, keepdim=True).expand_as(old)
+    w = torch.exp(log_w)
+    if config.rollout_correction.endswith("truncate"):
+        return torch.clamp(w, max=config.rollout_cap)
+    return torch.where(w <= config.rollout_cap, w, torch.zeros_like(w))

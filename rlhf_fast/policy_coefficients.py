@@ -1,0 +1,232 @@
+"""The coefficient step of the policy losses: per-token loss, ``c = dL/dlogp``, ``c_H = dL/dH``.
+
+Input: the stats sweep's float32 ``logp`` and ``entropy`` ``[B, T]`` and the per-token side
+tensors. Output: the scalar loss, the two coefficients and the metrics. Everything here is
+``[B, T]``-sized, so it costs nothing next to a pass over ``[B, T, V]``; the gradient sweep
+then turns the coefficients into dL/dlogits (DESIGN.md section 3).
+
+Every derivative is written out by hand and mirrors the autograd of
+``rlhf_fast.reference.policy_loss`` exactly, including the conventions of torch's
+``clamp`` (gradient passes at the bounds) and ``minimum`` (half to each side on ties).
+Sums are taken in float64 so the loss keeps its relative accuracy at any token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import PolicyLossConfig
+from .loss_weights import (
+    aggregation_weights,
+    entropy_advantage,
+    rollout_weights,
+    sequence_count,
+    top_entropy_mask,
+)
+
+
+@dataclass
+class Coefficients:
+    loss: Tensor            # float32 scalar
+    c_logp: Tensor          # float32 [B, T]: dL/dlogp
+    c_entropy: Tensor | None  # float32 [B, T]: dL/dH, None when the loss has no entropy term
+    metrics: dict[str, Tensor]
+
+
+def _clamped(x: Tensor, bound: float | None) -> tuple[Tensor, Tensor]:
+    """clamp(x, -bound, bound) and its derivative (1 inside the closed interval, else 0)."""
+    if bound is None:
+        return x, torch.ones_like(x)
+    return x.clamp(-bound, bound), (x.abs() <= bound).to(x.dtype)
+
+
+def _min_grads(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Shares of d minimum(a, b) going to a and to b (1/0, 0/1, or 1/2 each on ties)."""
+    to_a = torch.where(a < b, 1.0, torch.where(a > b, 0.0, 0.5)).to(a.dtype)
+    return to_a, 1.0 - to_a
+
+
+def _ppo_clip(ratio: Tensor, adv: Tensor, c: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """Per-token loss -min(r'A, clip(r)A) (dual-capped) and its derivative in r."""
+    hi = 1.0 + c.clip_eps_high
+    upper = ratio > hi
+    clipped = torch.where(upper, hi, ratio)
+    # d clip(r) / d r: 1 inside; (1+eps)/r with the stop-gradient bound (value hi = hi*r/sg r).
+    d_clipped = torch.where(upper, hi / ratio if c.clip_gradient != "zero" else 0.0, 1.0)
+    if c.clip_eps_low is not None:
+        lo = 1.0 - c.clip_eps_low
+        lower = ratio < lo
+        clipped = torch.where(lower, lo, clipped)
+        d_lower = lo / ratio if c.clip_gradient == "keep_both" else 0.0
+        d_clipped = torch.where(lower, d_lower, d_clipped)
+    if c.delta is not None:
+        unclipped, d_unclipped = ratio.clamp(max=c.delta), (ratio <= c.delta).to(ratio.dtype)
+    else:
+        unclipped, d_unclipped = ratio, torch.ones_like(ratio)
+    s1, s2 = unclipped * adv, clipped * adv
+    to_s1, to_s2 = _min_grads(s1, s2)
+    loss = -torch.minimum(s1, s2)
+    d_loss = -(to_s1 * d_unclipped + to_s2 * d_clipped) * adv
+    if c.dual_clip_c is not None:
+        cap = -c.dual_clip_c * adv
+        to_loss, _ = _min_grads(loss, cap)
+        negative = adv < 0
+        d_loss = torch.where(negative, to_loss * d_loss, d_loss)
+        loss = torch.where(negative, torch.minimum(loss, cap), loss)
+    return loss, d_loss
+
+
+def _token_objective(ratio: Tensor, adv: Tensor, c: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """Per-token loss and its derivative in the ratio, for pg / sapo / ppo_clip."""
+    if c.objective == "pg":
+        return -ratio * adv, -adv
+    if c.objective == "sapo":
+        tau = torch.where(adv > 0, c.sapo_tau_pos, c.sapo_tau_neg).to(ratio.dtype)
+        gate = torch.sigmoid(tau * (ratio - 1.0))
+        return -(4.0 / tau) * gate * adv, -4.0 * gate * (1.0 - gate) * adv
+    return _ppo_clip(ratio, adv, c)
+
+
+def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
+        c: PolicyLossConfig) -> tuple[Tensor, Tensor] | None:
+    """Per-token KL estimate and its derivative in logp (None without a KL term)."""
+    if c.kl_reference == "ref":
+        if ref is None:
+            return None
+        log_x, d_log_x = ref - logp, -1.0
+    else:
+        log_x, d_log_x = logp - old, 1.0
+    d_clamp = torch.ones_like(log_x)
+    if c.kl_clamp is not None:
+        log_x, d_clamp = _clamped(log_x, c.log_ratio_clamp)
+    if c.kl_estimator == "k1":
+        k, dk = -log_x, -torch.ones_like(log_x)
+    elif c.kl_estimator == "k2":
+        k, dk = 0.5 * log_x * log_x, log_x
+    else:
+        k, dk = torch.exp(log_x) - 1.0 - log_x, torch.exp(log_x) - 1.0
+    if c.kl_clamp is not None:
+        k, d_value = _clamped(k, c.kl_clamp)
+        dk = dk * d_value
+    return k, dk * d_clamp * d_log_x
+
+
+def policy_coefficients(
+    logp: Tensor, entropy: Tensor, valid: Tensor, advantages: Tensor,
+    old_logprobs: Tensor | None, ref_logprobs: Tensor | None, rollout_logprobs: Tensor | None,
+    config: PolicyLossConfig,
+) -> Coefficients:
+    """Loss, coefficients and metrics from per-token values (all ``[B, T]``).
+
+    logp, entropy: float32 from the stats sweep; valid: bool mask (mask and target !=
+    ignore_index); advantages: ``[B]`` or ``[B, T]``; old / ref / rollout: float32 or None
+    (old None: on-policy, r = 1 carrying the gradient of logp).
+    """
+    c = config
+    f32 = torch.float32
+    m = valid.to(f32)
+    adv = advantages.to(f32)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    old = logp if old_logprobs is None else old_logprobs.to(f32)
+    if c.entropy_advantage_alpha is not None:
+        adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha)
+    entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile)
+    is_weight = rollout_weights(old, rollout_logprobs, m, c)
+    weights = aggregation_weights(m, c)
+    policy_weights = weights * is_weight * entropy_mask
+
+    lengths = m.sum(-1, keepdim=True)
+    safe_lengths = lengths.clamp(min=1)
+    log_ratio, d_log_ratio = _clamped(logp - old, c.log_ratio_clamp)
+    if c.ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        log_s = (log_ratio * m).sum(-1, keepdim=True) / safe_lengths
+        ratio = torch.exp(log_s).expand_as(logp)
+
+    if c.objective == "gmpo":
+        # Sign-aware log-space clip: the pessimistic side of each token's log-ratio is capped.
+        sign = torch.sign(adv)
+        g = c.gmpo_clip
+        log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-g, g))
+        kept = ((sign > 0) & (log_ratio <= g)) | ((sign < 0) & (log_ratio >= -g))
+        seq_ratio = torch.exp((log_ratio_c * m).sum(-1, keepdim=True) / safe_lengths)
+        mean_adv = (adv * m).sum(-1, keepdim=True) / safe_lengths
+        nonempty = (lengths > 0).to(f32)
+        scale = nonempty * is_weight[:, :1] / sequence_count(m, c)
+        pg_loss = (-mean_adv * seq_ratio * scale).double().sum()
+        c_logp = (-mean_adv * seq_ratio * scale) * m * kept.to(f32) * d_log_ratio / safe_lengths
+    elif c.objective == "cispo":
+        w = ratio.clamp(max=1.0 + c.clip_eps_high)
+        if c.clip_eps_low is not None:
+            w = w.clamp(min=1.0 - c.clip_eps_low)
+        pg_loss = (policy_weights * -w * adv * logp).double().sum()
+        c_logp = policy_weights * -w * adv
+    else:
+        per_token, d_ratio = _token_objective(ratio, adv, c)
+        pg_loss = (policy_weights * per_token).double().sum()
+        g_ratio = policy_weights * d_ratio  # dL / d ratio_t
+        if c.ratio_level == "token":
+            c_logp = g_ratio * ratio * d_log_ratio
+        elif c.ratio_level == "sequence_token":
+            c_logp = g_ratio * ratio     # log r_t = sg(log s) + logp_t - sg(logp_t)
+        else:
+            # s_i = exp(mean_t m log r_t): every token of sequence i gets sum_u dL/ds_i.
+            g_seq = g_ratio.sum(-1, keepdim=True)
+            c_logp = g_seq * ratio * m * d_log_ratio / safe_lengths
+
+    loss = pg_loss
+    kl = _kl(logp, old, ref_logprobs.to(f32) if ref_logprobs is not None else None, c)
+    if kl is not None and c.kl_coef != 0:
+        loss = loss + c.kl_coef * (weights * kl[0]).double().sum()
+        c_logp = c_logp + c.kl_coef * weights * kl[1]
+    c_entropy = None
+    if c.entropy_coef != 0:
+        loss = loss - c.entropy_coef * (weights * entropy_mask * entropy).double().sum()
+        c_entropy = -c.entropy_coef * weights * entropy_mask
+
+    metrics = _metrics(ratio, adv, m, kl[0] if kl is not None else None, entropy, c)
+    return Coefficients(loss.to(f32), c_logp.contiguous(), c_entropy, metrics)
+
+
+def _metrics(ratio: Tensor, adv: Tensor, m: Tensor, kl: Tensor | None, entropy: Tensor,
+             c: PolicyLossConfig) -> dict[str, Tensor]:
+    """Detached statistics over valid tokens (plain means over tokens, not loss-weighted):
+    clip fractions (low / high / dual), KL and entropy means, ratio mean / min / max and the
+    valid token count."""
+    valid = m > 0
+    count = m.sum()
+    denom = count.clamp(min=1)
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+
+    def frac(x: Tensor) -> Tensor:
+        return (x & valid).sum() / denom
+
+    hi = 1.0 + c.clip_eps_high
+    lo = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else -float("inf")
+    if c.objective == "ppo_clip":
+        clip_high, clip_low = frac((adv > 0) & (ratio > hi)), frac((adv < 0) & (ratio < lo))
+    elif c.objective == "cispo":
+        clip_high, clip_low = frac(ratio > hi), frac(ratio < lo)
+    else:
+        clip_high = clip_low = zero
+    if c.objective == "ppo_clip" and c.dual_clip_c is not None:
+        clip_dual = frac((adv < 0) & (ratio > c.dual_clip_c))
+    else:
+        clip_dual = zero
+    big = torch.finfo(torch.float32).max
+    any_valid = count > 0
+    return {
+        "clip_frac_low": clip_low,
+        "clip_frac_high": clip_high,
+        "clip_frac_dual": clip_dual,
+        "kl_mean": (kl * m).sum() / denom if kl is not None else zero,
+        "entropy_mean": (entropy * m).sum() / denom,
+        "ratio_mean": torch.where(any_valid, (ratio * m).sum() / denom, 1.0),
+        "ratio_min": torch.where(any_valid, torch.where(valid, ratio, big).min(), 1.0),
+        "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -big).max(), 1.0),
+        "token_count": count,
+    }
