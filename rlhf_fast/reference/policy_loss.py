@@ -61,11 +61,19 @@ def policy_loss(
     ``logp.detach()``, so r = 1 in value and carries the gradient of logp.
     """
     c = config
+    if logits.dim() == 2:  # [N, V]: one sequence of N tokens
+        def lift(t):
+            return t.unsqueeze(0) if t is not None else None
+
+        loss, logp, entropy, metrics = policy_loss(
+            logits.unsqueeze(0), targets.unsqueeze(0), advantages.unsqueeze(0),
+            mask.unsqueeze(0), old_logprobs=lift(old_logprobs), ref_logprobs=lift(ref_logprobs),
+            rollout_logprobs=lift(rollout_logprobs), config=config)
+        return loss, logp.squeeze(0), entropy.squeeze(0), metrics
     logp, entropy = token_logprobs(logits, targets, temperature=c.temperature,
                                    return_entropy=True)
     dtype = logp.dtype
     m = (mask.to(dtype)) * (targets != -100).to(dtype)
-    valid = m > 0
     adv = advantages.to(dtype)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)

@@ -1,0 +1,75 @@
+"""Random policy-loss problems whose ratios straddle the clip bounds, and the comparison
+of the fused op against the float64 reference (loss, logprobs, entropy, gradient, metrics)."""
+
+import torch
+from numerics import GRAD_RTOL, assert_grad_close, rel_err
+
+import rlhf_fast
+from rlhf_fast import reference
+
+LOSS_RTOL = 1e-5
+
+
+def make_problem(batch=3, seq_len=6, n_cols=64, dtype=torch.float32, seed=0, spread=0.3,
+                 per_token_adv=False, device="cpu"):
+    """logits / targets / mask / advantages, and old / ref / rollout log-probs within
+    ``spread`` of the current log-probs, so ratios fall both inside and outside the clip
+    range. The last sequence is fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, seq_len, n_cols, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, n_cols, (batch, seq_len), generator=g)
+    mask = torch.rand(batch, seq_len, generator=g) > 0.25
+    mask[-1] = False
+    mask[0, 0] = True
+    adv_shape = (batch, seq_len) if per_token_adv else (batch,)
+    advantages = torch.randn(adv_shape, generator=g)
+    logp = reference.token_logprobs(logits.double(), targets).float()
+
+    def near():
+        return logp + spread * torch.randn(batch, seq_len, generator=g)
+
+    p = dict(logits=logits, targets=targets, mask=mask, advantages=advantages,
+             old_logprobs=near(), ref_logprobs=near(), rollout_logprobs=near())
+    return {k: v.to(device) for k, v in p.items()}
+
+
+def check_policy(problem, config, backend, *, use_old=True, use_rollout=True, grad_scale=1.0):
+    """Fused op vs float64 reference on the same values."""
+    dtype = problem["logits"].dtype
+    inputs = dict(old_logprobs=problem["old_logprobs"] if use_old else None,
+                  ref_logprobs=problem["ref_logprobs"],
+                  rollout_logprobs=problem["rollout_logprobs"] if use_rollout else None)
+    x = problem["logits"].clone().requires_grad_()
+    out = rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"], problem["mask"],
+                                config=config, backend=backend, **inputs)
+    (out.loss * grad_scale).backward()
+
+    xr = problem["logits"].detach().double().requires_grad_()
+    ref_inputs = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    loss, logp, ent, metrics = reference.policy_loss(
+        xr, problem["targets"], problem["advantages"].double(), problem["mask"],
+        config=config, **ref_inputs)
+    (loss * grad_scale).backward()
+
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
+    assert torch.isfinite(out.loss)
+    err = abs(out.loss.item() - loss.item()) / max(abs(loss.item()), 1e-30)
+    assert err <= LOSS_RTOL or abs(out.loss.item() - loss.item()) < 1e-7, \
+        f"loss {out.loss.item()} vs reference {loss.item()} (rel {err:.2e})"
+    valid = problem["mask"].double()
+    for name, actual, expected in (("logprobs", out.logprobs, logp),
+                                   ("entropy", out.entropy, ent)):
+        assert actual.dtype == torch.float32
+        assert rel_err(actual * valid, expected * valid) <= 1e-5, name
+        assert (actual[~problem["mask"]] == 0).all(), f"{name} must be 0 at masked positions"
+    if xr.grad.norm() > 0:
+        assert_grad_close(x.grad, xr.grad, dtype)
+    else:
+        assert (x.grad == 0).all(), "reference gradient is zero, op's is not"
+    for key, value in metrics.items():
+        assert torch.allclose(out.metrics[key].double(), value.double(), rtol=1e-5, atol=1e-6), \
+            f"metric {key}: {out.metrics[key].item()} vs {value.item()}"
+    return out, x.grad, xr.grad
+
+
+__all__ = ["GRAD_RTOL", "check_policy", "make_problem"]
