@@ -252,7 +252,7 @@ class TestBadInput:
             PolicyLossConfig(**{field: value})
 
     def test_gmpo_needs_sequence_level(self):
-        with pytest.raises(ValueError, match="gmpo.*ratio_level='sequence'"):
+        with pytest.raises(ValueError, match=r"gmpo.*ratio_level='sequence'"):
             PolicyLossConfig(objective="gmpo")
 
     def test_advantages_wrong_size(self):
