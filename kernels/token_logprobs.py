@@ -42,8 +42,9 @@ def token_logprobs_fwd_kernel(
     entropy = 0.0
     if target != ignore_index:
         if (target >= 0) & (target < n_cols):
+            # In range: an int32 target keeps the column comparisons 32-bit.
             m, log_s, logp, q, entropy = row_softmax_stats(
-                row_ptr, n_cols, target, inv_temp, BLOCK_V
+                row_ptr, n_cols, target.to(tl.int32), inv_temp, BLOCK_V
             )
         else:
             m = float("nan")
@@ -91,8 +92,9 @@ def token_logprobs_bwd_kernel(
         m = tl.load(stats_ptr + row * 3)
         log_s = tl.load(stats_ptr + row * 3 + 1)
         q = tl.load(stats_ptr + row * 3 + 2)
+        # An out-of-range target has NaN stats, so its (wrapped) int32 column is harmless.
         g = softmax_grad_block(
-            z, cols, target, m, log_s, q, entropy, c_logp, c_entropy, inv_temp,
+            z, cols, target.to(tl.int32), m, log_s, q, entropy, c_logp, c_entropy, inv_temp,
             HAS_GRAD_ENTROPY,
         )
         tl.store(out_ptrs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)

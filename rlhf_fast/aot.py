@@ -18,10 +18,10 @@ import subprocess
 import sys
 import tempfile
 
-from .ops import row_sweeps
+from .ops import policy_loss, row_sweeps
 from .ops.launch import KernelSpec
 
-OPS_WITH_KERNELS = (row_sweeps,)
+OPS_WITH_KERNELS = (row_sweeps, policy_loss)
 
 
 def all_specs() -> list[KernelSpec]:
@@ -57,8 +57,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict[str, object]:
     signature = {arg: spec.types.get(arg, "constexpr") for arg in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps})
+    options = {"num_warps": spec.num_warps}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     return {"kernel": spec.label, "arch": f"sm_{arch}", "num_warps": spec.num_warps, **usage,
             "spills": usage["local"] > 0 or usage["stack"] > 0}
@@ -71,15 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
-    rows = [compile_spec(spec, arch) for arch in (args.arch or [80, 90]) for spec in all_specs()]
+    rows = []
+    for arch in args.arch or [80, 90]:
+        for spec in all_specs():
+            try:
+                rows.append(compile_spec(spec, arch))
+            except Exception as error:  # report every variant, then fail
+                message = str(error).strip().splitlines()
+                rows.append({"kernel": spec.label, "arch": f"sm_{arch}",
+                             "error": message[-1] if message else repr(error)})
     for r in rows:
+        if "error" in r:
+            print(f"{r['arch']:>6} {r['kernel']:<70} COMPILE ERROR: {r['error']}")
+            continue
         flag = "SPILLS" if r["spills"] else "ok"
         print(f"{r['arch']:>6} {r['kernel']:<70} warps={r['num_warps']} regs={r['regs']:>3} "
               f"local={r['local']} stack={r['stack']} {flag}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 1 if any(r["spills"] for r in rows) else 0
+    return 1 if any("error" in r or r["spills"] for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_compiles_without_spills(arch, tmp_path):
     assert out.exists(), f"AOT compile failed:\n{proc.stdout}\n{proc.stderr}"
     rows = json.loads(out.read_text())
     assert len(rows) == len(all_specs())
+    failed = [r for r in rows if "error" in r]
+    assert not failed, f"compile errors:\n{proc.stdout}"
     spilled = [r for r in rows if r["spills"]]
     assert not spilled, f"register spills:\n{proc.stdout}"
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,12 +1,20 @@
 """``policy_loss``: every PPO / GRPO-family loss from the logits, gradient computed in forward.
 
-Layers, in reading order: the row sweeps (``row_sweeps.py``) and the coefficient step
+Layers, in reading order: the fused token-level launcher (device code in
+``kernels/policy_loss.py``), the row sweeps (``row_sweeps.py``) and the coefficient step
 (``rlhf_fast.policy_coefficients``) -> ``_FusedPolicyLoss`` (autograd) -> ``policy_loss``.
 
-Forward: stats sweep (one read: logp, entropy) -> coefficients on ``[B, T]`` -> gradient
-sweep (one read, one write of dL/dlogits, over the logits when ``inplace``). Backward only
-rescales the saved gradient by ``grad_output``, and not at all when it is 1. Masked rows are
-never read.
+Two paths (DESIGN.md section 3), both writing the gradient in the forward pass:
+
+- token-level losses on the Triton backend: ONE kernel per row computes the statistics, the
+  token's coefficient and the gradient (the row is read twice back to back, written once);
+- everything else (sequence ratios, GMPO, batch entropy statistics, sequence-level rollout
+  correction, the torch backend): stats sweep -> coefficients on ``[B, T]`` -> gradient
+  sweep, 2 reads and 1 write of the logits.
+
+The loss value and the metrics always come from the ``[B, T]`` coefficient step. Backward
+only rescales the saved gradient by ``grad_output``, and not at all when it is 1. Masked
+rows are never read.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..backend import BACKENDS
+from ..backend import BACKENDS, resolve_backend
 from ..config import PolicyLossConfig
+from ..loss_weights import aggregation_weights, rollout_weights
 from ..policy_coefficients import policy_coefficients
 from ..validation import (
     check_logits,
@@ -25,10 +34,114 @@ from ..validation import (
     check_token_tensor,
     float_token_tensor,
 )
+from .launch import MAX_BLOCK_V, STATS_MAXNREG, KernelSpec, row_block_config
 from .row_sweeps import grad_sweep, stats_sweep
 
 IGNORE = -100
 """Targets of masked positions are replaced by this: their rows are skipped by both sweeps."""
+
+FUSE_TOKEN_LEVEL = True
+"""Use the one-kernel path for token-level losses on the Triton backend (tests turn it off
+to compare the two paths)."""
+
+OBJECTIVE_CODES = {"pg": 0, "ppo_clip": 1, "sapo": 2, "cispo": 3}
+CLIP_GRADIENT_CODES = {"zero": 0, "keep_high": 1, "keep_both": 2}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+
+
+def fused_token_level(c: PolicyLossConfig, old: Tensor | None) -> bool:
+    """True when every token's coefficient depends only on the token and on weights known
+    from the mask, so one kernel can compute loss and gradient."""
+    token_rollout = c.rollout_correction in (None, "token_truncate", "token_mask")
+    return (c.ratio_level == "token" and c.objective != "gmpo"
+            and c.entropy_advantage_alpha is None and c.top_entropy_quantile is None
+            # On-policy rollout weights depend on logp itself: not known before the sweep.
+            and token_rollout and (c.rollout_correction is None or old is not None))
+
+
+def _kl_mode(c: PolicyLossConfig, ref: Tensor | None) -> int:
+    if c.kl_coef == 0 or (c.kl_reference == "ref" and ref is None):
+        return 0
+    return KL_CODES[c.kl_estimator]
+
+
+def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
+                        old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
+                        c: PolicyLossConfig, out: Tensor | None):
+    """One launch: logp, entropy ``[B, T]`` and dL/dlogits (into ``out`` when given)."""
+    from ..kernels.policy_loss import token_policy_loss_kernel
+
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    batch, seq_len, n_cols = logits.shape
+    grad = out if out is not None else torch.empty(logits.shape, dtype=logits.dtype,
+                                                   device=logits.device)
+    logp = logits.new_empty((batch, seq_len), dtype=torch.float32)
+    entropy = torch.empty_like(logp)
+    if batch * seq_len == 0:
+        return logp, entropy, grad
+    m = valid.float()
+    weight = aggregation_weights(m, c).contiguous()
+    policy_weight = weight
+    if c.rollout_correction is not None:
+        policy_weight = (weight * rollout_weights(old, rollout, m, c)).contiguous()
+    adv = advantages.unsqueeze(-1).expand(batch, seq_len) if advantages.dim() == 1 \
+        else advantages
+    kl_mode = _kl_mode(c, ref)
+    block, num_warps = row_block_config(n_cols)
+    token_policy_loss_kernel[(batch * seq_len,)](
+        logits, targets.contiguous(), grad, logp, entropy,
+        adv.contiguous(), old.contiguous() if old is not None else logp,
+        ref.contiguous() if ref is not None else logp, weight, policy_weight,
+        n_cols, seq_len, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+        1.0 / c.temperature, IGNORE,
+        c.clip_eps_low or 0.0, c.clip_eps_high, c.dual_clip_c or 0.0, c.delta or 0.0,
+        c.log_ratio_clamp or 0.0, c.kl_coef, c.kl_clamp or 0.0, c.entropy_coef,
+        c.sapo_tau_pos, c.sapo_tau_neg,
+        BLOCK_V=block, OBJECTIVE=OBJECTIVE_CODES[c.objective],
+        CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip_gradient],
+        HAS_LOW=c.clip_eps_low is not None, HAS_DUAL=c.dual_clip_c is not None,
+        HAS_DELTA=c.delta is not None, HAS_CLAMP=c.log_ratio_clamp is not None,
+        HAS_OLD=old is not None, KL_MODE=kl_mode, KL_FROM_OLD=c.kl_reference == "old",
+        HAS_KL_CLAMP=c.kl_clamp is not None, HAS_ENTROPY_COEF=c.entropy_coef != 0,
+        num_warps=num_warps, maxnreg=STATS_MAXNREG,
+    )
+    return logp, entropy, grad
+
+
+def aot_specs() -> list[KernelSpec]:
+    """The fused kernel's heaviest variants (all switches on) and one per objective."""
+    block, num_warps = row_block_config(MAX_BLOCK_V)
+    runtime = {"n_cols": "i32", "seq_len": "i32", "stride_b": "i64", "stride_t": "i32",
+               "out_stride_b": "i64", "out_stride_t": "i32", "inv_temp": "fp32",
+               "ignore_index": "i32", **{k: "fp32" for k in (
+                   "clip_low", "clip_high", "dual_c", "delta", "log_ratio_clamp", "kl_coef",
+                   "kl_clamp", "entropy_coef", "tau_pos", "tau_neg")}}
+    aligned = ("n_cols", "stride_b", "stride_t", "out_stride_b", "out_stride_t")
+    variants = [
+        dict(OBJECTIVE=1, CLIP_GRADIENT=1, HAS_LOW=True, HAS_DUAL=True, HAS_DELTA=True,
+             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=3, KL_FROM_OLD=False, HAS_KL_CLAMP=True,
+             HAS_ENTROPY_COEF=True),
+        dict(OBJECTIVE=3, CLIP_GRADIENT=0, HAS_LOW=False, HAS_DUAL=False, HAS_DELTA=False,
+             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=0, KL_FROM_OLD=False, HAS_KL_CLAMP=False,
+             HAS_ENTROPY_COEF=False),
+        dict(OBJECTIVE=2, CLIP_GRADIENT=0, HAS_LOW=True, HAS_DUAL=False, HAS_DELTA=False,
+             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=1, KL_FROM_OLD=True, HAS_KL_CLAMP=False,
+             HAS_ENTROPY_COEF=True),
+        dict(OBJECTIVE=0, CLIP_GRADIENT=0, HAS_LOW=True, HAS_DUAL=False, HAS_DELTA=False,
+             HAS_CLAMP=False, HAS_OLD=False, KL_MODE=0, KL_FROM_OLD=False, HAS_KL_CLAMP=False,
+             HAS_ENTROPY_COEF=False),
+    ]
+    specs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        ptrs = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "grad_ptr": f"*{dtype}",
+                **{k: "*fp32" for k in ("logp_ptr", "entropy_ptr", "adv_ptr", "old_ptr",
+                                        "ref_ptr", "weight_ptr", "policy_weight_ptr")}}
+        for switches in variants:
+            specs.append(KernelSpec(
+                "rlhf_fast.kernels.policy_loss:token_policy_loss_kernel", {**ptrs, **runtime},
+                {"BLOCK_V": block, **switches}, (*ptrs, *aligned), num_warps, STATS_MAXNREG))
+    return specs
 
 
 class PolicyLossOutput(NamedTuple):
@@ -55,6 +168,20 @@ class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, advantages, valid, old, ref, rollout, config, backend,
                 inplace, metrics_out):
+        if (ctx.needs_input_grad[0] and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
+                and resolve_backend(backend, logits) == "triton"):
+            logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old,
+                                                      ref, rollout, config,
+                                                      logits if inplace else None)
+            coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout,
+                                       config)
+            metrics_out.update(coef.metrics)
+            if inplace:
+                _increment_version(logits)
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(logp, entropy)
+            return coef.loss, logp, entropy
+
         logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, True,
                                            backend)
         coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config)
