@@ -1,6 +1,7 @@
 """``rlhf-fast``: the command line.
 
-    rlhf-fast bench [--suite logprobs|all] [--shapes quick|full] [--json PATH] [--markdown PATH]
+    rlhf-fast bench [--suite logprobs|policy|all] [--shapes quick|full] [--json PATH]
+                    [--markdown PATH]
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
 """
 
@@ -30,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="rlhf_fast tools")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against the references on this device")
-    b.add_argument("--suite", default="all", choices=["all", "logprobs"])
+    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy"])
     b.add_argument("--shapes", default="quick", choices=["quick", "full"],
                    help="quick: one shape (CPU: N=1024 V=32000; CUDA: N=8192 V=151936); "
-                        "full: N in {8192, 32768} x V in {32000, 128256, 151936, 262144}")
+                        "full: logprobs N in {8192, 32768} x V in {32000, 128256, 151936, "
+                        "262144}, policy N in {8192, 32768} x V=151936")
     b.add_argument("--json", help="write the report (schema in rlhf_fast.bench.runner)")
     b.add_argument("--markdown", help="write the table as Markdown")
     b.add_argument("--warmup", type=int, help="warm-up calls per case (CUDA 5, CPU 1)")

@@ -6,20 +6,22 @@ import pytest
 import torch
 
 from rlhf_fast import cli
-from rlhf_fast.bench import logprobs_suite, runner
-from rlhf_fast.bench.logprobs_suite import Case
+from rlhf_fast.bench import logprobs_suite, policy_suite, runner
+from rlhf_fast.bench.case import Case
 
 TINY = Case(n=8, v=300, dtype="bfloat16", mode="fwd+bwd")
 
 
 def test_useful_bytes_formula():
-    assert Case(4, 10, "bfloat16", "fwd").useful_bytes() == 4 * 10 * 2
-    assert Case(4, 10, "bfloat16", "fwd+bwd").useful_bytes() == 2 * 4 * 10 * 2
-    assert Case(4, 10, "float32", "fwd+bwd").useful_bytes() == 2 * 4 * 10 * 4
+    assert logprobs_suite.useful_bytes(Case(4, 10, "bfloat16", "fwd")) == 4 * 10 * 2
+    assert logprobs_suite.useful_bytes(Case(4, 10, "bfloat16", "fwd+bwd")) == 2 * 4 * 10 * 2
+    assert logprobs_suite.useful_bytes(Case(4, 10, "float32", "fwd+bwd")) == 2 * 4 * 10 * 4
+    assert policy_suite.useful_bytes(Case(16, 300, "bfloat16", "token")) == 2 * 16 * 300 * 2
 
 
 def test_derived_ratios():
-    base = {"label": "c", "mode": "fwd", "status": "ok", "useful_bytes": 2e9}
+    base = {"suite": "logprobs", "label": "c", "mode": "fwd", "status": "ok",
+            "useful_bytes": 2e9}
     records = [{**base, "impl": "rlhf_fast", "median_ms": 1.0, "peak_extra_mib": 10.0},
                {**base, "impl": "reference", "median_ms": 4.0, "peak_extra_mib": 40.0},
                {**base, "impl": "reference_compiled", "status": "absent", "reason": "x"}]
@@ -66,7 +68,9 @@ def test_cpu_peak_memory_sees_a_big_allocation():
 
 
 def test_cli_bench_writes_reports(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(logprobs_suite, "QUICK_SHAPES", {"cpu": [(8, 300)], "cuda": [(8, 300)]})
+    tiny = {"cpu": [(8, 300)], "cuda": [(8, 300)]}
+    monkeypatch.setattr(logprobs_suite, "QUICK_SHAPES", tiny)
+    monkeypatch.setattr(policy_suite, "QUICK_SHAPES", tiny)
     monkeypatch.setattr(runner, "copy_bandwidth_gbps", lambda device: 10.0)
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
     code = cli.main(["bench", "--reps", "1", "--warmup", "0",
@@ -75,8 +79,20 @@ def test_cli_bench_writes_reports(monkeypatch, tmp_path, capsys):
     report = json.loads(out_json.read_text())
     assert report["schema"] == runner.SCHEMA
     assert report["device_type"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert {r["impl"] for r in report["records"]} == set(logprobs_suite.IMPLS)
-    assert len(report["records"]) == 2 * len(logprobs_suite.IMPLS)
+    assert {r["suite"] for r in report["records"]} == {"logprobs", "policy"}
+    assert len(report["records"]) == (2 * len(logprobs_suite.IMPLS)
+                                      + len(policy_suite.MODES) * len(policy_suite.IMPLS))
+    assert all(r["status"] in ("ok", "absent") for r in report["records"])
     table = capsys.readouterr().out
     assert "N=8 V=300 bfloat16" in table and "x ref" in table
-    assert out_md.read_text().count("\n| N=8 V=300") == len(report["records"])
+    md_rows = [line for line in out_md.read_text().splitlines() if "N=8 V=300" in line]
+    assert len(md_rows) == len(report["records"])
+
+
+@pytest.mark.parametrize("mode", list(policy_suite.MODES))
+def test_policy_suite_case(mode):
+    case = Case(n=16, v=300, dtype="bfloat16", mode=mode)
+    r = policy_suite.run_case(case, "rlhf_fast", torch.device("cpu"), warmup=0, reps=1)
+    assert r["status"] == "ok" and r["err_loss"] < 1e-5 and r["err_grad"] < 8e-3
+    peer = policy_suite.run_case(case, "liger", torch.device("cpu"), warmup=0, reps=1)
+    assert peer["status"] == "absent"

@@ -15,13 +15,14 @@ Useful bytes (s = bytes per logit): ``fwd`` N*V*s (logits read once); ``fwd+bwd`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 import rlhf_fast
 from rlhf_fast import reference
 
+from .case import Case
 from .measure import median_ms, peak_extra_mib
 
 SUITE = "logprobs"
@@ -34,20 +35,9 @@ FULL_SHAPES = [(n, v) for n in (8192, 32768) for v in (32000, 128256, 151936, 26
 BYTES_FORMULA = {"fwd": "N*V*s", "fwd+bwd": "2*N*V*s"}
 
 
-@dataclass(frozen=True)
-class Case:
-    n: int
-    v: int
-    dtype: str
-    mode: str
-
-    @property
-    def label(self) -> str:
-        return f"N={self.n} V={self.v} {self.dtype}"
-
-    def useful_bytes(self) -> int:
-        size = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        return self.n * self.v * size * (1 if self.mode == "fwd" else 2)
+def useful_bytes(case: Case) -> int:
+    """fwd: the logits read once; fwd+bwd: read once and the gradient written once."""
+    return case.logit_bytes * (1 if case.mode == "fwd" else 2)
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
@@ -116,7 +106,7 @@ def errors(case: Case, impl: str, logits, targets) -> dict[str, float]:
 def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: int) -> dict:
     """Time, peak extra memory and errors of one implementation on one case."""
     record = {"suite": SUITE, "case": asdict(case), "label": case.label, "mode": case.mode,
-              "impl": impl, "useful_bytes": case.useful_bytes(),
+              "impl": impl, "useful_bytes": useful_bytes(case),
               "bytes_formula": BYTES_FORMULA[case.mode]}
     reason = absent_reason(impl, device)
     if reason:

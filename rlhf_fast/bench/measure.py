@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import statistics
 import time
@@ -40,6 +42,16 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    # Pages freed by earlier calls (warm-up, timing) stay resident in malloc's arenas and
+    # would be reused without raising the high-water mark: hand them back to the OS first.
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
 def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory above what is held before the call, in MiB.
 
@@ -56,6 +68,7 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _release_freed_memory()
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident set

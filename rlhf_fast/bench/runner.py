@@ -7,8 +7,9 @@ Report schema (``rlhf_fast.bench/1``), one JSON object:
 - ``ceilings``: ``copy_gbps`` (device-to-device copy, bytes read + written, same run);
 - ``records``: one per (case, implementation): ``suite``, ``case`` (n, v, dtype, mode),
   ``label``, ``mode``, ``impl``, ``status`` (``ok`` | ``absent`` | ``error``), ``reason``
-  (absent / error), ``median_ms``, ``peak_extra_mib``, ``err_logp``, ``err_entropy``,
-  ``err_grad`` (fwd+bwd only), ``useful_bytes``, ``bytes_formula``, ``gbps``
+  (absent / error), ``median_ms``, ``peak_extra_mib``, errors against the float64 reference
+  (logprobs: ``err_logp``, ``err_entropy``, ``err_grad`` for fwd+bwd; policy: ``err_loss``,
+  ``err_grad``), ``useful_bytes``, ``bytes_formula``, ``gbps``
   (useful_bytes / median time), ``frac_of_copy`` (gbps / copy_gbps), ``speedup_vs_reference``
   (reference time / this time) and ``memory_vs_reference`` (this peak / reference peak).
 """
@@ -25,11 +26,10 @@ from collections.abc import Iterable
 
 import torch
 
-from . import logprobs_suite
 from .ceilings import copy_bandwidth_gbps
+from .suites import SUITES
 
 SCHEMA = "rlhf_fast.bench/1"
-SUITES = {"logprobs": logprobs_suite}
 
 
 def device_name(device: torch.device) -> str:
@@ -76,8 +76,8 @@ def environment(device: torch.device) -> dict:
 
 
 def _run_in_child(suite, case, impl: str, device: torch.device, warmup: int, reps: int) -> dict:
-    job = {"case": case.__dict__, "impl": impl, "device": str(device), "warmup": warmup,
-           "reps": reps, "threads": torch.get_num_threads()}
+    job = {"suite": suite.SUITE, "case": case.__dict__, "impl": impl, "device": str(device),
+           "warmup": warmup, "reps": reps, "threads": torch.get_num_threads()}
     proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.worker", json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -88,13 +88,13 @@ def _run_in_child(suite, case, impl: str, device: torch.device, warmup: int, rep
 
 
 def _derive(records: list[dict], copy_gbps: float) -> None:
-    by_key = {(r["label"], r["mode"], r["impl"]): r for r in records}
+    by_key = {(r["suite"], r["label"], r["mode"], r["impl"]): r for r in records}
     for r in records:
         if r["status"] != "ok":
             continue
         r["gbps"] = r["useful_bytes"] / (r["median_ms"] * 1e-3) / 1e9
         r["frac_of_copy"] = r["gbps"] / copy_gbps
-        ref = by_key.get((r["label"], r["mode"], "reference"))
+        ref = by_key.get((r["suite"], r["label"], r["mode"], "reference"))
         if ref and ref["status"] == "ok":
             r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
             if ref["peak_extra_mib"] > 0:
@@ -129,11 +129,13 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
 
 
 COLUMNS = [
-    ("case", "label", "{}"), ("mode", "mode", "{}"), ("impl", "impl", "{}"),
+    ("suite", "suite", "{}"), ("case", "label", "{}"), ("mode", "mode", "{}"),
+    ("impl", "impl", "{}"),
     ("ms", "median_ms", "{:.3f}"), ("peak MiB", "peak_extra_mib", "{:.0f}"),
     ("GB/s", "gbps", "{:.1f}"), ("% copy", "frac_of_copy", "{:.0%}"),
     ("x ref", "speedup_vs_reference", "{:.2f}"), ("mem/ref", "memory_vs_reference", "{:.2f}"),
-    ("err logp", "err_logp", "{:.1e}"), ("err grad", "err_grad", "{:.1e}"),
+    ("err logp", "err_logp", "{:.1e}"), ("err loss", "err_loss", "{:.1e}"),
+    ("err grad", "err_grad", "{:.1e}"),
 ]
 
 
@@ -141,7 +143,8 @@ def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report["records"]:
         if r["status"] != "ok":
-            rows.append([r["label"], r["mode"], r["impl"], f"{r['status']}: {r['reason']}"])
+            rows.append([r["suite"], r["label"], r["mode"], r["impl"],
+                         f"{r['status']}: {r['reason']}"])
             continue
         rows.append([fmt.format(r[key]) if r.get(key) is not None else "-"
                      for _, key, fmt in COLUMNS])
@@ -176,8 +179,9 @@ def to_markdown(report: dict) -> str:
              f"- torch {report['torch']}, triton {report['triton']}, python {report['python']}, "
              f"driver {report['driver'] or '-'}",
              f"- copy ceiling: {report['ceilings']['copy_gbps']:.1f} GB/s (bytes read + written)",
-             "- GB/s counts useful bytes: fwd N*V*s (logits read once); fwd+bwd 2*N*V*s "
-             "(logits read once, gradient written once)", "",
+             "- GB/s counts useful bytes (s = bytes per logit): logprobs fwd N*V*s (logits "
+             "read once); logprobs fwd+bwd and policy 2*N*V*s (logits read once, gradient "
+             "written once)", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in table_rows(report):
         r = r + [""] * (len(names) - len(r))

@@ -1,8 +1,8 @@
 """Run one benchmark case in this (fresh) process and print its record as one JSON line.
 
-``python -m rlhf_fast.bench.worker '<json>'`` with ``{"case": {...}, "impl": ..., "device":
-..., "warmup": ..., "reps": ...}``. The CPU runner uses it so that each measurement of peak
-resident memory starts from a clean process.
+``python -m rlhf_fast.bench.worker '<json>'`` with ``{"suite": ..., "case": {...}, "impl":
+..., "device": ..., "warmup": ..., "reps": ...}``. The CPU runner uses it so that each
+measurement of peak resident memory starts from a clean process.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ import sys
 
 import torch
 
-from . import logprobs_suite
+from .suites import SUITES
 
 
 def main() -> None:
     job = json.loads(sys.argv[1])
     torch.set_num_threads(job.get("threads", torch.get_num_threads()))
-    record = logprobs_suite.run_case(
-        logprobs_suite.Case(**job["case"]), job["impl"], torch.device(job["device"]),
-        warmup=job["warmup"], reps=job["reps"],
-    )
+    suite = SUITES[job["suite"]]
+    record = suite.run_case(suite.Case(**job["case"]), job["impl"], torch.device(job["device"]),
+                            warmup=job["warmup"], reps=job["reps"])
     print(json.dumps(record))
 
 

@@ -1,0 +1,24 @@
+"""One benchmark case: a problem size, a logits dtype and a mode of the suite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int          # tokens (rows of the logits)
+    v: int          # vocabulary size
+    dtype: str      # logits dtype, a torch attribute name ("bfloat16")
+    mode: str       # the suite's mode ("fwd", "token", ...)
+
+    @property
+    def label(self) -> str:
+        return f"N={self.n} V={self.v} {self.dtype}"
+
+    @property
+    def logit_bytes(self) -> int:
+        """N * V * s: the logits once (s = bytes per logit)."""
+        return self.n * self.v * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
