@@ -280,6 +280,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match="needs ref_logprobs"):
             rlhf_fast.policy_loss(*self.args, config="grpo")
 
+    def test_inplace_needs_contiguous_vocab(self):
+        logits = self.p["logits"].transpose(0, 2).contiguous().transpose(0, 2)
+        assert logits.stride(-1) != 1
+        with pytest.raises(ValueError, match=r"inplace=True .* contiguous last dimension"):
+            rlhf_fast.policy_loss(logits, *self.args[1:], config="dapo", inplace=True)
+
     def test_config_type(self):
         with pytest.raises(TypeError, match="config must be a preset name"):
             rlhf_fast.policy_loss(*self.args, config=3)

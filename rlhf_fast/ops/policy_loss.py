@@ -272,6 +272,9 @@ def policy_loss(
         raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
     if c.kl_coef != 0 and c.kl_reference == "ref" and ref is None:
         raise ValueError("kl_coef != 0 with kl_reference='ref' needs ref_logprobs")
+    if inplace and logits.stride(-1) != 1:
+        raise ValueError("inplace=True writes the gradient over the logits, which needs a "
+                         f"contiguous last dimension; got strides {tuple(logits.stride())}")
 
     valid = mask & (targets != IGNORE)
     targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
