@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 
+from . import gae
 from .ops import policy_loss, row_sweeps
 from .ops.launch import KernelSpec
 
-OPS_WITH_KERNELS = (row_sweeps, policy_loss)
+OPS_WITH_KERNELS = (row_sweeps, policy_loss, gae)
 
 
 def all_specs() -> list[KernelSpec]:

@@ -13,18 +13,26 @@ from torch import Tensor
 from .config import PolicyLossConfig
 
 
-def aggregation_weights(mask: Tensor, config: PolicyLossConfig) -> Tensor:
-    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype."""
+def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None = None,
+                        max_length: int | None = None) -> Tensor:
+    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype.
+
+    ``token_mean``: 1 / sum(m); ``seq_mean_token_mean``: 1 / (L_i * non-empty sequences);
+    ``seq_mean_token_sum``: 1 / non-empty sequences; ``seq_mean_token_sum_norm``:
+    1 / (B * max_length), max_length defaulting to T. ``normalizer`` replaces the count.
+    """
     lengths = mask.sum(-1, keepdim=True)
     n_seq = (lengths > 0).sum().clamp(min=1)
-    norm = config.normalizer
-    if config.aggregation == "token_mean":
+    norm = normalizer
+    if aggregation == "token_mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
-    if config.aggregation == "seq_mean_token_mean":
+    if aggregation == "seq_mean_token_mean":
         return mask / lengths.clamp(min=1) / (norm if norm is not None else n_seq)
-    if config.aggregation == "seq_mean_token_sum":
+    if aggregation == "seq_mean_token_sum":
         return mask / (norm if norm is not None else n_seq)
-    max_length = config.max_length if config.max_length is not None else mask.shape[-1]
+    if aggregation != "seq_mean_token_sum_norm":
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    max_length = max_length if max_length is not None else mask.shape[-1]
     return mask / (norm if norm is not None else mask.shape[0] * max_length)
 
 

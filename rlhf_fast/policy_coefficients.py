@@ -135,7 +135,7 @@ def policy_coefficients(
         adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha)
     entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile)
     is_weight = rollout_weights(old, rollout_logprobs, m, c)
-    weights = aggregation_weights(m, c)
+    weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
     policy_weights = weights * is_weight * entropy_mask
 
     lengths = m.sum(-1, keepdim=True)

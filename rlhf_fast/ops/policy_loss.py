@@ -81,7 +81,7 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
     if batch * seq_len == 0:
         return logp, entropy, grad
     m = valid.float()
-    weight = aggregation_weights(m, c).contiguous()
+    weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length).contiguous()
     policy_weight = weight
     if c.rollout_correction is not None:
         policy_weight = (weight * rollout_weights(old, rollout, m, c)).contiguous()

@@ -97,7 +97,7 @@ def policy_loss(
 
     is_weight = rollout_weights(old.detach(), rollout_logprobs, m, c)
 
-    weights = aggregation_weights(m, c)
+    weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
     hi_const = 1.0 + c.clip_eps_high
     lo_const = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else None
 

@@ -1,0 +1,140 @@
+"""Advantage estimators: group-relative (GRPO / Dr. GRPO), RLOO, win-rate, REINFORCE++.
+
+Rewards of a group of G responses to the same prompt are contiguous: ``rewards`` is
+``[num_groups * G]`` and group g is ``rewards[g*G:(g+1)*G]``. Sequence-level advantages come
+back as ``[num_groups * G]``; broadcast them over tokens (``policy_loss`` takes ``[B]``).
+GAE lives in ``rlhf_fast.gae``. Everything here is no-grad bookkeeping on small tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gae import gae
+
+GROUP_PRESETS: dict[str, dict] = {
+    # TRL GRPOTrainer: (R - mean_g) / (std_g + 1e-4), Bessel std; a singleton group's NaN
+    # std gives NaN, which TRL turns into 0.
+    "trl": {"eps": 1e-4, "unbiased": True, "singleton": "zero"},
+    # verl grpo estimator: (R - mean_g) / (std_g + 1e-6), Bessel std; a singleton group gets
+    # mean 0 and std 1, i.e. A = R / (1 + eps).
+    "verl": {"eps": 1e-6, "unbiased": True, "singleton": "raw"},
+    # OpenRLHF group_norm: (R - mean_g) / (std_g + 1e-9), Bessel std.
+    "openrlhf": {"eps": 1e-9, "unbiased": True, "singleton": "zero"},
+}
+"""The frameworks' group-normalisation conventions (``group_advantages(..., preset=...)``)."""
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [num_groups * group_size], got shape "
+                         f"{tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of "
+                         f"group_size={group_size}")
+    return rewards.float().view(-1, group_size)
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group",
+                     eps: float = 1e-6, unbiased: bool = True, singleton: str = "zero",
+                     preset: str | None = None) -> Tensor:
+    """GRPO's group-relative advantage ``(R - mean_g) / (std + eps)``.
+
+    scale: ``"group"`` (std of the group), ``"batch"`` (std of all rewards, centring still by
+    the group mean) or ``"none"`` (Dr. GRPO: ``R - mean_g``). unbiased: Bessel-corrected
+    std. singleton: a group of one gets 0 (``"zero"``) or ``R / (1 + eps)`` (``"raw"``,
+    verl's mean 0 / std 1). ``preset`` ("trl", "verl", "openrlhf") sets eps / unbiased /
+    singleton as that framework does. All-equal groups get 0.
+    """
+    if preset is not None:
+        if preset not in GROUP_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {sorted(GROUP_PRESETS)}")
+        eps, unbiased, singleton = (GROUP_PRESETS[preset][k]
+                                    for k in ("eps", "unbiased", "singleton"))
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if singleton not in ("zero", "raw"):
+        raise ValueError(f"singleton must be 'zero' or 'raw', got {singleton!r}")
+    r = _groups(rewards, group_size)
+    if group_size == 1:
+        out = r / (1.0 + eps) if singleton == "raw" else torch.zeros_like(r)
+        return out.view(-1)
+    centred = r - r.mean(-1, keepdim=True)
+    if scale == "none":
+        return centred.view(-1)
+    if scale == "group":
+        std = r.std(-1, keepdim=True, unbiased=unbiased)
+    else:
+        std = r.std(unbiased=unbiased) if r.numel() > 1 else torch.zeros(())
+    return (centred / (std + eps)).view(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Leave-one-out baseline: ``R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean_g)``.
+    A group of one has no baseline and gets 0."""
+    r = _groups(rewards, group_size)
+    if group_size == 1:
+        return torch.zeros_like(r).view(-1)
+    loo_mean = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return (r - loo_mean).view(-1)
+
+
+def winrate_advantages(rewards: Tensor, group_size: int, *, temperature: float = 1.0) -> Tensor:
+    """Centred win probability: ``mean_{j != i} sigmoid((R_i - R_j) / temperature) - 1/2``.
+
+    A soft rank within the group, bounded in (-1/2, 1/2), mean exactly 0 per group; for
+    binary rewards it is ``(sigmoid(1 / temperature) - 1/2) * (R_i - mean_g) * G / (G - 1)``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    r = _groups(rewards, group_size)
+    if group_size == 1:
+        return torch.zeros_like(r).view(-1)
+    pairwise = torch.sigmoid((r.unsqueeze(-1) - r.unsqueeze(-2)) / temperature)
+    # The diagonal (j == i) contributes sigmoid(0) = 1/2 to each row: take it out.
+    wins = (pairwise.sum(-1) - 0.5) / (group_size - 1)
+    return (wins - 0.5).view(-1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True,
+                  unbiased: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` over the positions where ``mask`` is set (verl:
+    Bessel variance; OpenRLHF: ``unbiased=False``). Masked positions come back as 0;
+    ``shift_mean=False`` adds the mean back (scale only). Fewer than two valid positions:
+    centred only (variance undefined)."""
+    m = mask.to(values.dtype)
+    count = m.sum()
+    if count == 0:
+        return torch.zeros_like(values)
+    mean = (values * m).sum() / count
+    centred = (values - mean) * m
+    if count < 2:
+        return centred if shift_mean else values * m
+    var = (centred * centred).sum() / (count - 1 if unbiased else count)
+    out = centred * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean * m
+    return out * m
+
+
+def returns_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}`` over the valid tokens of each sequence (masked positions
+    are transparent and get 0): GAE with zero values and lam = 1."""
+    advantages, _ = gae(token_rewards, torch.zeros_like(token_rewards), mask, gamma, 1.0)
+    return advantages
+
+
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+                            eps: float = 1e-8) -> Tensor:
+    """REINFORCE++: token returns-to-go, whitened over all valid tokens of the batch."""
+    return masked_whiten(returns_to_go(token_rewards, mask, gamma), mask, eps=eps)
+
+
+def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int, mask: Tensor,
+                                     eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ with baseline: ``R - mean_g`` on every valid token, whitened over the batch.
+    rewards ``[num_groups * G]``, mask ``[num_groups * G, T]`` -> ``[num_groups * G, T]``."""
+    centred = group_advantages(rewards, group_size, scale="none")
+    per_token = centred.unsqueeze(-1).expand(mask.shape).to(torch.float32)
+    return masked_whiten(per_token, mask, eps=eps)

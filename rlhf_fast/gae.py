@@ -1,0 +1,88 @@
+"""Generalised advantage estimation on ``[B, T]``: Triton kernel or torch path.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+    R_t = A_t + V_t,   with V_{T} = A_{T} = 0 past the last valid token.
+
+Masked positions (multi-turn tool output, padding) are skipped: the recursion carries
+``V_{t+1}`` and ``A_{t+1}`` across them unchanged (verl's convention), and they get
+``A = R = 0``. Whitening is separate (``rlhf_fast.advantages.masked_whiten``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import BACKENDS, resolve_backend
+from .ops.launch import KernelSpec, cdiv
+
+BLOCK_B = 32
+"""Sequences per program: one warp's worth of independent recurrences."""
+
+
+def _check(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> None:
+    for name, x in (("rewards", rewards), ("values", values)):
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
+            raise TypeError(f"{name} must be a float [B, T] tensor")
+    if values.shape != rewards.shape or tuple(mask.shape) != tuple(rewards.shape):
+        raise ValueError(f"rewards, values and mask must share the shape [B, T]; got "
+                         f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must lie in [0, 1], got {gamma}, {lam}")
+
+
+def _gae_torch(r: Tensor, v: Tensor, m: Tensor, gamma: float, lam: float):
+    # The recurrence in float64, like the kernel; results in float32.
+    r, v = r.double(), v.double()
+    adv = torch.zeros_like(r)
+    ret = torch.zeros_like(r)
+    next_value = torch.zeros_like(r[:, 0])
+    next_adv = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        step = r[:, t] + gamma * next_value - v[:, t] + gamma * lam * next_adv
+        valid = m[:, t] > 0
+        next_value = torch.where(valid, v[:, t], next_value)
+        next_adv = torch.where(valid, step, next_adv)
+        adv[:, t] = torch.where(valid, step, 0.0)
+        ret[:, t] = torch.where(valid, step + v[:, t], 0.0)
+    return adv.float(), ret.float()
+
+
+def _gae_triton(r: Tensor, v: Tensor, m: Tensor, gamma: float, lam: float):
+    from .kernels.gae import gae_kernel
+
+    adv = torch.empty_like(r)
+    ret = torch.empty_like(r)
+    n_seq, n_steps = r.shape
+    if r.numel():
+        gae_kernel[(cdiv(n_seq, BLOCK_B),)](r, v, m, adv, ret, n_seq, n_steps, gamma, lam,
+                                            BLOCK_B=BLOCK_B, num_warps=1)
+    return adv, ret
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0,
+        *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Advantages and returns, float32 ``[B, T]`` (0 at masked positions), computed in float64.
+
+    rewards, values: float ``[B, T]`` (token rewards, e.g. ``-beta * kl_t`` plus the score at
+    the last valid token; value estimates); mask: ``[B, T]`` bool or 0/1; gamma, lam in
+    [0, 1] (verl's defaults are 1 and 1). No gradient flows.
+    """
+    _check(rewards, values, mask, gamma, lam)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    r = rewards.detach().float().contiguous()
+    v = values.detach().float().contiguous()
+    m = mask.detach().to(torch.float32).contiguous()
+    if resolve_backend(backend, r) == "triton":
+        return _gae_triton(r, v, m, float(gamma), float(lam))
+    return _gae_torch(r, v, m, float(gamma), float(lam))
+
+
+def aot_specs() -> list[KernelSpec]:
+    types = {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*fp32",
+             "adv_ptr": "*fp32", "returns_ptr": "*fp32", "n_seq": "i32", "n_steps": "i32",
+             "gamma": "fp32", "lam": "fp32"}
+    pointers = ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "returns_ptr")
+    return [KernelSpec("rlhf_fast.kernels.gae:gae_kernel", types, {"BLOCK_B": BLOCK_B},
+                       pointers, 1)]
