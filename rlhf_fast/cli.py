@@ -1,7 +1,8 @@
 """``rlhf-fast``: the command line.
 
-    rlhf-fast bench [--suite logprobs|policy|all] [--shapes quick|full] [--json PATH]
+    rlhf-fast bench [--suite logprobs|policy|gae|all] [--shapes quick|full] [--json PATH]
                     [--markdown PATH]
+    rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
 """
 
@@ -24,6 +25,9 @@ def bench(args: argparse.Namespace) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(runner.to_markdown(report))
+    if args.plot:
+        from .bench.plot import write_plot
+        write_plot(report, args.plot)
     return 1 if any(r["status"] == "error" for r in report["records"]) else 0
 
 
@@ -31,23 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="rlhf_fast tools")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against the references on this device")
-    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy"])
+    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy", "gae"])
     b.add_argument("--shapes", default="quick", choices=["quick", "full"],
-                   help="quick: one shape (CPU: N=1024 V=32000; CUDA: N=8192 V=151936); "
+                   help="quick: one shape (CPU: N=512 V=32000; CUDA: N=8192 V=151936); "
                         "full: logprobs N in {8192, 32768} x V in {32000, 128256, 151936, "
                         "262144}, policy N in {8192, 32768} x V=151936")
     b.add_argument("--json", help="write the report (schema in rlhf_fast.bench.runner)")
     b.add_argument("--markdown", help="write the table as Markdown")
+    b.add_argument("--plot", help="write a PNG of time and memory per case (matplotlib)")
     b.add_argument("--warmup", type=int, help="warm-up calls per case (CUDA 5, CPU 1)")
     b.add_argument("--reps", type=int, help="timed calls per case (CUDA 20, CPU 5)")
     sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 and report spills",
                    add_help=False)
+    r = sub.add_parser("report", help="regenerate the README's performance section")
+    r.add_argument("results", nargs="+", help="benchmark JSON reports")
+    r.add_argument("--readme", default="README.md")
     args, rest = parser.parse_known_args(argv)
     if args.command == "aot":
         from .aot import main as aot_main
         return aot_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "report":
+        from .bench.readme import update_readme
+        changed = update_readme(args.readme, args.results)
+        print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+        return 0
     return bench(args)
 
 

@@ -21,3 +21,14 @@ def copy_bandwidth_gbps(device: torch.device, n_bytes: int | None = None) -> flo
     reps = 20 if device.type == "cuda" else 5
     ms = median_ms(lambda: dst.copy_(src), device, warmup=3, reps=reps)
     return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, size: int | None = None) -> float:
+    """bf16 matmul rate in TFLOP/s: ``2 * n^3 / t`` for an ``n x n @ n x n`` product
+    (n = 8192 on CUDA, 1024 on the CPU)."""
+    n = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    reps = 20 if device.type == "cuda" else 3
+    ms = median_ms(lambda: a @ b, device, warmup=2, reps=reps)
+    return 2 * n**3 / (ms * 1e-3) / 1e12

@@ -27,6 +27,7 @@ from rlhf_fast import PolicyLossConfig, reference
 
 from .case import Case
 from .measure import median_ms, peak_extra_mib
+from .rotation import rotating
 
 SUITE = "policy"
 IMPLS = ("rlhf_fast", "reference", "reference_compiled", "liger")
@@ -36,7 +37,7 @@ MODES = {
     "sequence": PolicyLossConfig.preset("gspo"),
 }
 SEQ_LEN = 128
-QUICK_SHAPES = {"cpu": [(1024, 32000)], "cuda": [(8192, 151936)]}
+QUICK_SHAPES = {"cpu": [(512, 32000)], "cuda": [(8192, 151936)]}
 FULL_SHAPES = [(8192, 151936), (32768, 151936)]
 
 
@@ -143,10 +144,10 @@ def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: 
     reason = absent_reason(case, impl, device)
     if reason:
         return {**record, "status": "absent", "reason": reason}
-    inputs = make_inputs(case, device)
-    step = make_step(case, impl, inputs)
+    step = rotating(lambda i: make_step(case, impl, make_inputs(case, device, seed=i)),
+                    case.logit_bytes, device)
     record["median_ms"] = median_ms(step, device, warmup=warmup, reps=reps)
     record["peak_extra_mib"] = peak_extra_mib(step, device)
     del step
-    record.update(errors(case, impl, inputs))
+    record.update(errors(case, impl, make_inputs(case, device)))
     return {**record, "status": "ok"}

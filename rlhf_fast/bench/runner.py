@@ -1,10 +1,12 @@
-"""Run a suite on the current device, derive the ratios, print the table, write reports.
+"""Run suites on the current device, derive the ratios, print the table, write reports.
 
-Report schema (``rlhf_fast.bench/1``), one JSON object:
+Report schema (``rlhf_fast.bench/1``, JSON Schema in ``rlhf_fast.bench.schema``):
 
 - ``schema``, ``date`` (UTC ISO 8601), ``command`` (argv), ``device`` (name), ``device_type``
-  (``cuda`` | ``cpu``), ``driver``, ``python``, ``torch``, ``triton``;
-- ``ceilings``: ``copy_gbps`` (device-to-device copy, bytes read + written, same run);
+  (``cuda`` | ``cpu``), ``driver``, ``python``, ``torch``, ``triton``, ``peers`` (versions of
+  the peer libraries, null when absent);
+- ``ceilings``: ``copy_gbps`` (device-to-device copy, bytes read + written) and
+  ``matmul_tflops`` (bf16 ``n x n`` matmul, 2 n^3 FLOP), both measured in the same run;
 - ``records``: one per (case, implementation): ``suite``, ``case`` (n, v, dtype, mode),
   ``label``, ``mode``, ``impl``, ``status`` (``ok`` | ``absent`` | ``error``), ``reason``
   (absent / error), ``median_ms``, ``peak_extra_mib``, errors against the float64 reference
@@ -23,10 +25,11 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import asdict
 
 import torch
 
-from .ceilings import copy_bandwidth_gbps
+from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .suites import SUITES
 
 SCHEMA = "rlhf_fast.bench/1"
@@ -56,12 +59,16 @@ def driver_version(device: torch.device) -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict:
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
     try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
     return {
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -71,20 +78,22 @@ def environment(device: torch.device) -> dict:
         "driver": driver_version(device),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": _version("triton"),
+        "peers": {name: _version(name) for name in ("liger-kernel", "cut-cross-entropy")},
     }
 
 
-def _run_in_child(suite, case, impl: str, device: torch.device, warmup: int, reps: int) -> dict:
-    job = {"suite": suite.SUITE, "case": case.__dict__, "impl": impl, "device": str(device),
-           "warmup": warmup, "reps": reps, "threads": torch.get_num_threads()}
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.worker", json.dumps(job)],
+def _run_in_child(jobs: list[dict]) -> list[dict]:
+    """Run jobs (one problem size, every implementation) in a fresh process."""
+    spec = {"threads": torch.get_num_threads(), "jobs": jobs}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.worker", json.dumps(spec)],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"suite": suite.SUITE, "case": case.__dict__, "label": case.label,
-                "mode": case.mode, "impl": impl, "status": "error", "reason": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return [{"suite": j["suite"], "case": j["case"], "label": j["label"],
+             "mode": j["case"]["mode"], "impl": j["impl"], "status": "error",
+             "reason": tail[0]} for j in jobs]
 
 
 def _derive(records: list[dict], copy_gbps: float) -> None:
@@ -110,19 +119,29 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
     warmup = warmup if warmup is not None else (5 if on_gpu else 1)
     reps = reps if reps is not None else (20 if on_gpu else 5)
     report = environment(device)
-    report["ceilings"] = {"copy_gbps": copy_bandwidth_gbps(device)}
-    jobs = [(SUITES[name], case, impl) for name in suites
-            for case in SUITES[name].cases(shapes, device) for impl in SUITES[name].IMPLS]
+    report["ceilings"] = {"copy_gbps": copy_bandwidth_gbps(device),
+                          "matmul_tflops": matmul_tflops(device)}
+    # One group per (suite, problem size): every mode and implementation of it.
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name in suites:
+        suite = SUITES[name]
+        for case in suite.cases(shapes, device):
+            for impl in suite.IMPLS:
+                groups.setdefault((name, case.label), []).append(
+                    {"suite": name, "case": asdict(case), "label": case.label, "impl": impl,
+                     "device": str(device), "warmup": warmup, "reps": reps})
     records = []
-    for i, (suite, case, impl) in enumerate(jobs, 1):
+    for i, ((name, label), jobs) in enumerate(groups.items(), 1):
         if progress:
-            print(f"[{i}/{len(jobs)}] {suite.SUITE} {case.label} {case.mode} {impl}",
-                  file=sys.stderr, flush=True)
+            print(f"[{i}/{len(groups)}] {name} {label}: {len(jobs)} runs", file=sys.stderr,
+                  flush=True)
         if on_gpu:
-            records.append(suite.run_case(case, impl, device, warmup=warmup, reps=reps))
-            torch.cuda.empty_cache()
+            from .worker import run_job
+            for job in jobs:
+                records.append(run_job(job))
+                torch.cuda.empty_cache()
         else:
-            records.append(_run_in_child(suite, case, impl, device, warmup, reps))
+            records.extend(_run_in_child(jobs))
     _derive(records, report["ceilings"]["copy_gbps"])
     report["records"] = records
     return report
@@ -135,7 +154,7 @@ COLUMNS = [
     ("GB/s", "gbps", "{:.1f}"), ("% copy", "frac_of_copy", "{:.0%}"),
     ("x ref", "speedup_vs_reference", "{:.2f}"), ("mem/ref", "memory_vs_reference", "{:.2f}"),
     ("err logp", "err_logp", "{:.1e}"), ("err loss", "err_loss", "{:.1e}"),
-    ("err grad", "err_grad", "{:.1e}"),
+    ("err grad", "err_grad", "{:.1e}"), ("err adv", "err_adv", "{:.1e}"),
 ]
 
 
@@ -152,9 +171,10 @@ def table_rows(report: dict) -> list[list[str]]:
 
 
 def header(report: dict) -> str:
+    ceilings = report["ceilings"]
     return (f"{report['device']} | torch {report['torch']} | triton {report['triton']} | "
-            f"{report['date']} | copy {report['ceilings']['copy_gbps']:.1f} GB/s "
-            f"(bytes read + written)")
+            f"{report['date']} | copy {ceilings['copy_gbps']:.1f} GB/s (bytes read + "
+            f"written) | bf16 matmul {ceilings['matmul_tflops']:.2f} TFLOP/s")
 
 
 def format_table(report: dict) -> str:
@@ -178,10 +198,12 @@ def to_markdown(report: dict) -> str:
              f"- date: {report['date']}", f"- command: `{' '.join(report['command'])}`",
              f"- torch {report['torch']}, triton {report['triton']}, python {report['python']}, "
              f"driver {report['driver'] or '-'}",
-             f"- copy ceiling: {report['ceilings']['copy_gbps']:.1f} GB/s (bytes read + written)",
+             f"- copy ceiling: {report['ceilings']['copy_gbps']:.1f} GB/s (bytes read + written);"
+             f" bf16 matmul ceiling: {report['ceilings']['matmul_tflops']:.2f} TFLOP/s "
+             "(2 n^3 FLOP)",
              "- GB/s counts useful bytes (s = bytes per logit): logprobs fwd N*V*s (logits "
              "read once); logprobs fwd+bwd and policy 2*N*V*s (logits read once, gradient "
-             "written once)", "",
+             "written once); gae 5*B*T*4 (three inputs read, two outputs written)", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in table_rows(report):
         r = r + [""] * (len(names) - len(r))
