@@ -133,8 +133,9 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
     records = []
     for i, ((name, label), jobs) in enumerate(groups.items(), 1):
         if progress:
-            print(f"[{i}/{len(groups)}] {name} {label}: {len(jobs)} runs", file=sys.stderr,
-                  flush=True)
+            done = round(20 * (i - 1) / len(groups))
+            print(f"[{'#' * done}{'-' * (20 - done)}] {i}/{len(groups)} {name} {label}: "
+                  f"{len(jobs)} runs", file=sys.stderr, flush=True)
         if on_gpu:
             from .worker import run_job
             for job in jobs:
