@@ -43,26 +43,36 @@ def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
-def entropy_advantage(advantages: Tensor, entropy: Tensor, mask: Tensor,
-                      alpha: float) -> Tensor:
+def entropy_statistics(entropy: Tensor, mask: Tensor, quantile: float | None) -> dict:
+    """Mean, std (unbiased; 1 when zero or undefined) and the (1 - quantile) quantile of the
+    entropy over valid tokens: what the batch-statistic features need."""
+    h = entropy[mask > 0]
+    one = torch.ones((), dtype=entropy.dtype, device=entropy.device)
+    if h.numel() == 0:
+        return {"mean": one * 0, "std": one, "threshold": None}
+    std = h.std() if h.numel() > 1 else one
+    std = torch.where((std > 0) & torch.isfinite(std), std, one)
+    threshold = torch.quantile(h, 1 - quantile) if quantile is not None else None
+    return {"mean": h.mean(), "std": std, "threshold": threshold}
+
+
+def entropy_advantage(advantages: Tensor, entropy: Tensor, mask: Tensor, alpha: float,
+                      stats: dict | None = None) -> Tensor:
     """AEPO: ``A * (1 + alpha * z(H))``, z standardised over valid tokens (unbiased std;
     a zero or undefined std counts as 1)."""
-    valid = mask > 0
-    h = entropy[valid]
-    if h.numel() == 0:
-        return advantages
-    std = h.std() if h.numel() > 1 else torch.ones((), dtype=h.dtype, device=h.device)
-    std = torch.where((std > 0) & torch.isfinite(std), std, torch.ones_like(std))
-    return advantages * (1 + alpha * (entropy - h.mean()) / std)
+    stats = stats if stats is not None else entropy_statistics(entropy, mask, None)
+    return advantages * (1 + alpha * (entropy - stats["mean"]) / stats["std"])
 
 
-def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None) -> Tensor:
+def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
+                     stats: dict | None = None) -> Tensor:
     """1 where a token's entropy is at least the (1 - quantile) quantile of valid tokens."""
-    valid = mask > 0
-    if quantile is None or not valid.any():
+    if quantile is None:
         return torch.ones_like(entropy)
-    threshold = torch.quantile(entropy[valid], 1 - quantile)
-    return (entropy >= threshold).to(entropy.dtype)
+    stats = stats if stats is not None else entropy_statistics(entropy, mask, quantile)
+    if stats["threshold"] is None:
+        return torch.ones_like(entropy)
+    return (entropy >= stats["threshold"]).to(entropy.dtype)
 
 
 def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,

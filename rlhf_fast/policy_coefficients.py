@@ -22,6 +22,7 @@ from .config import PolicyLossConfig
 from .loss_weights import (
     aggregation_weights,
     entropy_advantage,
+    entropy_statistics,
     rollout_weights,
     sequence_count,
     top_entropy_mask,
@@ -117,13 +118,15 @@ def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
 def policy_coefficients(
     logp: Tensor, entropy: Tensor, valid: Tensor, advantages: Tensor,
     old_logprobs: Tensor | None, ref_logprobs: Tensor | None, rollout_logprobs: Tensor | None,
-    config: PolicyLossConfig,
+    config: PolicyLossConfig, entropy_stats: dict | None = None,
 ) -> Coefficients:
     """Loss, coefficients and metrics from per-token values (all ``[B, T]``).
 
     logp, entropy: float32 from the stats sweep; valid: bool mask (mask and target !=
     ignore_index); advantages: ``[B]`` or ``[B, T]``; old / ref / rollout: float32 or None
-    (old None: on-policy, r = 1 carrying the gradient of logp).
+    (old None: on-policy, r = 1 carrying the gradient of logp). ``entropy_stats``: the
+    batch's entropy mean / std / quantile threshold when this call sees only part of the
+    batch (``rlhf_fast.loss_weights.entropy_statistics``); None computes them here.
     """
     c = config
     f32 = torch.float32
@@ -131,9 +134,11 @@ def policy_coefficients(
     adv = advantages.to(f32)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp if old_logprobs is None else old_logprobs.to(f32)
+    if entropy_stats is None:
+        entropy_stats = entropy_statistics(entropy, m, c.top_entropy_quantile)
     if c.entropy_advantage_alpha is not None:
-        adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha)
-    entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile)
+        adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha, entropy_stats)
+    entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile, entropy_stats)
     is_weight = rollout_weights(old, rollout_logprobs, m, c)
     weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
     policy_weights = weights * is_weight * entropy_mask

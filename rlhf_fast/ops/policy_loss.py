@@ -164,32 +164,45 @@ def _increment_version(t: Tensor) -> None:
         bump(t)
 
 
+def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
+                   old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
+                   config: PolicyLossConfig, backend: str, *, write_grad: bool,
+                   out: Tensor | None = None, entropy_stats: dict | None = None):
+    """One forward over ``[B, T, V]`` logits: (coefficients, logp, entropy, grad or None).
+
+    ``targets`` already hold ``IGNORE`` at masked positions. With ``write_grad`` the gradient
+    is written (into ``out`` when given, possibly the logits themselves): in one kernel for
+    token-level losses on Triton, else by the gradient sweep. ``entropy_stats`` carries
+    batch-wide entropy statistics computed elsewhere (chunked callers).
+    """
+    if (write_grad and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
+            and resolve_backend(backend, logits) == "triton"):
+        logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old, ref,
+                                                  rollout, config, out)
+        coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
+                                   entropy_stats)
+        return coef, logp, entropy, grad
+    logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, True,
+                                       backend)
+    coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
+                               entropy_stats)
+    grad = None
+    if write_grad:
+        grad = grad_sweep(coef.c_logp, coef.c_entropy, logits, targets, entropy, stats,
+                          config.temperature, IGNORE, backend, out=out)
+    return coef, logp, entropy, grad
+
+
 class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, advantages, valid, old, ref, rollout, config, backend,
                 inplace, metrics_out):
-        if (ctx.needs_input_grad[0] and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
-                and resolve_backend(backend, logits) == "triton"):
-            logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old,
-                                                      ref, rollout, config,
-                                                      logits if inplace else None)
-            coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout,
-                                       config)
-            metrics_out.update(coef.metrics)
-            if inplace:
-                _increment_version(logits)
-            ctx.save_for_backward(grad)
-            ctx.mark_non_differentiable(logp, entropy)
-            return coef.loss, logp, entropy
-
-        logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, True,
-                                           backend)
-        coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config)
+        write_grad = ctx.needs_input_grad[0]
+        coef, logp, entropy, grad = policy_forward(
+            logits, targets, advantages, valid, old, ref, rollout, config, backend,
+            write_grad=write_grad, out=logits if inplace and write_grad else None)
         metrics_out.update(coef.metrics)
-        if ctx.needs_input_grad[0]:
-            grad = grad_sweep(coef.c_logp, coef.c_entropy, logits, targets, entropy, stats,
-                              config.temperature, IGNORE, backend,
-                              out=logits if inplace else None)
+        if write_grad:
             if inplace:
                 _increment_version(logits)
             ctx.save_for_backward(grad)
