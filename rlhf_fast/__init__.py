@@ -8,10 +8,13 @@ Public API (see DESIGN.md section 2):
   rollout_logprobs, config="grpo", inplace=False, **overrides)``: PPO, GRPO, Dr. GRPO,
   DAPO, GSPO, CISPO, SAPO, GMPO, AEPO, PPO-penalty, ... with the gradient written in the
   forward pass; ``PolicyLossConfig`` and its presets choose the loss.
+- ``linear_token_logprobs`` / ``linear_policy_loss``: the same from hidden states and the
+  ``lm_head`` weight, chunk by chunk, never holding the ``[tokens, vocab]`` logits.
 - ``rlhf_fast.reference``: the plain-PyTorch ground truth of every op (autograd, float64).
 """
 
 from .config import PRESETS, PolicyLossConfig
+from .ops.linear import linear_policy_loss, linear_token_logprobs
 from .ops.policy_loss import PolicyLossOutput, policy_loss
 from .ops.token_logprobs import token_logprobs
 
@@ -22,6 +25,8 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossOutput",
     "__version__",
+    "linear_policy_loss",
+    "linear_token_logprobs",
     "policy_loss",
     "token_logprobs",
 ]

@@ -9,6 +9,11 @@ from torch import Tensor
 CHUNK_BYTES = 64 * 2**20
 """Budget of one chunk's float32 ``[rows, V]`` temporaries (a few of them live at once)."""
 
+WORKING_SET_BYTES = 4 * CHUNK_BYTES
+"""Bound on the torch backend's live temporaries: the gradient sweep holds three float32
+``[rows, V]`` chunks and a bool mask at once (measured 209 MiB at CHUNK_BYTES = 64 MiB), the
+stats sweep two and a mask (153 MiB)."""
+
 
 def row_chunks(batch: int, seq_len: int, n_cols: int,
                chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, slice]]:

@@ -124,8 +124,11 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
             term = logp_all.add_(entropy[b, ts].unsqueeze(-1)).mul_(p)  # p * (log p + H)
             term.masked_fill_(p == 0, 0.0)          # banned tokens: 0 * -inf -> 0
             g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)
+            del term
             active |= c_h != 0
         active &= y != ignore_index
         g.mul_(inv_temp).masked_fill_(~active.unsqueeze(-1), 0.0)
         out[b, ts] = g
+        # Drop this chunk's [rows, V] temporaries before the next chunk allocates its own.
+        del logp_all, p, g
     return result
