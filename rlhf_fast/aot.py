@@ -58,10 +58,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict[str, object]:
     signature = {arg: spec.types.get(arg, "constexpr") for arg in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
-    options = {"num_warps": spec.num_warps}
-    if spec.maxnreg is not None:
-        options["maxnreg"] = spec.maxnreg
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps})
     usage = resource_usage(compiled.asm["cubin"])
     return {"kernel": spec.label, "arch": f"sm_{arch}", "num_warps": spec.num_warps, **usage,
             "spills": usage["local"] > 0 or usage["stack"] > 0}

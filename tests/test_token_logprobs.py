@@ -272,3 +272,29 @@ def test_grad_after_double_backward_graph(backend, device):
     rl = reference.token_logprobs(xr, targets)
     (rl.sum() + (rl ** 2).sum()).backward()
     assert_grad_close(x.grad, xr.grad, torch.float32)
+
+
+@pytest.mark.parametrize("n_cols", [2, 3, 5000])
+def test_other_token_dominates(backend, device, n_cols):
+    """p_k -> 1 for a token k != target: entropy ~1e-3..1e-8 and log_s ~ 1e-8 must keep
+    their relative accuracy (log(1 + tiny) in float32 would lose it)."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, n_cols, generator=g, dtype=torch.float64)
+    targets = torch.tensor([1, 0, 1, 0]) % n_cols
+    dominant = (targets + 1) % n_cols
+    rows = torch.arange(4)
+    others = logits.clone()
+    others[rows, dominant] = float("-inf")
+    logits[rows, dominant] = torch.logsumexp(others, -1) + torch.tensor([8.0, 12.0, 16.0, 19.0],
+                                                                        dtype=torch.float64)
+    logits = logits.float().to(device)
+    x = logits.clone().requires_grad_()
+    logp, ent = rlhf_fast.token_logprobs(x, targets.to(device), return_entropy=True,
+                                         backend=backend)
+    xr = logits.double().requires_grad_()
+    rlogp, rent = reference.token_logprobs(xr, targets.to(device), return_entropy=True)
+    assert ((ent.double() - rent).abs() / rent).max() <= 1e-5
+    assert ((logp.double() - rlogp).abs() / rlogp.abs()).max() <= 1e-5
+    ent.sum().backward()
+    rent.sum().backward()
+    assert_grad_close(x.grad, xr.grad, torch.float32)

@@ -9,19 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_BLOCK_V = 2048
-"""Columns per block of a row sweep: 2048 at 8 warps. Triton's ptxas flow keeps these
-kernels at 64 registers; at 4096 x 16 warps the stats sweep with entropy spilled on sm_80,
-at 2048 x 8 warps nothing spills (the fused policy kernel included) and 4 blocks fit an SM."""
+"""Columns per block of a row sweep: 2048 at 16 warps (4 columns a thread)."""
 
-COLS_PER_THREAD = 8
-"""8 columns a thread per block: one 16-byte load of bf16, and the per-lane running state
-of the stats sweep (3 x 8 fp32); 16 a thread spilled."""
-
-
-STATS_MAXNREG = 72
-"""Register budget of the kernels that run the stats sweep (forward, fused policy). Left to
-itself ptxas settles some variants at 64 registers with a 4-byte spill (sm_80, bf16, with
-entropy); at 72 none spills and 3 blocks of 8 warps still fit an SM."""
+COLS_PER_THREAD = 4
+"""4 columns a thread per block: the stats sweep keeps four per-lane running values per
+column (max, count at the max, mass below it, entropy term), 16 registers at 4 columns.
+With 8 a thread ptxas held the kernels at 64-80 registers and spilled on sm_80 / sm_90; at 4
+every kernel compiles for both with 20-59 registers and no spill (``rlhf-fast aot``)."""
 
 
 def next_power_of_2(n: int) -> int:
@@ -31,7 +25,7 @@ def next_power_of_2(n: int) -> int:
 def row_block_config(n_cols: int) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for a sweep over rows of ``n_cols`` columns."""
     block = min(MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))
-    num_warps = max(1, min(8, block // (32 * COLS_PER_THREAD)))
+    num_warps = max(1, min(16, block // (32 * COLS_PER_THREAD)))
     return block, num_warps
 
 
@@ -53,7 +47,6 @@ class KernelSpec:
     constexprs: dict[str, object]
     aligned: tuple[str, ...]
     num_warps: int
-    maxnreg: int | None = None
 
     @property
     def label(self) -> str:

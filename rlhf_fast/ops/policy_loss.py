@@ -34,7 +34,7 @@ from ..validation import (
     check_token_tensor,
     float_token_tensor,
 )
-from .launch import MAX_BLOCK_V, STATS_MAXNREG, KernelSpec, row_block_config
+from .launch import MAX_BLOCK_V, KernelSpec, row_block_config
 from .row_sweeps import grad_sweep, stats_sweep
 
 IGNORE = -100
@@ -104,7 +104,7 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
         HAS_DELTA=c.delta is not None, HAS_CLAMP=c.log_ratio_clamp is not None,
         HAS_OLD=old is not None, KL_MODE=kl_mode, KL_FROM_OLD=c.kl_reference == "old",
         HAS_KL_CLAMP=c.kl_clamp is not None, HAS_ENTROPY_COEF=c.entropy_coef != 0,
-        num_warps=num_warps, maxnreg=STATS_MAXNREG,
+        num_warps=num_warps,
     )
     return logp, entropy, grad
 
@@ -140,7 +140,7 @@ def aot_specs() -> list[KernelSpec]:
         for switches in variants:
             specs.append(KernelSpec(
                 "rlhf_fast.kernels.policy_loss:token_policy_loss_kernel", {**ptrs, **runtime},
-                {"BLOCK_V": block, **switches}, (*ptrs, *aligned), num_warps, STATS_MAXNREG))
+                {"BLOCK_V": block, **switches}, (*ptrs, *aligned), num_warps))
     return specs
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ..torch_backend import token_logprobs as torch_impl
-from .launch import MAX_BLOCK_V, STATS_MAXNREG, KernelSpec, cdiv, row_block_config
+from .launch import MAX_BLOCK_V, KernelSpec, cdiv, row_block_config
 
 
 def _unit_column_stride(logits: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_inde
     token_logprobs_fwd_kernel[(n_rows,)](
         logits, targets, logp, entropy if with_entropy else logp, stats,
         n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
-        BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=num_warps, maxnreg=STATS_MAXNREG,
+        BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=num_warps,
     )
     return logp, entropy, stats
 
@@ -106,7 +106,7 @@ def aot_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(
                 f"{module}:token_logprobs_fwd_kernel", {**fwd_ptrs, **shape},
                 {"BLOCK_V": block, "WITH_ENTROPY": with_entropy},
-                (*fwd_ptrs, *aligned), num_warps, STATS_MAXNREG))
+                (*fwd_ptrs, *aligned), num_warps))
         bwd_ptrs = {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}",
                     "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
                     "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32"}

@@ -10,9 +10,10 @@ CHUNK_BYTES = 64 * 2**20
 """Budget of one chunk's float32 ``[rows, V]`` temporaries (a few of them live at once)."""
 
 WORKING_SET_BYTES = 4 * CHUNK_BYTES
-"""Bound on the torch backend's live temporaries: the gradient sweep holds three float32
-``[rows, V]`` chunks and a bool mask at once (measured 209 MiB at CHUNK_BYTES = 64 MiB), the
-stats sweep two and a mask (153 MiB)."""
+"""Bound on the torch backend's live temporaries: each sweep holds at most two float32
+``[rows, V]`` chunks and a bool mask at once (measured 145 MiB for the gradient sweep and
+153 MiB for the stats sweep at CHUNK_BYTES = 64 MiB); the bound leaves room for the
+allocator's and the thread pool's own buffers."""
 
 
 def row_chunks(batch: int, seq_len: int, n_cols: int,

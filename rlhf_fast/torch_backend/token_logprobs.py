@@ -27,11 +27,20 @@ def _chunk_stats(x: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
     d_y = d.gather(-1, y).squeeze(-1)
     e = d.exp()
     e.scatter_(-1, y, 0.0)                          # the target is added back exactly below
-    s_excl = e.sum(-1)
+    s_kept = e.sum(-1)                              # = n_max + r, rounded
+    # The maxima are worth exactly exp(0) = 1 each and add nothing to t (d = 0): zero them to
+    # leave the mass strictly below the max; NaN (from NaN or +inf logits) stays and poisons
+    # the row. n_max is an integer, recovered exactly from the rounded difference (its error
+    # is far below 1/2 at any V), without a full-size count.
+    e.masked_fill_(d == 0, 0.0)
+    r = e.sum(-1)
+    n_max = torch.round(s_kept - r)
     e_y = d_y.exp()
+    s_excl = n_max + r
     s_all = s_excl + e_y
-    ratio = s_excl / torch.where(e_y > 0, e_y, torch.ones_like(e_y))
-    log_s = torch.where(e_y >= s_excl, d_y + torch.log1p(ratio), s_all.log())
+    # s - 1 without cancellation (see kernels/softmax_stats.py).
+    s_minus_1 = torch.where(d_y == 0, s_excl, (n_max - 1) + r + e_y)
+    log_s = torch.log1p(s_minus_1)
     logp = d_y - log_s
     q = s_excl / s_all
 
@@ -112,20 +121,24 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
         c = grad_logp[b, ts].float() if grad_logp is not None else torch.zeros_like(q)
         c_h = grad_entropy[b, ts].float() if grad_entropy is not None else None
 
+        # Two float32 [rows, V] temporaries: log p (then the entropy term, in place) and p
+        # (then the gradient, in place).
         logp_all = (logits[b, ts].float() * inv_temp).sub_(m).sub_(log_s)
         p = logp_all.exp()
-        g = p * -c.unsqueeze(-1)
+        active = c != 0
+        if c_h is not None:
+            banned = p == 0                         # banned tokens: 0 * -inf -> 0
+            term = logp_all.add_(entropy[b, ts].unsqueeze(-1)).mul_(p).masked_fill_(banned, 0.0)
+            del banned
+            active |= c_h != 0
+        g = p.mul_(-c.unsqueeze(-1))                # -c * p, over p
         valid = (y >= 0) & (y < n_cols)
         y_safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
         target_grad = torch.where(valid, c * q, g.gather(-1, y_safe).squeeze(-1))
         g.scatter_(-1, y_safe, target_grad.unsqueeze(-1))
-        active = c != 0
         if c_h is not None:
-            term = logp_all.add_(entropy[b, ts].unsqueeze(-1)).mul_(p)  # p * (log p + H)
-            term.masked_fill_(p == 0, 0.0)          # banned tokens: 0 * -inf -> 0
-            g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)
+            g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)   # - c_H * p * (log p + H)
             del term
-            active |= c_h != 0
         active &= y != ignore_index
         g.mul_(inv_temp).masked_fill_(~active.unsqueeze(-1), 0.0)
         out[b, ts] = g
