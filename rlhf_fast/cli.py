@@ -1,6 +1,6 @@
 """``rlhf-fast``: the command line.
 
-    rlhf-fast bench [--suite logprobs|policy|gae|all] [--shapes quick|full] [--json PATH]
+    rlhf-fast bench [--suite logprobs|policy|linear|gae|all] [--shapes quick|full] [--json PATH]
                     [--markdown PATH]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="rlhf_fast tools")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against the references on this device")
-    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy", "gae"])
+    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy", "linear", "gae"])
     b.add_argument("--shapes", default="quick", choices=["quick", "full"],
                    help="quick: one shape (CPU: N=512 V=32000; CUDA: N=8192 V=151936); "
                         "full: logprobs N in {8192, 32768} x V in {32000, 128256, 151936, "

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 
-from rlhf_fast.bench import ceilings, gae_suite, logprobs_suite, policy_suite, runner
+from rlhf_fast.bench import ceilings, gae_suite, linear_suite, logprobs_suite, policy_suite, runner
 from rlhf_fast.bench.case import Case
 from rlhf_fast.bench.readme import BEGIN, END, performance_section
 from rlhf_fast.bench.rotation import rotating
@@ -27,6 +27,26 @@ def test_useful_bytes_formulas():
     assert logprobs_suite.useful_bytes(Case(4, 10, "float32", "fwd+bwd")) == 2 * 4 * 10 * 4
     assert policy_suite.useful_bytes(Case(16, 300, "bfloat16", "token")) == 2 * 16 * 300 * 2
     assert gae_suite.useful_bytes(Case(64 * 8, 8, "float32", "fwd")) == 5 * 64 * 8 * 4
+    assert linear_suite.useful_flops(Case(8, 300, "bfloat16", "token", 16)) == 6 * 8 * 16 * 300
+
+
+@pytest.mark.parametrize("impl", ["rlhf_fast", "materialised", "reference"])
+def test_linear_case(impl):
+    r = linear_suite.run_case(Case(32, 300, "float32", "token", 16), impl, CPU, warmup=0, reps=1)
+    assert r["status"] == "ok" and r["useful_flops"] == 6 * 32 * 16 * 300
+    assert r["err_loss"] < 1e-5 and r["err_grad"] < 1e-5
+    peer = linear_suite.run_case(Case(32, 300, "float32", "token", 16), "liger", CPU,
+                                 warmup=0, reps=1)
+    assert peer["status"] == "absent"
+
+
+def test_derived_flops_ratio():
+    record = {"suite": "linear", "label": "c", "mode": "token", "impl": "rlhf_fast",
+              "status": "ok", "useful_bytes": 0, "useful_flops": 6e12, "median_ms": 10.0,
+              "peak_extra_mib": 1.0}
+    runner._derive([record], copy_gbps=1.0, matmul_tflops=1000.0)
+    assert record["tflops"] == pytest.approx(600.0)        # 6e12 FLOP / 10 ms
+    assert record["frac_of_matmul"] == pytest.approx(0.6)
 
 
 def test_derived_ratios():
@@ -122,7 +142,7 @@ def test_quick_run_under_a_minute_and_valid(quick_report):
         assert elapsed < 60, f"quick CPU bench took {elapsed:.0f} s"
     report = json.loads((out / "r.json").read_text())
     jsonschema.validate(report, REPORT_SCHEMA)
-    assert {r["suite"] for r in report["records"]} == {"logprobs", "policy", "gae"}
+    assert {r["suite"] for r in report["records"]} == {"logprobs", "policy", "linear", "gae"}
     assert all(r["status"] in ("ok", "absent") for r in report["records"])
     assert "x ref" in table and "bf16 matmul" in table
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

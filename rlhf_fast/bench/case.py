@@ -13,10 +13,12 @@ class Case:
     v: int          # vocabulary size
     dtype: str      # logits dtype, a torch attribute name ("bfloat16")
     mode: str       # the suite's mode ("fwd", "token", ...)
+    h: int = 0      # hidden size (fused-linear suites), 0 otherwise
 
     @property
     def label(self) -> str:
-        return f"N={self.n} V={self.v} {self.dtype}"
+        hidden = f" H={self.h}" if self.h else ""
+        return f"N={self.n}{hidden} V={self.v} {self.dtype}"
 
     @property
     def logit_bytes(self) -> int:

@@ -96,13 +96,16 @@ def _run_in_child(jobs: list[dict]) -> list[dict]:
              "reason": tail[0]} for j in jobs]
 
 
-def _derive(records: list[dict], copy_gbps: float) -> None:
+def _derive(records: list[dict], copy_gbps: float, matmul_tflops: float | None = None) -> None:
     by_key = {(r["suite"], r["label"], r["mode"], r["impl"]): r for r in records}
     for r in records:
         if r["status"] != "ok":
             continue
         r["gbps"] = r["useful_bytes"] / (r["median_ms"] * 1e-3) / 1e9
         r["frac_of_copy"] = r["gbps"] / copy_gbps
+        if r.get("useful_flops") and matmul_tflops:
+            r["tflops"] = r["useful_flops"] / (r["median_ms"] * 1e-3) / 1e12
+            r["frac_of_matmul"] = r["tflops"] / matmul_tflops
         ref = by_key.get((r["suite"], r["label"], r["mode"], "reference"))
         if ref and ref["status"] == "ok":
             r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
@@ -143,7 +146,7 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
                 torch.cuda.empty_cache()
         else:
             records.extend(_run_in_child(jobs))
-    _derive(records, report["ceilings"]["copy_gbps"])
+    _derive(records, report["ceilings"]["copy_gbps"], report["ceilings"]["matmul_tflops"])
     report["records"] = records
     return report
 
@@ -153,6 +156,7 @@ COLUMNS = [
     ("impl", "impl", "{}"),
     ("ms", "median_ms", "{:.3f}"), ("peak MiB", "peak_extra_mib", "{:.0f}"),
     ("GB/s", "gbps", "{:.1f}"), ("% copy", "frac_of_copy", "{:.0%}"),
+    ("TFLOP/s", "tflops", "{:.2f}"), ("% matmul", "frac_of_matmul", "{:.0%}"),
     ("x ref", "speedup_vs_reference", "{:.2f}"), ("mem/ref", "memory_vs_reference", "{:.2f}"),
     ("err logp", "err_logp", "{:.1e}"), ("err loss", "err_loss", "{:.1e}"),
     ("err grad", "err_grad", "{:.1e}"), ("err adv", "err_adv", "{:.1e}"),
@@ -204,7 +208,8 @@ def to_markdown(report: dict) -> str:
              "(2 n^3 FLOP)",
              "- GB/s counts useful bytes (s = bytes per logit): logprobs fwd N*V*s (logits "
              "read once); logprobs fwd+bwd and policy 2*N*V*s (logits read once, gradient "
-             "written once); gae 5*B*T*4 (three inputs read, two outputs written)", "",
+             "written once); gae 5*B*T*4 (three inputs read, two outputs written); linear: "
+             "TFLOP/s of 6*N*H*V against the in-run bf16 matmul", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in table_rows(report):
         r = r + [""] * (len(names) - len(r))

@@ -11,6 +11,7 @@ RECORD = {
             "type": "object",
             "required": ["n", "v", "dtype", "mode"],
             "properties": {"n": {"type": "integer", "minimum": 0},
+                           "h": {"type": "integer", "minimum": 0},
                            "v": {"type": "integer", "minimum": 1},
                            "dtype": {"type": "string"}, "mode": {"type": "string"}},
         },
@@ -32,6 +33,10 @@ RECORD = {
         "err_loss": {"type": "number", "minimum": 0},
         "err_grad": {"type": "number", "minimum": 0},
         "err_adv": {"type": "number", "minimum": 0},
+        "useful_flops": {"type": "integer", "minimum": 0},
+        "flops_formula": {"type": "string"},
+        "tflops": {"type": "number", "minimum": 0},
+        "frac_of_matmul": {"type": "number", "minimum": 0},
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},

@@ -1,0 +1,150 @@
+"""The ``linear`` suite: ``linear_policy_loss`` (DAPO) from hidden states and lm_head.
+
+Implementations: ``rlhf_fast`` (chunked, never holding the logits), ``materialised``
+(``hidden @ weight.T`` then ``rlhf_fast.policy_loss``), ``reference`` (the float32 reference
+on materialised logits, eager) and ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``,
+when installed, on CUDA). Useful FLOPs: 6*N*H*V (logits GEMM, grad_hidden GEMM, grad_weight
+GEMM), judged against the bf16 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+
+import rlhf_fast
+from rlhf_fast import PolicyLossConfig, reference
+
+from .case import Case
+from .measure import median_ms, peak_extra_mib
+
+SUITE = "linear"
+IMPLS = ("rlhf_fast", "materialised", "reference", "liger")
+CONFIG = PolicyLossConfig.preset("dapo")
+SEQ_LEN = 128
+QUICK_SHAPES = {"cpu": [(256, 256, 32000)], "cuda": [(8192, 4096, 151936)]}
+FULL_SHAPES = [(n, h, v) for n in (8192, 32768) for h in (4096, 5120) for v in (128256, 151936)]
+
+
+def useful_bytes(case: Case) -> int:
+    return 0
+
+
+def useful_flops(case: Case) -> int:
+    """Three GEMMs of N x H x V: 6*N*H*V."""
+    return 6 * case.n * case.h * case.v
+
+
+def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
+    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    return [Case(n, v, dtype, "token", h) for n, h, v in grid]
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
+    seq_len = min(SEQ_LEN, case.n)
+    batch = case.n // seq_len
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    hidden = torch.randn(batch, seq_len, case.h, device=device, generator=g, dtype=dtype)
+    weight = (torch.randn(case.v, case.h, device=device, generator=g) / case.h**0.5).to(dtype)
+    targets = torch.randint(0, case.v, (batch, seq_len), device=device, generator=g)
+    with torch.no_grad():
+        logp = rlhf_fast.linear_token_logprobs(hidden, weight, targets)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), device=device, generator=g)
+    mask = torch.arange(seq_len, device=device) < lengths.unsqueeze(-1)
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask,
+                old=logp + 0.1 * torch.randn(batch, seq_len, device=device, generator=g),
+                advantages=torch.randn(batch, device=device, generator=g))
+
+
+def absent_reason(case: Case, impl: str, device: torch.device) -> str | None:
+    if impl != "liger":
+        return None
+    if device.type != "cuda":
+        return "Liger's fused-linear losses need CUDA"
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+    except ImportError:
+        return "liger-kernel is not installed"
+    return None
+
+
+def _loss_fn(impl: str) -> Callable:
+    if impl == "rlhf_fast":
+        def ours(h, w, p):
+            return rlhf_fast.linear_policy_loss(h, w, p["targets"], p["advantages"], p["mask"],
+                                                old_logprobs=p["old"], config=CONFIG).loss
+        return ours
+    if impl == "materialised":
+        def materialised(h, w, p):
+            return rlhf_fast.policy_loss(h @ w.T, p["targets"], p["advantages"], p["mask"],
+                                         old_logprobs=p["old"], config=CONFIG).loss
+        return materialised
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        module = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=CONFIG.clip_eps_low,
+                                          epsilon_high=CONFIG.clip_eps_high, loss_type="dapo")
+
+        def liger(h, w, p):
+            out = module(h, w, p["targets"], p["mask"].to(h.dtype), p["advantages"],
+                         old_per_token_logps=p["old"])
+            return out[0] if isinstance(out, tuple) else out
+        return liger
+
+    def ref(h, w, p):
+        return reference.policy_loss((h @ w.T).float(), p["targets"], p["advantages"],
+                                     p["mask"], old_logprobs=p["old"], config=CONFIG)[0]
+    return ref
+
+
+def make_step(case: Case, impl: str, inputs: dict) -> Callable[[], object]:
+    loss_fn = _loss_fn(impl)
+    h = inputs["hidden"].detach().requires_grad_()
+    w = inputs["weight"].detach().requires_grad_()
+
+    def step():
+        h.grad = w.grad = None
+        loss_fn(h, w, inputs).backward()
+        return h.grad
+    return step
+
+
+def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
+    """Norm-wise relative errors of the loss and of grad_hidden / grad_weight against the
+    float64 reference on the same hidden states and weight (quick shapes only)."""
+    if case.n * case.v > 2**26:
+        return {}
+    h = inputs["hidden"].detach().requires_grad_()
+    w = inputs["weight"].detach().requires_grad_()
+    loss = _loss_fn(impl)(h, w, inputs)
+    loss.backward()
+    hr = inputs["hidden"].detach().double().requires_grad_()
+    wr = inputs["weight"].detach().double().requires_grad_()
+    ref = reference.policy_loss(hr @ wr.T, inputs["targets"], inputs["advantages"].double(),
+                                inputs["mask"], old_logprobs=inputs["old"].double(),
+                                config=CONFIG)[0]
+    ref.backward()
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    return {"err_loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30),
+            "err_grad": max(rel(h.grad, hr.grad), rel(w.grad, wr.grad))}
+
+
+def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: int) -> dict:
+    record = {"suite": SUITE, "case": asdict(case), "label": case.label, "mode": case.mode,
+              "impl": impl, "useful_bytes": 0, "bytes_formula": "-",
+              "useful_flops": useful_flops(case), "flops_formula": "6*N*H*V"}
+    reason = absent_reason(case, impl, device)
+    if reason:
+        return {**record, "status": "absent", "reason": reason}
+    inputs = make_inputs(case, device)
+    step = make_step(case, impl, inputs)
+    record["median_ms"] = median_ms(step, device, warmup=warmup, reps=reps)
+    record["peak_extra_mib"] = peak_extra_mib(step, device)
+    del step
+    record.update(errors(case, impl, inputs))
+    return {**record, "status": "ok"}
