@@ -30,15 +30,8 @@ from torch import Tensor
 from ..backend import BACKENDS
 from ..config import PolicyLossConfig
 from ..loss_weights import entropy_statistics
-from ..validation import check_target_range, float_token_tensor
-from .policy_loss import (
-    IGNORE,
-    PolicyLossOutput,
-    _advantages,
-    _mask,
-    _resolve_config,
-    policy_forward,
-)
+from ..validation import check_target_range
+from .policy_loss import IGNORE, PolicyLossOutput, _resolve_config, policy_forward, side_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -264,23 +257,12 @@ def linear_policy_loss(
         raise ValueError("linear_policy_loss with objective='gmpo' takes a seq_mean_* "
                          "aggregation (its denominator is the sequence count)")
     logits_like = hidden.new_zeros(1).expand(*hidden.shape[:2], weight.shape[0])  # shape only
-    mask = _mask(mask, logits_like, flat)
-    advantages = _advantages(advantages, logits_like, flat)
-    old = float_token_tensor(old_logprobs, "old_logprobs", logits_like, flat)
-    ref = float_token_tensor(ref_logprobs, "ref_logprobs", logits_like, flat)
-    rollout = float_token_tensor(rollout_logprobs, "rollout_logprobs", logits_like, flat)
-    if c.rollout_correction is not None and rollout is None:
-        raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.kl_coef != 0 and c.kl_reference == "ref" and ref is None and ref_hidden is None:
-        raise ValueError("kl_coef != 0 with kl_reference='ref' needs ref_logprobs or "
-                         "ref_hidden / ref_weight")
-    valid = mask & (targets != IGNORE)
-    targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    check_target_range(targets, weight.shape[0], IGNORE)
+    inputs = side_inputs(c, logits_like, flat, targets, mask, advantages, old_logprobs,
+                         ref_logprobs, rollout_logprobs, ref_model=ref_hidden is not None)
     metrics: dict[str, Tensor] = {}
     loss, logp, entropy = _LinearPolicyLoss.apply(
-        hidden, weight, bias, targets, advantages, valid, old, ref, rollout, ref_hidden,
-        ref_weight, c, backend, chunk_size, metrics)
+        hidden, weight, bias, inputs.targets, inputs.advantages, inputs.valid, inputs.old,
+        inputs.ref, inputs.rollout, ref_hidden, ref_weight, c, backend, chunk_size, metrics)
     if flat:
         logp, entropy = logp.squeeze(0), entropy.squeeze(0)
     return PolicyLossOutput(loss, logp, entropy, metrics)

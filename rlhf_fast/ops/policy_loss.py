@@ -276,6 +276,38 @@ def policy_loss(
         logits = logits.unsqueeze(0)
     shape = tuple(logits.shape[:2])
     targets = targets.reshape(shape)
+    inputs = side_inputs(c, logits, flat, targets, mask, advantages, old_logprobs,
+                         ref_logprobs, rollout_logprobs)
+    if inplace and logits.stride(-1) != 1:
+        raise ValueError("inplace=True writes the gradient over the logits, which needs a "
+                         f"contiguous last dimension; got strides {tuple(logits.stride())}")
+    metrics: dict[str, Tensor] = {}
+    loss, logp, entropy = _FusedPolicyLoss.apply(
+        logits, inputs.targets, inputs.advantages, inputs.valid, inputs.old, inputs.ref,
+        inputs.rollout, c, backend, bool(inplace), metrics)
+    if flat:
+        logp, entropy = logp.squeeze(0), entropy.squeeze(0)
+    return PolicyLossOutput(loss, logp, entropy, metrics)
+
+
+class SideInputs(NamedTuple):
+    """The per-token inputs of a policy loss, checked and shaped ``[B, T]``."""
+
+    targets: Tensor         # IGNORE where the token does not enter the loss
+    valid: Tensor           # bool: mask and target != IGNORE
+    advantages: Tensor      # float32 [B] or [B, T]
+    old: Tensor | None
+    ref: Tensor | None
+    rollout: Tensor | None
+
+
+def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor,
+                mask: object, advantages: object, old_logprobs: object, ref_logprobs: object,
+                rollout_logprobs: object, ref_model: bool | None = None) -> SideInputs:
+    """Check and shape the per-token inputs against ``logits`` ``[B, T, V]`` (``[1, N, V]``
+    when ``flat``; only its shape and device are used). ``ref_model``: None when the caller
+    takes no reference model; else whether its hidden states were given (they replace
+    ``ref_logprobs``)."""
     mask = _mask(mask, logits, flat)
     advantages = _advantages(advantages, logits, flat)
     old = float_token_tensor(old_logprobs, "old_logprobs", logits, flat)
@@ -283,21 +315,13 @@ def policy_loss(
     rollout = float_token_tensor(rollout_logprobs, "rollout_logprobs", logits, flat)
     if c.rollout_correction is not None and rollout is None:
         raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.kl_coef != 0 and c.kl_reference == "ref" and ref is None:
-        raise ValueError("kl_coef != 0 with kl_reference='ref' needs ref_logprobs")
-    if inplace and logits.stride(-1) != 1:
-        raise ValueError("inplace=True writes the gradient over the logits, which needs a "
-                         f"contiguous last dimension; got strides {tuple(logits.stride())}")
-
+    if c.kl_coef != 0 and c.kl_reference == "ref" and ref is None and not ref_model:
+        raise ValueError("kl_coef != 0 with kl_reference='ref' needs ref_logprobs"
+                         + (" or ref_hidden / ref_weight" if ref_model is not None else ""))
     valid = mask & (targets != IGNORE)
     targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
     check_target_range(targets, logits.shape[-1], IGNORE)
-    metrics: dict[str, Tensor] = {}
-    loss, logp, entropy = _FusedPolicyLoss.apply(
-        logits, targets, advantages, valid, old, ref, rollout, c, backend, bool(inplace), metrics)
-    if flat:
-        logp, entropy = logp.squeeze(0), entropy.squeeze(0)
-    return PolicyLossOutput(loss, logp, entropy, metrics)
+    return SideInputs(targets, valid, advantages, old, ref, rollout)
 
 
 def _mask(mask: object, logits: Tensor, flat: bool) -> Tensor:
