@@ -30,14 +30,15 @@ def test_useful_bytes_formulas():
     assert linear_suite.useful_flops(Case(8, 300, "bfloat16", "token", 16)) == 6 * 8 * 16 * 300
 
 
+@pytest.mark.parametrize("mode", linear_suite.MODES)
 @pytest.mark.parametrize("impl", ["rlhf_fast", "materialised", "reference"])
-def test_linear_case(impl):
-    r = linear_suite.run_case(Case(32, 300, "float32", "token", 16), impl, CPU, warmup=0, reps=1)
+def test_linear_case(impl, mode):
+    case = Case(32, 300, "float32", mode, 16)
+    r = linear_suite.run_case(case, impl, CPU, warmup=0, reps=1)
     assert r["status"] == "ok" and r["useful_flops"] == 6 * 32 * 16 * 300
     assert r["err_loss"] < 1e-5 and r["err_grad"] < 1e-5
-    peer = linear_suite.run_case(Case(32, 300, "float32", "token", 16), "liger", CPU,
-                                 warmup=0, reps=1)
-    assert peer["status"] == "absent"
+    for peer in ("liger", "cce"):
+        assert linear_suite.run_case(case, peer, CPU, warmup=0, reps=1)["status"] == "absent"
 
 
 def test_derived_flops_ratio():

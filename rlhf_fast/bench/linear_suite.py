@@ -1,10 +1,14 @@
-"""The ``linear`` suite: ``linear_policy_loss`` (DAPO) from hidden states and lm_head.
+"""The ``linear`` suite: from hidden states and lm_head, forward + backward.
 
-Implementations: ``rlhf_fast`` (chunked, never holding the logits), ``materialised``
-(``hidden @ weight.T`` then ``rlhf_fast.policy_loss``), ``reference`` (the float32 reference
-on materialised logits, eager) and ``liger`` (Liger-Kernel's ``LigerFusedLinearGRPOLoss``,
-when installed, on CUDA). Useful FLOPs: 6*N*H*V (logits GEMM, grad_hidden GEMM, grad_weight
-GEMM), judged against the bf16 matmul rate measured in the same run.
+Modes: ``policy`` (``linear_policy_loss``, DAPO) and ``logprobs`` (``linear_token_logprobs``,
+loss ``sum(logp)``). Implementations: ``rlhf_fast`` (chunked, never holding the logits),
+``materialised`` (``hidden @ weight.T`` then ``policy_loss`` / ``token_logprobs``),
+``reference`` (the float32 reference on materialised logits, eager) and the peers, when
+installed, on CUDA: ``liger`` (``LigerFusedLinearGRPOLoss``, policy mode) and ``cce`` (Cut
+Cross-Entropy's ``linear_cross_entropy``, logprobs mode). Useful FLOPs: 6*N*H*V (logits
+GEMM, grad_hidden GEMM, grad_weight GEMM) against the bf16 matmul rate measured in the same
+run. Errors are against the float64 reference on exact products, so bf16 runs show the
+rounding of the logits to bf16 that every implementation makes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .case import Case
 from .measure import median_ms, peak_extra_mib
 
 SUITE = "linear"
-IMPLS = ("rlhf_fast", "materialised", "reference", "liger")
+IMPLS = ("rlhf_fast", "materialised", "reference", "liger", "cce")
+MODES = ("policy", "logprobs")
 CONFIG = PolicyLossConfig.preset("dapo")
 SEQ_LEN = 128
 QUICK_SHAPES = {"cpu": [(256, 256, 32000)], "cuda": [(8192, 4096, 151936)]}
@@ -39,7 +44,7 @@ def useful_flops(case: Case) -> int:
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
     grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
-    return [Case(n, v, dtype, "token", h) for n, h, v in grid]
+    return [Case(n, v, dtype, mode, h) for n, h, v in grid for mode in MODES]
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
@@ -60,18 +65,37 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
 
 
 def absent_reason(case: Case, impl: str, device: torch.device) -> str | None:
-    if impl != "liger":
+    peers = {"liger": ("policy", "liger_kernel.chunked_loss", "liger-kernel"),
+             "cce": ("logprobs", "cut_cross_entropy", "cut-cross-entropy")}
+    if impl not in peers:
         return None
+    mode, module, package = peers[impl]
+    if case.mode != mode:
+        return f"{impl} is compared in {mode} mode only"
     if device.type != "cuda":
-        return "Liger's fused-linear losses need CUDA"
+        return f"{package} needs CUDA"
     try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+        __import__(module)
     except ImportError:
-        return "liger-kernel is not installed"
+        return f"{package} is not installed"
     return None
 
 
-def _loss_fn(impl: str) -> Callable:
+def _logprobs_fn(impl: str) -> Callable:
+    if impl == "rlhf_fast":
+        return lambda h, w, p: rlhf_fast.linear_token_logprobs(h, w, p["targets"]).sum()
+    if impl == "materialised":
+        return lambda h, w, p: rlhf_fast.token_logprobs(h @ w.T, p["targets"]).sum()
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, p: -linear_cross_entropy(h, w, p["targets"], reduction="sum")
+    return lambda h, w, p: reference.token_logprobs((h @ w.T).float(), p["targets"]).sum()
+
+
+def _loss_fn(impl: str, mode: str = "policy") -> Callable:
+    if mode == "logprobs":
+        return _logprobs_fn(impl)
     if impl == "rlhf_fast":
         def ours(h, w, p):
             return rlhf_fast.linear_policy_loss(h, w, p["targets"], p["advantages"], p["mask"],
@@ -101,7 +125,7 @@ def _loss_fn(impl: str) -> Callable:
 
 
 def make_step(case: Case, impl: str, inputs: dict) -> Callable[[], object]:
-    loss_fn = _loss_fn(impl)
+    loss_fn = _loss_fn(impl, case.mode)
     h = inputs["hidden"].detach().requires_grad_()
     w = inputs["weight"].detach().requires_grad_()
 
@@ -119,13 +143,16 @@ def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
         return {}
     h = inputs["hidden"].detach().requires_grad_()
     w = inputs["weight"].detach().requires_grad_()
-    loss = _loss_fn(impl)(h, w, inputs)
+    loss = _loss_fn(impl, case.mode)(h, w, inputs)
     loss.backward()
     hr = inputs["hidden"].detach().double().requires_grad_()
     wr = inputs["weight"].detach().double().requires_grad_()
-    ref = reference.policy_loss(hr @ wr.T, inputs["targets"], inputs["advantages"].double(),
-                                inputs["mask"], old_logprobs=inputs["old"].double(),
-                                config=CONFIG)[0]
+    if case.mode == "logprobs":
+        ref = reference.token_logprobs(hr @ wr.T, inputs["targets"]).sum()
+    else:
+        ref = reference.policy_loss(hr @ wr.T, inputs["targets"],
+                                    inputs["advantages"].double(), inputs["mask"],
+                                    old_logprobs=inputs["old"].double(), config=CONFIG)[0]
     ref.backward()
 
     def rel(a, b):
