@@ -88,3 +88,15 @@ def float_token_tensor(x: object, name: str, logits: Tensor, flat: bool) -> Tens
     if x.device != logits.device:
         raise ValueError(f"{name} is on {x.device} but logits are on {logits.device}")
     return x.float().reshape(logits.shape[:2])
+
+
+def check_mask(mask: object, expected: tuple[int, ...], like: Tensor) -> Tensor:
+    """A bool or 0/1 tensor of shape ``expected`` on ``like``'s device, returned as bool."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool or 0/1 tensor of shape {expected}, got "
+                        f"{type(mask).__name__}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but logits are on {like.device}")
+    return mask if mask.dtype == torch.bool else mask != 0

@@ -30,6 +30,7 @@ from ..loss_weights import aggregation_weights, rollout_weights
 from ..policy_coefficients import policy_coefficients
 from ..validation import (
     check_logits,
+    check_mask,
     check_target_range,
     check_token_tensor,
     float_token_tensor,
@@ -326,14 +327,7 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
 
 def _mask(mask: object, logits: Tensor, flat: bool) -> Tensor:
     expected = tuple(logits.shape[1:2]) if flat else tuple(logits.shape[:2])
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a bool or 0/1 tensor of shape {expected}, got "
-                        f"{type(mask).__name__}")
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
-    if mask.device != logits.device:
-        raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
-    return (mask if mask.dtype == torch.bool else mask != 0).reshape(logits.shape[:2])
+    return check_mask(mask, expected, logits).reshape(logits.shape[:2])
 
 
 def _advantages(advantages: object, logits: Tensor, flat: bool) -> Tensor:

@@ -1,0 +1,159 @@
+"""The coefficient step of the preference losses: sequence scores, per-pair loss, ``dL/dlogp``.
+
+Input: the stats sweep's float32 ``logp`` ``[2b, T]`` of a batch (or a chunk) of ``b`` pairs,
+chosen sequences first. Output: the loss, the per-token coefficient ``c = dL/dlogp`` and
+the per-pair values behind the metrics. Every derivative is written out by hand (the float64
+reference in ``rlhf_fast.reference.dpo`` uses autograd); everything is ``[2b]`` or
+``[2b, T]``-sized and computed in float64, so it costs nothing next to a pass over the logits.
+
+Each token of sequence i gets ``c_t = dL/dlogp(y_i)`` (divided by the length when the
+sequence log-probs are averaged), plus ``-nll_weight / chosen_tokens`` on chosen tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .preference_config import PreferenceLossConfig
+
+
+@dataclass
+class PairCoefficients:
+    loss: Tensor               # float64 scalar: this batch's (or chunk's) share of the loss
+    c_logp: Tensor             # float32 [2b, T]: dL/dlogp, 0 at masked tokens
+    pairs: dict[str, Tensor]   # float64 [b] per-pair values (and the scalar "nll_sum")
+
+
+def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
+                    config: PreferenceLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``.
+
+    ``ref``: None, sums ``[2b]`` over the same masked tokens, or per-token ``[2b, T]``. With
+    ``average_logprobs`` both scores are divided by the sequence's token count (an empty
+    sequence scores 0)."""
+    m = valid.double()
+    length = m.sum(-1)
+    scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
+    score = torch.where(valid, logp.double(), 0.0).sum(-1) * scale
+    if not config.uses_reference:
+        ref_score = torch.zeros_like(score)
+    elif ref.dim() == 2:
+        ref_score = torch.where(valid, ref.double(), 0.0).sum(-1) * scale
+    else:
+        ref_score = ref.double() * scale
+    return score, ref_score, scale
+
+
+def _logistic(x: Tensor, eps: float, sign: float) -> tuple[Tensor, Tensor]:
+    """``-(1-eps) log s(x) + sign * eps log s(-x)`` and its derivative in x."""
+    loss = -(1 - eps) * F.logsigmoid(x) + sign * eps * F.logsigmoid(-x)
+    return loss, -(1 - eps) * torch.sigmoid(-x) - sign * eps * torch.sigmoid(x)
+
+
+def _sigmoid_slope(x: Tensor) -> Tensor:
+    return torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair loss ``[b]`` and its derivatives in the chosen and rejected scores ``D_w``,
+    ``D_l`` (formulas in ``rlhf_fast.preference_config``)."""
+    beta, eps, kind = config.beta, config.smoothing, config.loss_type
+    x = beta * (d_w - d_l)
+    if kind in ("sigmoid", "simpo"):
+        loss, dx = _logistic(x - config.gamma if kind == "simpo" else x, eps, -1.0)
+        return loss, beta * dx, -beta * dx
+    if kind == "robust":
+        loss, dx = _logistic(x, eps, 1.0)
+        return loss / (1 - 2 * eps), beta * dx / (1 - 2 * eps), -beta * dx / (1 - 2 * eps)
+    if kind == "hinge":
+        dx = -(x < 1).double()
+        return torch.relu(1 - x), beta * dx, -beta * dx
+    if kind == "ipo":
+        r = d_w - d_l - 1 / (2 * beta)
+        return r * r, 2 * r, -2 * r
+    if kind == "exo_pair":
+        loss = (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+                + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+        # d/dx [s(x) log s(x) + s(-x) log s(-x)] = s(x) s(-x) (log s(x) - log s(-x)) = s s' x
+        dx = _sigmoid_slope(x) * (x - math.log1p(-eps) + math.log(eps))
+        return loss, beta * dx, -beta * dx
+    x_w, x_l = beta * d_w, beta * d_l
+    if kind == "nca_pair":
+        loss = -F.logsigmoid(x_w) - 0.5 * F.logsigmoid(-x_w) - 0.5 * F.logsigmoid(-x_l)
+        return (loss, beta * (0.5 * torch.sigmoid(x_w) - torch.sigmoid(-x_w)),
+                beta * 0.5 * torch.sigmoid(x_l))
+    if kind == "sppo_hard":
+        r_w, r_l = d_w - 1 / (2 * beta), d_l + 1 / (2 * beta)
+        return r_w * r_w + r_l * r_l, 2 * r_w, 2 * r_l
+    if kind == "apo_zero":
+        loss = 1 - torch.sigmoid(x_w) + torch.sigmoid(x_l)
+        return loss, -beta * _sigmoid_slope(x_w), beta * _sigmoid_slope(x_l)
+    if kind == "apo_down":
+        loss = torch.sigmoid(x_w) + 1 - torch.sigmoid(x)
+        return (loss, beta * (_sigmoid_slope(x_w) - _sigmoid_slope(x)),
+                beta * _sigmoid_slope(x))
+    if kind == "orpo":
+        # log odds of a mean log-prob a <= 0: a - log(1 - e^a); d/da = 1 / (1 - e^a).
+        not_w, not_l = -torch.expm1(d_w), -torch.expm1(d_l)
+        odds = (d_w - d_l) - (torch.log(not_w) - torch.log(not_l))
+        loss = -beta * F.logsigmoid(odds)
+        pull = beta * torch.sigmoid(-odds)
+        # pull -> 0 faster than not_w -> 0 (p(chosen) -> 1): the limit is 0, not 0/0.
+        return (loss, torch.where(pull > 0, -pull / not_w, 0.0),
+                torch.where(pull > 0, pull / not_l, 0.0))
+    raise AssertionError(f"unhandled loss_type {kind!r}")
+
+
+def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
+                            config: PreferenceLossConfig, *, num_pairs: int,
+                            chosen_tokens: int) -> PairCoefficients:
+    """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
+
+    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs`` and ``chosen_tokens`` are the
+    whole batch's pair count and chosen-token count (the normalisers of the pair mean and of
+    the NLL), so chunks of pairs add up to the batch's loss and gradient exactly.
+    """
+    score, ref_score, scale = sequence_scores(logp, valid, ref, config)
+    b = score.shape[0] // 2
+    d = score - ref_score
+    loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
+    pairs_norm = float(max(num_pairs, 1))
+    g_seq = torch.cat([g_w, g_l]) * scale / pairs_norm
+    c = g_seq.unsqueeze(-1) * valid.double()
+    loss = loss_pairs.sum() / pairs_norm
+    nll_sum = -torch.where(valid[:b], logp[:b].double(), 0.0).sum()
+    if config.nll_weight != 0:
+        tokens_norm = float(max(chosen_tokens, 1))
+        loss = loss + config.nll_weight * nll_sum / tokens_norm
+        c[:b] -= (config.nll_weight / tokens_norm) * valid[:b].double()
+    pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
+             "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
+             "nll_sum": nll_sum}
+    return PairCoefficients(loss, c.float(), pairs)
+
+
+def preference_metrics(parts: list[dict[str, Tensor]], chosen_tokens: int) -> dict[str, Tensor]:
+    """Detached float32 scalars over all pairs: mean rewards (beta * D) of chosen and rejected,
+    their margin, the accuracy (share of pairs with r_w > r_l), the mean sequence log-probs,
+    the chosen NLL (token mean) and the pair count."""
+    cat = {k: torch.cat([p[k].reshape(-1) for p in parts]) for k in parts[0]}
+    n = cat["rewards_chosen"].numel()
+
+    def mean(x: Tensor) -> Tensor:
+        return x.sum() / max(n, 1)
+
+    r_w, r_l = cat["rewards_chosen"], cat["rewards_rejected"]
+    metrics = {
+        "rewards_chosen": mean(r_w), "rewards_rejected": mean(r_l),
+        "rewards_margin": mean(r_w - r_l), "rewards_accuracy": mean((r_w > r_l).double()),
+        "logps_chosen": mean(cat["logps_chosen"]), "logps_rejected": mean(cat["logps_rejected"]),
+        "nll": cat["nll_sum"].sum() / max(chosen_tokens, 1),
+        "pair_count": torch.tensor(float(n), device=r_w.device),
+    }
+    return {k: v.float() for k, v in metrics.items()}

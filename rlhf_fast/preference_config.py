@@ -1,0 +1,131 @@
+"""``PreferenceLossConfig``: the hyper-parameters of ``dpo_loss`` / ``linear_dpo_loss``, checked.
+
+Scores, with ``logp(y)`` the policy's sequence log-prob over the masked tokens (a sum, or the
+per-token mean when ``average_logprobs``) and ``ref(y)`` the reference model's on the same
+tokens:
+
+    D_w = logp(y_w) - ref(y_w),   D_l = logp(y_l) - ref(y_l),   u = D_w - D_l
+
+(ref = 0 for the reference-free losses and ``reference_free=True``). Per-pair losses, with
+beta, eps = ``label_smoothing`` and x = beta * u:
+
+    sigmoid    -(1-eps) log s(x) - eps log s(-x)                (DPO; eps > 0: conservative DPO)
+    robust     (-(1-eps) log s(x) + eps log s(-x)) / (1 - 2 eps)
+    hinge      relu(1 - x)                                        (SLiC)
+    ipo        (u - 1/(2 beta))^2                                 (length-normalised by default)
+    exo_pair   s(x) (log s(x) - log(1-eps)) + s(-x) (log s(-x) - log eps)   (eps = 0 -> 1e-3)
+    nca_pair   -log s(beta D_w) - log s(-beta D_w) / 2 - log s(-beta D_l) / 2
+    sppo_hard  (D_w - 1/(2 beta))^2 + (D_l + 1/(2 beta))^2
+    apo_zero   1 - s(beta D_w) + s(beta D_l)
+    apo_down   s(beta D_w) + 1 - s(x)
+    simpo      -(1-eps) log s(x') - eps log s(-x'),  x' = beta (a_w - a_l) - gamma
+    orpo       -beta log s(o),  o = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))
+
+with s the logistic sigmoid and a the length-normalised policy log-probs (simpo and orpo are
+reference-free). The loss is the mean over pairs, plus ``nll_coef`` (plus 1 for orpo) times
+the chosen sequences' NLL, a mean over all their tokens (RPO / ORPO).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .validation import check_temperature
+
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
+                   "apo_zero", "apo_down", "simpo", "orpo"]
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair",
+                               "sppo_hard", "apo_zero", "apo_down", "simpo", "orpo")
+
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+"""Losses defined on the policy alone: they take no reference log-probs."""
+
+AVERAGED_BY_DEFAULT = ("ipo", "simpo", "orpo")
+"""Losses whose sequence log-probs are per-token means unless ``average_logprobs=False``
+(TRL's IPO, SimPO and ORPO; OpenRLHF's IPO uses sums: pass ``average_logprobs=False``)."""
+
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")
+"""Losses that take ``label_smoothing``."""
+
+EXO_DEFAULT_EPS = 1e-3
+"""EXO's epsilon when ``label_smoothing`` is 0 (its log would be -inf)."""
+
+
+@dataclass(frozen=True)
+class PreferenceLossConfig:
+    """A checked set of preference-loss hyper-parameters (see the module docstring)."""
+
+    beta: float = 0.1
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = 0.0
+    average_logprobs: bool = False
+    nll_coef: float = 0.0
+    gamma: float = 0.0
+    reference_free: bool = False
+    temperature: float = 1.0
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss reads reference log-probs."""
+        return not self.reference_free and self.loss_type not in REFERENCE_FREE_LOSSES
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen sequences' token-mean NLL in the loss."""
+        return self.nll_coef + (1.0 if self.loss_type == "orpo" else 0.0)
+
+    @property
+    def smoothing(self) -> float:
+        """The epsilon the loss uses (EXO's default when 0)."""
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            return EXO_DEFAULT_EPS
+        return self.label_smoothing
+
+
+def _finite(value: object, name: str) -> float:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
+                      label_smoothing: float = 0.0, average_logprobs: bool | None = None,
+                      nll_coef: float = 0.0, gamma: float = 0.0, reference_free: bool = False,
+                      temperature: float = 1.0) -> PreferenceLossConfig:
+    """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
+    (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    beta = _finite(beta, "beta")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    eps = _finite(label_smoothing, "label_smoothing")
+    if eps != 0 and loss_type not in SMOOTHED_LOSSES:
+        raise ValueError(f"label_smoothing applies to {SMOOTHED_LOSSES}, not to "
+                         f"loss_type={loss_type!r}; got {eps}")
+    upper = 0.5 if loss_type == "robust" else 1.0
+    if not 0 <= eps < upper:
+        raise ValueError(f"label_smoothing must be in [0, {upper}) for loss_type="
+                         f"{loss_type!r}, got {eps}")
+    gamma = _finite(gamma, "gamma")
+    if gamma != 0 and loss_type != "simpo":
+        raise ValueError(f"gamma is SimPO's target margin (loss_type='simpo'); got gamma="
+                         f"{gamma} with loss_type={loss_type!r}")
+    nll_coef = _finite(nll_coef, "nll_coef")
+    if nll_coef < 0:
+        raise ValueError(f"nll_coef must be >= 0, got {nll_coef}")
+    if average_logprobs is None:
+        average_logprobs = loss_type in AVERAGED_BY_DEFAULT
+    if loss_type in ("simpo", "orpo") and not average_logprobs:
+        raise ValueError(f"loss_type={loss_type!r} is defined on length-normalised "
+                         f"log-probs; average_logprobs=False is not supported")
+    return PreferenceLossConfig(beta=beta, loss_type=loss_type, label_smoothing=eps,  # type: ignore[arg-type]
+                                average_logprobs=bool(average_logprobs), nll_coef=nll_coef,
+                                gamma=gamma, reference_free=bool(reference_free),
+                                temperature=check_temperature(temperature))

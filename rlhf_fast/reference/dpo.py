@@ -1,0 +1,94 @@
+"""Reference preference losses: log_softmax over the whole logits, the per-pair formulas as
+written in the papers / TRL, autograd for gradients (float64 in the tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..preference_config import PreferenceLossConfig
+from .token_logprobs import token_logprobs
+
+
+def _pair_loss(w: Tensor, lo: Tensor, config: PreferenceLossConfig) -> Tensor:
+    beta, eps, kind = config.beta, config.smoothing, config.loss_type
+    logits = w - lo
+    if kind == "sigmoid":
+        return (-(1 - eps) * F.logsigmoid(beta * logits)
+                - eps * F.logsigmoid(-beta * logits))
+    if kind == "robust":
+        return ((-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits))
+                / (1 - 2 * eps))
+    if kind == "hinge":
+        return torch.relu(1 - beta * logits)
+    if kind == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    if kind == "exo_pair":
+        return (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - eps))
+                + torch.sigmoid(-beta * logits)
+                * (F.logsigmoid(-beta * logits) - math.log(eps)))
+    if kind == "nca_pair":
+        return (-F.logsigmoid(beta * w) - 0.5 * F.logsigmoid(-beta * w)
+                - 0.5 * F.logsigmoid(-beta * lo))
+    if kind == "sppo_hard":
+        return (w - 0.5 / beta) ** 2 + (lo + 0.5 / beta) ** 2
+    if kind == "apo_zero":
+        return (1 - torch.sigmoid(beta * w)) + torch.sigmoid(beta * lo)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * w) + (1 - torch.sigmoid(beta * logits))
+    if kind == "simpo":
+        x = beta * logits - config.gamma
+        return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    if kind == "orpo":
+        log_odds = logits - (torch.log1p(-torch.exp(w)) - torch.log1p(-torch.exp(lo)))
+        return -beta * F.logsigmoid(log_odds)
+    raise ValueError(f"unknown loss_type {kind!r}")
+
+
+def dpo_loss(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    config: PreferenceLossConfig,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(loss, chosen sequence log-probs ``[B]``, rejected ``[B]``, metrics).
+
+    logits ``[2B, T, V]`` (chosen first), targets and mask ``[2B, T]``; ``ref_logprobs``
+    ``[2B]`` (sums over the masked tokens) or ``[2B, T]``. Runs in the logits' dtype.
+    Targets equal to -100 count as masked.
+    """
+    valid = mask.bool() & (targets != -100)
+    logp = token_logprobs(logits / config.temperature, targets)
+    m = valid.to(logp.dtype)
+    length = m.sum(-1)
+    policy = (logp * m).sum(-1)
+    ref = torch.zeros_like(policy)
+    if config.uses_reference:
+        ref = ref_logprobs.to(logp.dtype)
+        ref = torch.where(valid, ref, 0).sum(-1) if ref.dim() == 2 else ref
+    if config.average_logprobs:
+        policy, ref = policy / length.clamp(min=1), ref / length.clamp(min=1)
+    b = logits.shape[0] // 2
+    d = policy - ref
+    losses = _pair_loss(d[:b], d[b:], config)
+    loss = losses.mean() if b > 0 else losses.sum()
+    nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
+    if config.nll_weight != 0:
+        loss = loss + config.nll_weight * nll
+    r_w, r_l = config.beta * d[:b].detach(), config.beta * d[b:].detach()
+
+    def mean(x: Tensor) -> Tensor:
+        return x.sum() / max(b, 1)
+
+    metrics = {"rewards_chosen": mean(r_w), "rewards_rejected": mean(r_l),
+               "rewards_margin": mean(r_w - r_l),
+               "rewards_accuracy": mean((r_w > r_l).to(r_w.dtype)),
+               "logps_chosen": mean(policy[:b].detach()),
+               "logps_rejected": mean(policy[b:].detach()), "nll": nll.detach(),
+               "pair_count": torch.tensor(float(b))}
+    return loss, policy[:b].detach(), policy[b:].detach(), metrics
