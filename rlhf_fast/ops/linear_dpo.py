@@ -1,0 +1,175 @@
+"""``linear_dpo_loss``: ``dpo_loss`` from hidden states and the ``lm_head`` weight, chunk by
+chunk, never holding the ``[2B, T, V]`` logits.
+
+A chunk holds whole pairs (rows ``s:e`` and their partners ``B+s:B+e``), so every pair's
+sequence log-probs, loss and coefficients complete inside it; the pair count and the chosen
+token count are taken over the whole batch first, so the chunks add up exactly. Per chunk:
+
+    logits_c = hidden_c @ weight.T (+ bias)                # GEMM 1
+    ref logp = stats sweep of ref_hidden_c @ ref_weight.T  # no_grad, when a ref model is given
+    stats sweep / pair coefficients / gradient sweep       # grad written over logits_c
+    grad_hidden_c  = G_c @ weight                          # GEMM 2
+    grad_weight   += G_c.T @ hidden_c                      # GEMM 3, into ONE float32 buffer
+
+The gradients are complete after the forward pass; backward only rescales.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backend import BACKENDS
+from ..preference_coefficients import preference_metrics
+from ..preference_config import preference_config
+from .dpo import PreferenceLossOutput, check_pair_batch, preference_forward, preference_inputs
+from .linear import _accumulate_weight_grad, _check_linear, _chunk_logits, sequences_per_chunk
+from .policy_loss import IGNORE
+from .row_sweeps import stats_sweep
+
+
+def pair_chunks(num_pairs: int, pairs_per_chunk: int, device: torch.device
+                ) -> list[Tensor | None]:
+    """Row indices of each chunk: pairs ``s:e`` as ``[s..e-1, B+s..B+e-1]``; None for a
+    single chunk holding the whole batch (its rows are the batch, in order: no gather)."""
+    if pairs_per_chunk >= num_pairs:
+        return [None]
+    chunks = []
+    for s in range(0, num_pairs, pairs_per_chunk):
+        e = min(s + pairs_per_chunk, num_pairs)
+        chosen = torch.arange(s, e, device=device)
+        chunks.append(torch.cat([chosen, chosen + num_pairs]))
+    return chunks
+
+
+def _rows(x: Tensor | None, index: Tensor | None) -> Tensor | None:
+    if x is None or index is None:
+        return x
+    return x.index_select(0, index)
+
+
+class _LinearPreferenceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, config,
+                backend, chunk_size, metrics_out):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        write_grad = need_h or need_w or need_b
+        num_pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
+        vocab = weight.shape[0]
+        # A pair is two sequences: size chunks as if it were one sequence of length 2T.
+        per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
+                                        num_pairs)
+        chosen_tokens = int(valid[:num_pairs].sum())
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
+            if need_b else None
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
+        rejected = torch.empty_like(chosen)
+        parts = []
+        for index in pair_chunks(num_pairs, per_chunk, hidden.device):
+            with torch.no_grad():
+                hidden_c, targets_c = _rows(hidden, index), _rows(targets, index)
+                ref_c = _rows(ref, index)
+                if ref_hidden is not None:
+                    ref_logits = _chunk_logits(_rows(ref_hidden, index), ref_weight, None)
+                    ref_c = stats_sweep(ref_logits, targets_c, config.temperature, IGNORE,
+                                        False, backend)[0]
+                    del ref_logits
+                logits = _chunk_logits(hidden_c, weight, bias)
+                coef, grad_logits = preference_forward(
+                    logits, targets_c, _rows(valid, index), ref_c, config, backend,
+                    num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
+                    out=logits)
+                loss += coef.loss
+                parts.append(coef.pairs)
+                pairs = slice(None) if index is None else index[: index.numel() // 2]
+                chosen[pairs] = coef.pairs["logps_chosen"].float()
+                rejected[pairs] = coef.pairs["logps_rejected"].float()
+                if need_h:
+                    g_hidden = (grad_logits.flatten(0, 1) @ weight).view(hidden_c.shape)
+                    if index is None:
+                        grad_hidden.copy_(g_hidden)
+                    else:
+                        grad_hidden.index_copy_(0, index, g_hidden)
+                    del g_hidden
+                if need_w:
+                    _accumulate_weight_grad(grad_weight, grad_logits, hidden_c)
+                if need_b:
+                    grad_bias += grad_logits.float().sum((0, 1))
+                del logits, grad_logits
+        metrics_out.update(preference_metrics(parts, chosen_tokens))
+        ctx.save_for_backward(
+            grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
+            grad_bias.to(bias.dtype) if need_b else None)
+        ctx.mark_non_differentiable(chosen, rejected)
+        return loss.float(), chosen, rejected
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_loss is not None and grad_loss.item() != 1.0:
+            scale = grad_loss.float()
+            grad_hidden, grad_weight, grad_bias = (
+                g * scale.to(g.dtype) if g is not None else None
+                for g in (grad_hidden, grad_weight, grad_bias))
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 9
+
+
+def linear_dpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_logprobs: bool | None = None,
+    nll_coef: float = 0.0,
+    gamma: float = 0.0,
+    reference_free: bool = False,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> PreferenceLossOutput:
+    """``dpo_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
+
+    hidden ``[2B, T, H]`` (B chosen sequences, then their B rejected partners), weight
+    ``[V, H]``, bias ``[V]`` or None, all of one dtype; targets and mask ``[2B, T]``.
+    Differentiable w.r.t. hidden, weight and bias; the weight gradient is accumulated in
+    float32 across chunks and cast once. The reference enters as ``ref_logprobs`` (``[2B]``
+    or ``[2B, T]``) or as the reference model's final hidden states ``ref_hidden``
+    ``[2B, T, H_ref]`` and head ``ref_weight`` ``[V, H_ref]``, whose log-probs are computed
+    per chunk under no_grad. ``chunk_size``: pairs per chunk (default: as many as fit
+    ``CHUNK_BUDGET_BYTES`` of logits). Every other argument as in ``rlhf_fast.dpo_loss``.
+    """
+    config = preference_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                               average_logprobs=average_logprobs, nll_coef=nll_coef,
+                               gamma=gamma, reference_free=reference_free,
+                               temperature=temperature)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_linear(hidden, weight, bias)
+    check_pair_batch(tuple(hidden.shape), "hidden")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight go together")
+    if ref_hidden is not None:
+        _check_linear(ref_hidden, ref_weight, None)
+        if ref_hidden.shape[:2] != hidden.shape[:2] or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError("ref_hidden must be [2B, T, H_ref] and ref_weight [V, H_ref] "
+                             "matching hidden's [2B, T] and weight's V")
+    logits_like = hidden.new_zeros(1).expand(*hidden.shape[:2], weight.shape[0])  # shape only
+    inputs = preference_inputs(config, logits_like, targets, mask, ref_logprobs,
+                               ref_model=ref_hidden is not None)
+    metrics: dict[str, Tensor] = {}
+    loss, chosen, rejected = _LinearPreferenceLoss.apply(
+        hidden, weight, bias, inputs.targets, inputs.valid, inputs.ref, ref_hidden, ref_weight,
+        config, backend, chunk_size, metrics)
+    return PreferenceLossOutput(loss, chosen, rejected, metrics)
