@@ -62,7 +62,8 @@ def _sigmoid_slope(x: Tensor) -> Tensor:
 def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair loss ``[b]`` and its derivatives in the chosen and rejected scores ``D_w``,
-    ``D_l`` (formulas in ``rlhf_fast.preference_config``)."""
+    ``D_l`` (formulas in ``rlhf_fast.preference_config``). ORPO's inputs must be < 0 on
+    the rejected side (``orpo_pairs`` takes care of empty sequences)."""
     beta, eps, kind = config.beta, config.smoothing, config.loss_type
     x = beta * (d_w - d_l)
     if kind in ("sigmoid", "simpo"):
@@ -99,15 +100,28 @@ def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
         return (loss, beta * (_sigmoid_slope(x_w) - _sigmoid_slope(x)),
                 beta * _sigmoid_slope(x))
     if kind == "orpo":
-        # log odds of a mean log-prob a <= 0: a - log(1 - e^a); d/da = 1 / (1 - e^a).
+        # log odds of a mean log-prob a <= 0: a - log(1 - e^a), d/da = 1 / (1 - e^a).
         not_w, not_l = -torch.expm1(d_w), -torch.expm1(d_l)
         odds = (d_w - d_l) - (torch.log(not_w) - torch.log(not_l))
         loss = -beta * F.logsigmoid(odds)
-        pull = beta * torch.sigmoid(-odds)
-        # pull -> 0 faster than not_w -> 0 (p(chosen) -> 1): the limit is 0, not 0/0.
-        return (loss, torch.where(pull > 0, -pull / not_w, 0.0),
-                torch.where(pull > 0, pull / not_l, 0.0))
+        # dL/da_w = -beta s(-o) / (1 - e^a_w), rewritten without the 0 / 0 of a certain
+        # chosen sequence (a_w = 0, o = +inf): (1 + e^o)(1 - e^a_w) expanded.
+        g_w = -beta / (not_w + torch.exp(d_w - d_l) * not_l)
+        return loss, g_w, beta * torch.sigmoid(-odds) / not_l
     raise AssertionError(f"unhandled loss_type {kind!r}")
+
+
+def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLossConfig
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO's pair losses, 0 (with no gradient) for a pair with an empty sequence: the odds
+    of a sequence with no token are undefined (its mean log-prob would be 0, a certainty)."""
+    b = a_w.shape[0]
+    both = nonempty[:b] & nonempty[b:]
+    safe = a_w.new_tensor(-1.0)
+    loss, g_w, g_l = pair_losses(torch.where(both, a_w, safe), torch.where(both, a_l, safe),
+                                 config)
+    return (torch.where(both, loss, 0.0), torch.where(both, g_w, 0.0),
+            torch.where(both, g_l, 0.0))
 
 
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
@@ -122,7 +136,10 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     score, ref_score, scale = sequence_scores(logp, valid, ref, config)
     b = score.shape[0] // 2
     d = score - ref_score
-    loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
+    if config.loss_type == "orpo":
+        loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
+    else:
+        loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
     pairs_norm = float(max(num_pairs, 1))
     g_seq = torch.cat([g_w, g_l]) * scale / pairs_norm
     c = g_seq.unsqueeze(-1) * valid.double()

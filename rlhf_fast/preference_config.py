@@ -22,8 +22,9 @@ beta, eps = ``label_smoothing`` and x = beta * u:
     orpo       -beta log s(o),  o = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))
 
 with s the logistic sigmoid and a the length-normalised policy log-probs (simpo and orpo are
-reference-free). The loss is the mean over pairs, plus ``nll_coef`` (plus 1 for orpo) times
-the chosen sequences' NLL, a mean over all their tokens (RPO / ORPO).
+reference-free; an orpo pair with an empty sequence adds 0: its odds are undefined). A
+sequence with no masked-in token scores 0. The loss is the mean over pairs, plus ``nll_coef``
+(plus 1 for orpo) times the chosen sequences' NLL, a mean over all their tokens (RPO, ORPO).
 """
 
 from __future__ import annotations

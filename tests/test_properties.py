@@ -44,3 +44,36 @@ def test_matches_reference_triton(problem):
 @given(problem=problems())
 def test_matches_reference_torch(problem):
     check_against_reference(backend="torch", **problem)
+
+
+@st.composite
+def preference_problems(draw):
+    """Pairs of any count, lengths, vocabulary, dtype and loss hyper-parameters."""
+    from preference_problems import make_pairs
+
+    from rlhf_fast.preference_config import LOSS_TYPES, SMOOTHED_LOSSES
+
+    loss_type = draw(st.sampled_from(LOSS_TYPES))
+    kwargs = {"loss_type": loss_type, "beta": draw(st.sampled_from([0.05, 0.1, 0.5, 2.0]))}
+    if loss_type in SMOOTHED_LOSSES:
+        kwargs["label_smoothing"] = draw(st.sampled_from([0.0, 0.2]))
+    if loss_type == "simpo":
+        kwargs["gamma"] = draw(st.sampled_from([0.0, 0.5]))
+    if loss_type not in ("simpo", "orpo"):
+        kwargs["average_logprobs"] = draw(st.booleans())
+    kwargs["nll_coef"] = draw(st.sampled_from([0.0, 0.3]))
+    problem = make_pairs(pairs=draw(st.integers(1, 3)), seq_len=draw(st.integers(2, 6)),
+                         n_cols=draw(st.integers(2, 300)),
+                         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                         seed=draw(st.integers(0, 2**16)))
+    return problem, kwargs, draw(st.sampled_from(["token", "sequence"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=preference_problems())
+def test_dpo_matches_reference(case):
+    from preference_problems import check_dpo
+
+    problem, kwargs, ref_layout = case
+    check_dpo(problem, kwargs, "triton", ref_layout=ref_layout)
+    check_dpo(problem, kwargs, "torch", ref_layout=ref_layout)

@@ -64,6 +64,14 @@ def dpo_loss(
     """
     valid = mask.bool() & (targets != -100)
     logp = token_logprobs(logits / config.temperature, targets)
+    return dpo_loss_from_logprobs(logp, valid, ref_logprobs, config)
+
+
+def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | None,
+                           config: PreferenceLossConfig
+                           ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """``dpo_loss`` from the per-token log-probs ``[2B, T]`` (differentiable in them) and the
+    bool mask of the tokens that count."""
     m = valid.to(logp.dtype)
     length = m.sum(-1)
     policy = (logp * m).sum(-1)
@@ -73,9 +81,15 @@ def dpo_loss(
         ref = torch.where(valid, ref, 0).sum(-1) if ref.dim() == 2 else ref
     if config.average_logprobs:
         policy, ref = policy / length.clamp(min=1), ref / length.clamp(min=1)
-    b = logits.shape[0] // 2
+    b = logp.shape[0] // 2
     d = policy - ref
-    losses = _pair_loss(d[:b], d[b:], config)
+    if config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
+        both = (length[:b] > 0) & (length[b:] > 0)
+        safe = torch.full_like(d[:b], -1.0)
+        losses = torch.where(both, _pair_loss(torch.where(both, d[:b], safe),
+                                              torch.where(both, d[b:], safe), config), 0.0)
+    else:
+        losses = _pair_loss(d[:b], d[b:], config)
     loss = losses.mean() if b > 0 else losses.sum()
     nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
     if config.nll_weight != 0:
