@@ -9,7 +9,7 @@ torch.compile on the CPU) are not collected.
 import pytest
 import torch
 
-from rlhf_fast.bench import gae_suite, linear_suite, logprobs_suite, policy_suite
+from rlhf_fast.bench import dpo_suite, gae_suite, linear_suite, logprobs_suite, policy_suite
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -54,4 +54,11 @@ def test_gae(benchmark, case, impl):
     linear_suite, lambda case, impl: linear_suite.absent_reason(case, impl, DEVICE)))
 def test_linear(benchmark, case, impl):
     step = linear_suite.make_step(case, impl, linear_suite.make_inputs(case, DEVICE))
+    benchmark.pedantic(_sync(step), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize(("case", "impl"), _params(
+    dpo_suite, lambda case, impl: dpo_suite.absent_reason(case, impl, DEVICE)))
+def test_dpo(benchmark, case, impl):
+    step = dpo_suite.make_step(case, impl, dpo_suite.make_inputs(case, DEVICE))
     benchmark.pedantic(_sync(step), rounds=3, warmup_rounds=1)

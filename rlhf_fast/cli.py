@@ -1,6 +1,6 @@
 """``rlhf-fast``: the command line.
 
-    rlhf-fast bench [--suite logprobs|policy|linear|gae|all] [--shapes quick|full] [--json PATH]
+    rlhf-fast bench [--suite logprobs|policy|linear|dpo|gae|all] [--shapes quick|full] [--json PATH]
                     [--markdown PATH]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
@@ -35,16 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="rlhf_fast tools")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against the references on this device")
-    b.add_argument("--suite", default="all", choices=["all", "logprobs", "policy", "linear", "gae"])
+    b.add_argument("--suite", default="all",
+                   choices=["all", "logprobs", "policy", "linear", "dpo", "gae"])
     b.add_argument("--shapes", default="quick", choices=["quick", "full"],
-                   help="quick: one shape (CPU: N=512 V=32000; CUDA: N=8192 V=151936); "
-                        "full: logprobs N in {8192, 32768} x V in {32000, 128256, 151936, "
-                        "262144}, policy N in {8192, 32768} x V=151936")
+                   help="quick: one shape per suite (CPU: small, e.g. N=512 V=32000; CUDA: "
+                        "N=8192 V=151936, dpo 2B*T=16384 H=4096 V=128256); full: logprobs N "
+                        "in {8192, 32768} x V in {32000, 128256, 151936, 262144}, policy N in "
+                        "{8192, 32768} x V=151936, the linear and dpo grids of their modules")
     b.add_argument("--json", help="write the report (schema in rlhf_fast.bench.runner)")
     b.add_argument("--markdown", help="write the table as Markdown")
     b.add_argument("--plot", help="write a PNG of time and memory per case (matplotlib)")
     b.add_argument("--warmup", type=int, help="warm-up calls per case (CUDA 5, CPU 1)")
-    b.add_argument("--reps", type=int, help="timed calls per case (CUDA 20, CPU 5)")
+    b.add_argument("--reps", type=int, help="timed calls per case (CUDA 20, CPU 3)")
     sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 and report spills",
                    add_help=False)
     r = sub.add_parser("report", help="regenerate the README's performance section")

@@ -11,7 +11,15 @@ import jsonschema
 import pytest
 import torch
 
-from rlhf_fast.bench import ceilings, gae_suite, linear_suite, logprobs_suite, policy_suite, runner
+from rlhf_fast.bench import (
+    ceilings,
+    dpo_suite,
+    gae_suite,
+    linear_suite,
+    logprobs_suite,
+    policy_suite,
+    runner,
+)
 from rlhf_fast.bench.case import Case
 from rlhf_fast.bench.readme import BEGIN, END, performance_section
 from rlhf_fast.bench.rotation import rotating
@@ -28,6 +36,18 @@ def test_useful_bytes_formulas():
     assert policy_suite.useful_bytes(Case(16, 300, "bfloat16", "token")) == 2 * 16 * 300 * 2
     assert gae_suite.useful_bytes(Case(64 * 8, 8, "float32", "fwd")) == 5 * 64 * 8 * 4
     assert linear_suite.useful_flops(Case(8, 300, "bfloat16", "token", 16)) == 6 * 8 * 16 * 300
+    assert dpo_suite.useful_bytes(Case(16, 300, "bfloat16", "logits")) == 2 * 16 * 300 * 2
+    assert dpo_suite.useful_flops(Case(8, 300, "bfloat16", "linear", 16)) == 8 * 8 * 16 * 300
+
+
+@pytest.mark.parametrize("mode", ["logits", "linear"])
+@pytest.mark.parametrize("impl", ["rlhf_fast", "reference"])
+def test_dpo_case(impl, mode):
+    case = Case(64, 300, "float32", mode, 16 if mode == "linear" else 0)
+    r = dpo_suite.run_case(case, impl, CPU, warmup=0, reps=1)
+    assert r["status"] == "ok" and r["median_ms"] > 0
+    assert r["err_loss"] < 1e-5 and r["err_grad"] < 1e-5
+    assert dpo_suite.run_case(case, "liger", CPU, warmup=0, reps=1)["status"] == "absent"
 
 
 @pytest.mark.parametrize("mode", linear_suite.MODES)
@@ -143,7 +163,8 @@ def test_quick_run_under_a_minute_and_valid(quick_report):
         assert elapsed < 60, f"quick CPU bench took {elapsed:.0f} s"
     report = json.loads((out / "r.json").read_text())
     jsonschema.validate(report, REPORT_SCHEMA)
-    assert {r["suite"] for r in report["records"]} == {"logprobs", "policy", "linear", "gae"}
+    assert {r["suite"] for r in report["records"]} == set(runner.SUITES)
+    assert set(runner.SUITES) == {"logprobs", "policy", "linear", "dpo", "gae"}
     assert all(r["status"] in ("ok", "absent") for r in report["records"])
     assert "x ref" in table and "bf16 matmul" in table
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

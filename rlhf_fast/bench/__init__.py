@@ -5,6 +5,6 @@
                 child process on the CPU);
 - ``ceilings``  the hardware measured in the same run (device-to-device copy bandwidth);
 - ``suites``    the cases of each op and the implementations compared on them;
-- ``worker``    runs one case in a child process (CPU memory needs a fresh process);
+- ``worker``    runs a suite's jobs in a child process (CPU memory needs a fresh process);
 - ``runner``    runs a suite, derives the ratios, prints the table, writes JSON / Markdown.
 """

@@ -22,6 +22,7 @@ import rlhf_fast
 from rlhf_fast import PolicyLossConfig, reference
 
 from .case import Case
+from .ground_truth import float64_reference
 from .measure import median_ms, peak_extra_mib
 
 SUITE = "linear"
@@ -145,20 +146,24 @@ def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
     w = inputs["weight"].detach().requires_grad_()
     loss = _loss_fn(impl, case.mode)(h, w, inputs)
     loss.backward()
-    hr = inputs["hidden"].detach().double().requires_grad_()
-    wr = inputs["weight"].detach().double().requires_grad_()
-    if case.mode == "logprobs":
-        ref = reference.token_logprobs(hr @ wr.T, inputs["targets"]).sum()
-    else:
-        ref = reference.policy_loss(hr @ wr.T, inputs["targets"],
-                                    inputs["advantages"].double(), inputs["mask"],
-                                    old_logprobs=inputs["old"].double(), config=CONFIG)[0]
-    ref.backward()
+
+    def float64():
+        hr = inputs["hidden"].detach().double().requires_grad_()
+        wr = inputs["weight"].detach().double().requires_grad_()
+        if case.mode == "logprobs":
+            ref = reference.token_logprobs(hr @ wr.T, inputs["targets"]).sum()
+        else:
+            ref = reference.policy_loss(hr @ wr.T, inputs["targets"],
+                                        inputs["advantages"].double(), inputs["mask"],
+                                        old_logprobs=inputs["old"].double(), config=CONFIG)[0]
+        ref.backward()
+        return ref.item(), hr.grad, wr.grad
+    ref, grad_h, grad_w = float64_reference((SUITE, case), float64)
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
-    return {"err_loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30),
-            "err_grad": max(rel(h.grad, hr.grad), rel(w.grad, wr.grad))}
+    return {"err_loss": abs(loss.item() - ref) / max(abs(ref), 1e-30),
+            "err_grad": max(rel(h.grad, grad_h), rel(w.grad, grad_w))}
 
 
 def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: int) -> dict:

@@ -26,6 +26,7 @@ import rlhf_fast
 from rlhf_fast import PolicyLossConfig, reference
 
 from .case import Case
+from .ground_truth import float64_reference
 from .measure import median_ms, peak_extra_mib
 from .rotation import rotating
 
@@ -127,14 +128,19 @@ def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
     leaf = inputs["logits"].detach().requires_grad_()
     loss = _loss_fn(case, impl)(leaf, inputs)
     loss.backward()
-    xr = inputs["logits"].detach().double().requires_grad_()
-    ref = reference.policy_loss(xr[:, :-1], inputs["targets"], inputs["advantages"].double(),
-                                inputs["mask"], old_logprobs=inputs["old"].double(),
-                                config=MODES[case.mode])[0]
-    ref.backward()
-    diff = (leaf.grad.double() - xr.grad).norm().item()
-    scale = xr.grad.norm().item()
-    return {"err_loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30),
+
+    def float64():
+        xr = inputs["logits"].detach().double().requires_grad_()
+        ref = reference.policy_loss(xr[:, :-1], inputs["targets"],
+                                    inputs["advantages"].double(), inputs["mask"],
+                                    old_logprobs=inputs["old"].double(),
+                                    config=MODES[case.mode])[0]
+        ref.backward()
+        return ref.item(), xr.grad
+    ref, ref_grad = float64_reference((SUITE, case), float64)
+    diff = (leaf.grad.double() - ref_grad).norm().item()
+    scale = ref_grad.norm().item()
+    return {"err_loss": abs(loss.item() - ref) / max(abs(ref), 1e-30),
             "err_grad": diff / scale if scale > 0 else diff}
 
 

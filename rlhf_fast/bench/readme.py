@@ -20,7 +20,8 @@ def _fmt(value, spec: str) -> str:
 
 def _ceiling(record: dict) -> str:
     if record.get("frac_of_matmul") is not None:
-        return f"{record['frac_of_matmul']:.1%} of bf16 matmul (6*N*H*V FLOP)"
+        formula = record.get("flops_formula", "6*N*H*V")
+        return f"{record['frac_of_matmul']:.1%} of bf16 matmul ({formula} FLOP)"
     return f"{record['frac_of_copy']:.1%} of copy ({record['bytes_formula']} B)"
 
 

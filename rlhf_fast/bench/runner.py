@@ -84,7 +84,7 @@ def environment(device: torch.device) -> dict:
 
 
 def _run_in_child(jobs: list[dict]) -> list[dict]:
-    """Run jobs (one problem size, every implementation) in a fresh process."""
+    """Run jobs (one suite, every case and implementation) in a fresh process."""
     spec = {"threads": torch.get_num_threads(), "jobs": jobs}
     proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.worker", json.dumps(spec)],
                           capture_output=True, text=True)
@@ -120,24 +120,27 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     warmup = warmup if warmup is not None else (5 if on_gpu else 1)
-    reps = reps if reps is not None else (20 if on_gpu else 5)
+    reps = reps if reps is not None else (20 if on_gpu else 3)
     report = environment(device)
     report["ceilings"] = {"copy_gbps": copy_bandwidth_gbps(device),
                           "matmul_tflops": matmul_tflops(device)}
-    # One group per (suite, problem size): every mode and implementation of it.
-    groups: dict[tuple[str, str], list[dict]] = {}
+    # One group per suite (one child process on the CPU): every case and implementation of
+    # it. Peak memory is measured against the resident set just before each call, so the
+    # cases need no process of their own; a process costs seconds to start (torch, dynamo).
+    groups: dict[str, list[dict]] = {}
     for name in suites:
         suite = SUITES[name]
         for case in suite.cases(shapes, device):
             for impl in suite.IMPLS:
-                groups.setdefault((name, case.label), []).append(
+                groups.setdefault(name, []).append(
                     {"suite": name, "case": asdict(case), "label": case.label, "impl": impl,
                      "device": str(device), "warmup": warmup, "reps": reps})
     records = []
-    for i, ((name, label), jobs) in enumerate(groups.items(), 1):
+    for i, (name, jobs) in enumerate(groups.items(), 1):
         if progress:
             done = round(20 * (i - 1) / len(groups))
-            print(f"[{'#' * done}{'-' * (20 - done)}] {i}/{len(groups)} {name} {label}: "
+            labels = ", ".join(dict.fromkeys(job["label"] for job in jobs))
+            print(f"[{'#' * done}{'-' * (20 - done)}] {i}/{len(groups)} {name} {labels}: "
                   f"{len(jobs)} runs", file=sys.stderr, flush=True)
         if on_gpu:
             from .worker import run_job
@@ -208,8 +211,9 @@ def to_markdown(report: dict) -> str:
              "(2 n^3 FLOP)",
              "- GB/s counts useful bytes (s = bytes per logit): logprobs fwd N*V*s (logits "
              "read once); logprobs fwd+bwd and policy 2*N*V*s (logits read once, gradient "
-             "written once); gae 5*B*T*4 (three inputs read, two outputs written); linear: "
-             "TFLOP/s of 6*N*H*V against the in-run bf16 matmul", "",
+             "written once); dpo logits 2*N*V*s; gae 5*B*T*4 (three inputs read, two outputs "
+             "written); linear: TFLOP/s of 6*N*H*V against the in-run bf16 matmul; dpo linear: "
+             "8*N*H*V (with the reference model's GEMM)", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in table_rows(report):
         r = r + [""] * (len(names) - len(r))

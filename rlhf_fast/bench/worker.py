@@ -2,7 +2,7 @@
 
 ``python -m rlhf_fast.bench.worker '<json>'`` with ``{"threads": ..., "jobs": [{"suite":
 ..., "case": {...}, "impl": ..., "device": ..., "warmup": ..., "reps": ...}, ...]}``. The
-CPU runner starts one per problem size so that peak resident memory is measured from a
+CPU runner starts one per suite so that peak resident memory is measured from a
 clean process (``measure.peak_extra_mib`` hands freed pages back between jobs).
 """
 

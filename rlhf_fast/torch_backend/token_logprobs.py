@@ -12,11 +12,22 @@ from torch import Tensor
 from .chunks import CHUNK_BYTES, merge_batch, row_chunks
 
 
-def _chunk_stats(x: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
-                 with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Stats of ``x [R, V]``: returns ``logp [R]``, ``entropy [R]``, ``stats [R, 3]``."""
+def _scaled_rows(x: Tensor, rows: Tensor | None, inv_temp: float) -> Tensor:
+    """float32 ``x[rows] * inv_temp`` (all rows when None) as a new tensor; the gathered copy
+    is dropped before returning, so a chunk holds no more temporaries than without rows."""
+    if rows is None:
+        return x.float() * inv_temp
+    picked = x.index_select(0, rows)
+    return picked.float().mul_(inv_temp) if picked.dtype != torch.float32 \
+        else picked.mul_(inv_temp)
+
+
+def _chunk_stats(x: Tensor, rows: Tensor | None, targets: Tensor, inv_temp: float,
+                 ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Stats of rows ``rows`` (None: all) of ``x [R, V]``, whose targets are ``targets``:
+    returns ``logp``, ``entropy`` and ``stats [., 3]`` for those rows."""
     n_cols = x.shape[-1]
-    z = x.float() * inv_temp
+    z = _scaled_rows(x, rows, inv_temp)
     ignored = targets == ignore_index
     valid = (targets >= 0) & (targets < n_cols)
     y = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
@@ -63,6 +74,39 @@ def _chunk_stats(x: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
     return logp, entropy, stats
 
 
+def active_rows(active: Tensor) -> Tensor | None:
+    """None when every row of a chunk is active (use it as is), else the active rows' indices
+    (one host sync per chunk)."""
+    if bool(active.all()):
+        return None
+    return active.nonzero().squeeze(-1)
+
+
+def _chunk_grad(x: Tensor, rows: Tensor | None, y: Tensor, st: Tensor, c: Tensor,
+                c_h: Tensor | None, entropy: Tensor | None, inv_temp: float) -> Tensor:
+    """dL/dx of rows ``rows`` (None: all) of ``x [R, V]`` as float32; the other arguments
+    are those rows' (see ``token_logprobs_backward``)."""
+    n_cols = x.shape[-1]
+    m, log_s, q = st[:, 0:1], st[:, 1:2], st[:, 2]
+    # Two float32 [rows, V] temporaries: log p (then the entropy term, in place) and p
+    # (then the gradient, in place).
+    logp_all = _scaled_rows(x, rows, inv_temp).sub_(m).sub_(log_s)
+    p = logp_all.exp()
+    term = None
+    if c_h is not None:
+        banned = p == 0                             # banned tokens: 0 * -inf -> 0
+        term = logp_all.add_(entropy.unsqueeze(-1)).mul_(p).masked_fill_(banned, 0.0)
+        del banned
+    g = p.mul_(-c.unsqueeze(-1))                    # -c * p, over p
+    valid = (y >= 0) & (y < n_cols)
+    y_safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
+    target_grad = torch.where(valid, c * q, g.gather(-1, y_safe).squeeze(-1))
+    g.scatter_(-1, y_safe, target_grad.unsqueeze(-1))
+    if term is not None:
+        g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)   # - c_H * p * (log p + H)
+    return g.mul_(inv_temp)
+
+
 def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
                            ignore_index: int, with_entropy: bool,
                            chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,12 +124,27 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
     stats = logits.new_empty((batch, seq_len, 3), dtype=torch.float32)
     inv_temp = 1.0 / temperature
     for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
-        lp, ent, st = _chunk_stats(logits[b, ts], targets[b, ts], inv_temp, ignore_index,
-                                   with_entropy)
-        logp[b, ts] = lp
-        stats[b, ts] = st
+        y = targets[b, ts]
+        rows = active_rows(y != ignore_index)
+        if rows is None:
+            lp, ent, st = _chunk_stats(logits[b, ts], None, y, inv_temp, ignore_index,
+                                       with_entropy)
+            logp[b, ts], stats[b, ts] = lp, st
+            if with_entropy:
+                entropy[b, ts] = ent
+            continue
+        # Ignored rows are not read: they get 0, the active ones are gathered and computed.
+        logp[b, ts], stats[b, ts] = 0.0, 0.0
         if with_entropy:
-            entropy[b, ts] = ent
+            entropy[b, ts] = 0.0
+        if rows.numel() == 0:
+            continue
+        lp, ent, st = _chunk_stats(logits[b, ts], rows, y.index_select(0, rows), inv_temp,
+                                   ignore_index, with_entropy)
+        logp[b, ts].index_copy_(0, rows, lp)
+        stats[b, ts].index_copy_(0, rows, st)
+        if with_entropy:
+            entropy[b, ts].index_copy_(0, rows, ent)
     if with_entropy:
         entropy = entropy.view(out_shape)
     return logp.view(out_shape), entropy, stats.view(*out_shape, 3)
@@ -116,32 +175,28 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
     inv_temp = 1.0 / temperature
     for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
         y = targets[b, ts]
-        st = stats[b, ts]
-        m, log_s, q = st[:, 0:1], st[:, 1:2], st[:, 2]
-        c = grad_logp[b, ts].float() if grad_logp is not None else torch.zeros_like(q)
+        c = grad_logp[b, ts].float() if grad_logp is not None \
+            else torch.zeros(y.shape, dtype=torch.float32, device=y.device)
         c_h = grad_entropy[b, ts].float() if grad_entropy is not None else None
-
-        # Two float32 [rows, V] temporaries: log p (then the entropy term, in place) and p
-        # (then the gradient, in place).
-        logp_all = (logits[b, ts].float() * inv_temp).sub_(m).sub_(log_s)
-        p = logp_all.exp()
         active = c != 0
         if c_h is not None:
-            banned = p == 0                         # banned tokens: 0 * -inf -> 0
-            term = logp_all.add_(entropy[b, ts].unsqueeze(-1)).mul_(p).masked_fill_(banned, 0.0)
-            del banned
             active |= c_h != 0
-        g = p.mul_(-c.unsqueeze(-1))                # -c * p, over p
-        valid = (y >= 0) & (y < n_cols)
-        y_safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
-        target_grad = torch.where(valid, c * q, g.gather(-1, y_safe).squeeze(-1))
-        g.scatter_(-1, y_safe, target_grad.unsqueeze(-1))
-        if c_h is not None:
-            g.addcmul_(term, c_h.unsqueeze(-1), value=-1.0)   # - c_H * p * (log p + H)
-            del term
         active &= y != ignore_index
-        g.mul_(inv_temp).masked_fill_(~active.unsqueeze(-1), 0.0)
-        out[b, ts] = g
-        # Drop this chunk's [rows, V] temporaries before the next chunk allocates its own.
-        del logp_all, p, g
+        rows = active_rows(active)
+        ent = entropy[b, ts] if c_h is not None else None
+        if rows is None:
+            out[b, ts] = _chunk_grad(logits[b, ts], None, y, stats[b, ts], c, c_h, ent,
+                                     inv_temp)
+            continue
+        # Rows with a zero coefficient (masked, clipped) are not read: their gradient is 0.
+        if rows.numel() == 0:
+            out[b, ts] = 0.0
+            continue
+        g = _chunk_grad(logits[b, ts], rows, y.index_select(0, rows),
+                        stats[b, ts].index_select(0, rows), c.index_select(0, rows),
+                        c_h.index_select(0, rows) if c_h is not None else None,
+                        ent.index_select(0, rows) if ent is not None else None, inv_temp)
+        out[b, ts] = 0.0                            # after the gather: out may be the logits
+        out[b, ts].index_copy_(0, rows, g.to(out.dtype))
+        del g
     return result
