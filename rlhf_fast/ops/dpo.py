@@ -23,7 +23,8 @@ from ..preference_coefficients import (
 )
 from ..preference_config import PreferenceLossConfig, preference_config
 from ..validation import check_logits, check_mask, check_target_range, check_token_tensor
-from .policy_loss import IGNORE, _increment_version
+from .forward_gradients import mark_overwritten, scale_by_grad_output
+from .policy_loss import IGNORE
 from .row_sweeps import grad_sweep, stats_sweep
 
 
@@ -132,7 +133,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         metrics_out.update(preference_metrics([coef.pairs], chosen_tokens))
         if write_grad:
             if inplace:
-                _increment_version(logits)
+                mark_overwritten(logits)
             ctx.save_for_backward(grad)
         chosen = coef.pairs["logps_chosen"].float()
         rejected = coef.pairs["logps_rejected"].float()
@@ -141,10 +142,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is not None and grad_loss.item() != 1.0:
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 7
+        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 7
 
 
 def dpo_loss(

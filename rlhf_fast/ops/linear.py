@@ -31,6 +31,8 @@ from ..backend import BACKENDS
 from ..config import PolicyLossConfig
 from ..loss_weights import entropy_statistics
 from ..validation import check_target_range
+from .forward_gradients import scale_by_grad_output
+from .lm_head import HeadGradients, check_linear, chunk_logits
 from .policy_loss import IGNORE, PolicyLossOutput, _resolve_config, policy_forward, side_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 
@@ -50,48 +52,10 @@ def sequences_per_chunk(seq_len: int, vocab: int, element_size: int,
     return max(1, min(max(batch, 1), CHUNK_BUDGET_BYTES // per_sequence))
 
 
-def _chunk_logits(hidden_c: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``[b, T, H] @ [V, H].T (+ bias)`` in the input dtype: ``[b, T, V]``."""
-    if bias is not None:
-        return torch.addmm(bias, hidden_c.flatten(0, 1), weight.t()).view(
-            *hidden_c.shape[:2], weight.shape[0])
-    return (hidden_c.flatten(0, 1) @ weight.t()).view(*hidden_c.shape[:2], weight.shape[0])
-
-
-def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
-    """``acc += grad_logits.T @ hidden`` into the float32 ``acc`` (never a bf16 partial)."""
-    g, h = grad_logits.flatten(0, 1), hidden.flatten(0, 1)
-    if acc.is_cuda and g.dtype != torch.float32:
-        try:  # cuBLAS: bf16 / fp16 inputs, fp32 accumulation and output, in place.
-            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc.addmm_(g.t().float(), h.float())
-
-
-def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3) \
-            or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError("hidden must be a float32 / bfloat16 / float16 tensor [B, T, H] or "
-                        "[N, H]")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 \
-            or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last "
-                         f"dim), got {tuple(getattr(weight, 'shape', ()))}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden's {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if bias is not None and (tuple(bias.shape) != (weight.shape[0],)
-                             or bias.dtype != hidden.dtype):
-        raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {hidden.dtype}")
-
-
 def _ref_logprobs(ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, rows: slice,
                   temperature: float, backend: str) -> Tensor:
     with torch.no_grad():
-        logits = _chunk_logits(ref_hidden[rows], ref_weight, None)
+        logits = chunk_logits(ref_hidden[rows], ref_weight, None)
         logp, _, _ = stats_sweep(logits, targets[rows], temperature, IGNORE, False, backend)
     return logp
 
@@ -132,8 +96,8 @@ class _LinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, advantages, valid, old, ref, rollout,
                 ref_hidden, ref_weight, config, backend, chunk_size, metrics_out):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        write_grad = need_h or need_w or need_b
+        needs = tuple(ctx.needs_input_grad[:3])
+        write_grad = any(needs)
         batch, seq_len, _ = hidden.shape
         vocab = weight.shape[0]
         per_chunk = sequences_per_chunk(seq_len, vocab, hidden.element_size(), chunk_size, batch)
@@ -143,23 +107,19 @@ class _LinearPolicyLoss(torch.autograd.Function):
         entropy_stats = None
         if c.entropy_advantage_alpha is not None or c.top_entropy_quantile is not None:
             with torch.no_grad():  # pre-pass: the batch's entropy statistics
-                entropy = torch.cat([stats_sweep(_chunk_logits(hidden[r], weight, bias),
+                entropy = torch.cat([stats_sweep(chunk_logits(hidden[r], weight, bias),
                                                  targets[r], c.temperature, IGNORE, True,
                                                  backend)[1] for r in chunks])
             entropy_stats = entropy_statistics(entropy, valid.float(), c.top_entropy_quantile)
 
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_w else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
-            if need_b else None
+        grads = HeadGradients(hidden, weight, bias, needs)
         logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
         entropy = torch.empty_like(logp)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         parts = []
         for rows in chunks:
             with torch.no_grad():
-                logits = _chunk_logits(hidden[rows], weight, bias)
+                logits = chunk_logits(hidden[rows], weight, bias)
                 ref_c = ref[rows] if ref is not None else None
                 if ref_hidden is not None:
                     ref_c = _ref_logprobs(ref_hidden, ref_weight, targets, rows,
@@ -172,30 +132,17 @@ class _LinearPolicyLoss(torch.autograd.Function):
                 loss += coef.loss.double()
                 parts.append(coef.metrics)
                 logp[rows], entropy[rows] = logp_c, entropy_c
-                if need_h:
-                    grad_hidden[rows] = (grad_logits.flatten(0, 1) @ weight).view(
-                        grad_hidden[rows].shape)
-                if need_w:
-                    _accumulate_weight_grad(grad_weight, grad_logits, hidden[rows])
-                if need_b:
-                    grad_bias += grad_logits.float().sum((0, 1))
+                if write_grad:
+                    grads.add(grad_logits, hidden[rows], rows)
                 del logits, grad_logits
         metrics_out.update(_merge_metrics(parts))
-        ctx.save_for_backward(
-            grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None)
+        ctx.save_for_backward(*grads.result())
         ctx.mark_non_differentiable(logp, entropy)
         return loss.float(), logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        if grad_loss is not None and grad_loss.item() != 1.0:
-            scale = grad_loss.float()
-            grad_hidden, grad_weight, grad_bias = (
-                g * scale.to(g.dtype) if g is not None else None
-                for g in (grad_hidden, grad_weight, grad_bias))
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
+        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 12
 
 
 def _as_batch(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -243,12 +190,12 @@ def linear_policy_loss(
     c = _resolve_config(config, overrides)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_linear(hidden, weight, bias)
+    check_linear(hidden, weight, bias)
     hidden, targets, flat = _as_batch(hidden, targets)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight go together")
     if ref_hidden is not None:
-        _check_linear(ref_hidden, ref_weight, None)
+        check_linear(ref_hidden, ref_weight, None)
         ref_hidden = ref_hidden.unsqueeze(0) if flat else ref_hidden
         if ref_hidden.shape[:2] != hidden.shape[:2] or ref_weight.shape[0] != weight.shape[0]:
             raise ValueError("ref_hidden must be [B, T, H_ref] and ref_weight [V, H_ref] "
@@ -281,7 +228,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         with torch.no_grad():
             for s in range(0, batch, per_chunk):
                 rows = slice(s, min(s + per_chunk, batch))
-                lp, ent, st = stats_sweep(_chunk_logits(hidden[rows], weight, bias),
+                lp, ent, st = stats_sweep(chunk_logits(hidden[rows], weight, bias),
                                           targets[rows], temperature, ignore_index,
                                           with_entropy, backend)
                 logp[rows], stats[rows] = lp, st
@@ -297,29 +244,19 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, entropy, stats = ctx.saved_tensors
         temperature, ignore_index, with_entropy, backend, per_chunk = ctx.hparams
         grad_entropy = grad_entropy if with_entropy else None
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return (None,) * 9
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if need_b else None
+        grads = HeadGradients(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
         for s in range(0, hidden.shape[0], per_chunk):
             rows = slice(s, min(s + per_chunk, hidden.shape[0]))
-            logits = _chunk_logits(hidden[rows], weight, bias)  # recomputed: see module doc
+            logits = chunk_logits(hidden[rows], weight, bias)  # recomputed: see module doc
             g = grad_sweep(grad_logp[rows].float() if grad_logp is not None else None,
                            grad_entropy[rows].float() if grad_entropy is not None else None,
                            logits, targets[rows], entropy[rows] if with_entropy else entropy,
                            stats[rows], temperature, ignore_index, backend, out=logits)
-            if need_h:
-                grad_hidden[rows] = (g.flatten(0, 1) @ weight).view(grad_hidden[rows].shape)
-            if need_w:
-                _accumulate_weight_grad(grad_weight, g, hidden[rows])
-            if need_b:
-                grad_bias += g.float().sum((0, 1))
-        return (grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
-                grad_bias.to(bias.dtype) if need_b else None) + (None,) * 6
+            grads.add(g, hidden[rows], rows)
+            del logits, g
+        return grads.result() + (None,) * 6
 
 
 def linear_token_logprobs(
@@ -346,7 +283,7 @@ def linear_token_logprobs(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_linear(hidden, weight, bias)
+    check_linear(hidden, weight, bias)
     hidden, targets, flat = _as_batch(hidden, targets)
     temperature = check_temperature(temperature)
     check_target_range(targets, weight.shape[0], ignore_index)

@@ -23,7 +23,9 @@ from ..backend import BACKENDS
 from ..preference_coefficients import preference_metrics
 from ..preference_config import preference_config
 from .dpo import PreferenceLossOutput, check_pair_batch, preference_forward, preference_inputs
-from .linear import _accumulate_weight_grad, _check_linear, _chunk_logits, sequences_per_chunk
+from .forward_gradients import scale_by_grad_output
+from .linear import sequences_per_chunk
+from .lm_head import HeadGradients, check_linear, chunk_logits
 from .policy_loss import IGNORE
 from .row_sweeps import stats_sweep
 
@@ -52,19 +54,15 @@ class _LinearPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, config,
                 backend, chunk_size, metrics_out):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        write_grad = need_h or need_w or need_b
+        needs = tuple(ctx.needs_input_grad[:3])
+        write_grad = any(needs)
         num_pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
         vocab = weight.shape[0]
         # A pair is two sequences: size chunks as if it were one sequence of length 2T.
         per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
                                         num_pairs)
         chosen_tokens = int(valid[:num_pairs].sum())
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_w else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) \
-            if need_b else None
+        grads = HeadGradients(hidden, weight, bias, needs)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
         rejected = torch.empty_like(chosen)
@@ -74,11 +72,11 @@ class _LinearPreferenceLoss(torch.autograd.Function):
                 hidden_c, targets_c = _rows(hidden, index), _rows(targets, index)
                 ref_c = _rows(ref, index)
                 if ref_hidden is not None:
-                    ref_logits = _chunk_logits(_rows(ref_hidden, index), ref_weight, None)
+                    ref_logits = chunk_logits(_rows(ref_hidden, index), ref_weight, None)
                     ref_c = stats_sweep(ref_logits, targets_c, config.temperature, IGNORE,
                                         False, backend)[0]
                     del ref_logits
-                logits = _chunk_logits(hidden_c, weight, bias)
+                logits = chunk_logits(hidden_c, weight, bias)
                 coef, grad_logits = preference_forward(
                     logits, targets_c, _rows(valid, index), ref_c, config, backend,
                     num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
@@ -88,34 +86,17 @@ class _LinearPreferenceLoss(torch.autograd.Function):
                 pairs = slice(None) if index is None else index[: index.numel() // 2]
                 chosen[pairs] = coef.pairs["logps_chosen"].float()
                 rejected[pairs] = coef.pairs["logps_rejected"].float()
-                if need_h:
-                    g_hidden = (grad_logits.flatten(0, 1) @ weight).view(hidden_c.shape)
-                    if index is None:
-                        grad_hidden.copy_(g_hidden)
-                    else:
-                        grad_hidden.index_copy_(0, index, g_hidden)
-                    del g_hidden
-                if need_w:
-                    _accumulate_weight_grad(grad_weight, grad_logits, hidden_c)
-                if need_b:
-                    grad_bias += grad_logits.float().sum((0, 1))
+                if write_grad:
+                    grads.add(grad_logits, hidden_c, index)
                 del logits, grad_logits
         metrics_out.update(preference_metrics(parts, chosen_tokens))
-        ctx.save_for_backward(
-            grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None)
+        ctx.save_for_backward(*grads.result())
         ctx.mark_non_differentiable(chosen, rejected)
         return loss.float(), chosen, rejected
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        if grad_loss is not None and grad_loss.item() != 1.0:
-            scale = grad_loss.float()
-            grad_hidden, grad_weight, grad_bias = (
-                g * scale.to(g.dtype) if g is not None else None
-                for g in (grad_hidden, grad_weight, grad_bias))
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 9
+        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 9
 
 
 def linear_dpo_loss(
@@ -156,12 +137,12 @@ def linear_dpo_loss(
                                temperature=temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_linear(hidden, weight, bias)
+    check_linear(hidden, weight, bias)
     check_pair_batch(tuple(hidden.shape), "hidden")
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight go together")
     if ref_hidden is not None:
-        _check_linear(ref_hidden, ref_weight, None)
+        check_linear(ref_hidden, ref_weight, None)
         if ref_hidden.shape[:2] != hidden.shape[:2] or ref_weight.shape[0] != weight.shape[0]:
             raise ValueError("ref_hidden must be [2B, T, H_ref] and ref_weight [V, H_ref] "
                              "matching hidden's [2B, T] and weight's V")

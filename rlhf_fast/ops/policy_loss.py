@@ -35,6 +35,7 @@ from ..validation import (
     check_token_tensor,
     float_token_tensor,
 )
+from .forward_gradients import mark_overwritten, scale_by_grad_output
 from .launch import MAX_BLOCK_V, KernelSpec, row_block_config
 from .row_sweeps import grad_sweep, stats_sweep
 
@@ -157,14 +158,6 @@ class PolicyLossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
-def _increment_version(t: Tensor) -> None:
-    # The kernels overwrite the logits through a raw pointer: tell autograd they changed, so
-    # any other saved use of them fails loudly instead of reading a gradient.
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        bump(t)
-
-
 def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
                    old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
                    config: PolicyLossConfig, backend: str, *, write_grad: bool,
@@ -205,18 +198,14 @@ class _FusedPolicyLoss(torch.autograd.Function):
         metrics_out.update(coef.metrics)
         if write_grad:
             if inplace:
-                _increment_version(logits)
+                mark_overwritten(logits)
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(logp, entropy)
         return coef.loss, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        (grad,) = ctx.saved_tensors
-        # One scalar sync saves a full read + write of [B, T, V] in the common case.
-        if grad_loss is not None and grad_loss.item() != 1.0:
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 10
+        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 10
 
 
 def _resolve_config(config: str | PolicyLossConfig, overrides: dict) -> PolicyLossConfig:

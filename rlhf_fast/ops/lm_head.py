@@ -1,0 +1,89 @@
+"""The ``lm_head`` side of the fused-linear ops: input checks, one chunk's logits, and the
+gradients of hidden, weight and bias accumulated chunk by chunk."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """hidden ``[B, T, H]`` or ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None: one float
+    dtype, one device."""
+    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3) \
+            or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError("hidden must be a float32 / bfloat16 / float16 tensor [B, T, H] or "
+                        "[N, H]")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 \
+            or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last "
+                         f"dim), got {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],)
+                             or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {hidden.dtype}")
+
+
+def chunk_logits(hidden_c: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``[b, T, H] @ [V, H].T (+ bias)`` in the input dtype: ``[b, T, V]`` (GEMM 1)."""
+    if bias is not None:
+        return torch.addmm(bias, hidden_c.flatten(0, 1), weight.t()).view(
+            *hidden_c.shape[:2], weight.shape[0])
+    return (hidden_c.flatten(0, 1) @ weight.t()).view(*hidden_c.shape[:2], weight.shape[0])
+
+
+def accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """``acc += grad_logits.T @ hidden`` into the float32 ``acc`` (never a bf16 partial)."""
+    g, h = grad_logits.flatten(0, 1), hidden.flatten(0, 1)
+    if acc.is_cuda and g.dtype != torch.float32:
+        try:  # cuBLAS: bf16 / fp16 inputs, fp32 accumulation and output, in place.
+            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.addmm_(g.t().float(), h.float())
+
+
+class HeadGradients:
+    """The gradients of ``logits = hidden @ weight.T (+ bias)`` summed over chunks: GEMM 2
+    into ``grad_hidden``, GEMM 3 into ONE float32 ``grad_weight`` buffer, the bias sum in
+    float32. Inputs that need no gradient get none (their GEMM is skipped)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                 needs: tuple[bool, bool, bool]):
+        need_h, need_w, need_b = needs
+        self.weight, self.bias = weight, bias
+        self.hidden = torch.zeros_like(hidden) if need_h else None
+        self.weight_acc = torch.zeros(weight.shape, dtype=torch.float32,
+                                      device=weight.device) if need_w else None
+        self.bias_acc = torch.zeros(weight.shape[0], dtype=torch.float32,
+                                    device=weight.device) if need_b else None
+
+    def add(self, grad_logits: Tensor, hidden_c: Tensor,
+            rows: slice | Tensor | None = None) -> None:
+        """One chunk: ``grad_logits`` ``[b, T, V]`` of the chunk whose hidden states are
+        ``hidden_c``, found at ``rows`` of the batch (a slice, an index tensor, or None for
+        the whole batch)."""
+        if self.hidden is not None:
+            g_hidden = (grad_logits.flatten(0, 1) @ self.weight).view(hidden_c.shape)
+            if rows is None:
+                self.hidden.copy_(g_hidden)
+            elif isinstance(rows, slice):
+                self.hidden[rows] = g_hidden
+            else:
+                self.hidden.index_copy_(0, rows, g_hidden)
+            del g_hidden
+        if self.weight_acc is not None:
+            accumulate_weight_grad(self.weight_acc, grad_logits, hidden_c)
+        if self.bias_acc is not None:
+            self.bias_acc += grad_logits.float().sum((0, 1))
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where not
+        needed; the float32 accumulators are cast once."""
+        return (self.hidden,
+                self.weight_acc.to(self.weight.dtype) if self.weight_acc is not None else None,
+                self.bias_acc.to(self.bias.dtype) if self.bias_acc is not None else None)
