@@ -58,3 +58,33 @@ def test_new_sequence_length_does_not_recompile():
         torch.cuda.synchronize()
         sizes.append(len(token_logprobs_fwd_kernel.device_caches[device][0]))
     assert sizes[-1] == sizes[0], f"compiled variants grew with T: {sizes}"
+
+
+def test_linear_dpo_bf16_weight_gradient_accumulates_in_float32():
+    """The cuBLAS path of the float32 weight-gradient accumulation (bf16 GEMMs writing into a
+    float32 buffer), chunk by chunk, against the float64 reference on the same bf16 logits."""
+    from rlhf_fast.preference_config import preference_config
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pairs, seq_len, hidden, vocab = 4, 64, 256, 32000
+    h = torch.randn(2 * pairs, seq_len, hidden, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) / 16).bfloat16()
+    y = torch.randint(0, vocab, (2 * pairs, seq_len), device="cuda", generator=g)
+    mask = torch.ones(2 * pairs, seq_len, dtype=torch.bool, device="cuda")
+    ref = -torch.rand(2 * pairs, device="cuda", generator=g) * seq_len * 10
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = rlhf_fast.linear_dpo_loss(hl, wl, y, mask, ref_logprobs=ref, chunk_size=1)
+    out.loss.backward()
+    # The same bf16 logits the op forms: one GEMM per pair of rows (i, B + i), as it chunks.
+    x = torch.empty(2 * pairs, seq_len, vocab, device="cuda", dtype=torch.bfloat16)
+    for i in range(pairs):
+        rows = torch.tensor([i, pairs + i], device="cuda")
+        x[rows] = (h.index_select(0, rows).flatten(0, 1) @ w.t()).view(2, seq_len, vocab)
+    x = x.double().requires_grad_()
+    loss = reference.dpo_loss(x, y, mask, ref_logprobs=ref.double(),
+                              config=preference_config())[0]
+    loss.backward()
+    assert abs(out.loss.item() - loss.item()) <= 1e-5 * abs(loss.item())
+    assert_grad_close(hl.grad, x.grad.float() @ w.float(), torch.bfloat16)
+    assert_grad_close(wl.grad, x.grad.flatten(0, 1).T.float() @ h.flatten(0, 1).float(),
+                      torch.bfloat16)
