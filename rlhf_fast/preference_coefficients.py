@@ -84,11 +84,23 @@ def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
         # d/dx [s(x) log s(x) + s(-x) log s(-x)] = s(x) s(-x) (log s(x) - log s(-x)) = s s' x
         dx = _sigmoid_slope(x) * (x - math.log1p(-eps) + math.log(eps))
         return loss, beta * dx, -beta * dx
+    if kind == "discopop":
+        # (1 - g) (-log s(x)) + g e^-x with g = s(x / tau); dg/dx = g (1 - g) / tau.
+        tau = config.discopop_tau
+        g = torch.sigmoid(x / tau)
+        dg = g * torch.sigmoid(-x / tau) / tau
+        e = torch.exp(-x)
+        loss = (1 - g) * -F.logsigmoid(x) + g * e
+        dx = dg * (F.logsigmoid(x) + e) - (1 - g) * torch.sigmoid(-x) - g * e
+        return loss, beta * dx, -beta * dx
     x_w, x_l = beta * d_w, beta * d_l
     if kind == "nca_pair":
         loss = -F.logsigmoid(x_w) - 0.5 * F.logsigmoid(-x_w) - 0.5 * F.logsigmoid(-x_l)
         return (loss, beta * (0.5 * torch.sigmoid(x_w) - torch.sigmoid(-x_w)),
                 beta * 0.5 * torch.sigmoid(x_l))
+    if kind == "bco_pair":
+        loss = -F.logsigmoid(x_w) - F.logsigmoid(-x_l)
+        return loss, -beta * torch.sigmoid(-x_w), beta * torch.sigmoid(x_l)
     if kind == "sppo_hard":
         r_w, r_l = d_w - 1 / (2 * beta), d_l + 1 / (2 * beta)
         return r_w * r_w + r_l * r_l, 2 * r_w, 2 * r_l

@@ -15,9 +15,11 @@ beta, eps = ``label_smoothing`` and x = beta * u:
     ipo        (u - 1/(2 beta))^2                                 (length-normalised by default)
     exo_pair   s(x) (log s(x) - log(1-eps)) + s(-x) (log s(-x) - log eps)   (eps = 0 -> 1e-3)
     nca_pair   -log s(beta D_w) - log s(-beta D_w) / 2 - log s(-beta D_l) / 2
+    bco_pair   -log s(beta D_w) - log s(-beta D_l)                (TRL's, without the running mean)
     sppo_hard  (D_w - 1/(2 beta))^2 + (D_l + 1/(2 beta))^2
     apo_zero   1 - s(beta D_w) + s(beta D_l)
     apo_down   s(beta D_w) + 1 - s(x)
+    discopop   (1 - g) (-log s(x)) + g e^-x,  g = s(x / tau)     (tau = ``discopop_tau``)
     simpo      -(1-eps) log s(x') - eps log s(-x'),  x' = beta (a_w - a_l) - gamma
     orpo       -beta log s(o),  o = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))
 
@@ -35,10 +37,11 @@ from typing import Literal
 
 from .validation import check_temperature
 
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
-                   "apo_zero", "apo_down", "simpo", "orpo"]
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                   "sppo_hard", "apo_zero", "apo_down", "discopop", "simpo", "orpo"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair",
-                               "sppo_hard", "apo_zero", "apo_down", "simpo", "orpo")
+                               "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+                               "simpo", "orpo")
 
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 """Losses defined on the policy alone: they take no reference log-probs."""
@@ -66,6 +69,7 @@ class PreferenceLossConfig:
     gamma: float = 0.0
     reference_free: bool = False
     temperature: float = 1.0
+    discopop_tau: float = 0.05
 
     @property
     def uses_reference(self) -> bool:
@@ -98,7 +102,8 @@ def _finite(value: object, name: str) -> float:
 def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                       label_smoothing: float = 0.0, average_logprobs: bool | None = None,
                       nll_coef: float = 0.0, gamma: float = 0.0, reference_free: bool = False,
-                      temperature: float = 1.0) -> PreferenceLossConfig:
+                      temperature: float = 1.0, discopop_tau: float = 0.05
+                      ) -> PreferenceLossConfig:
     """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
     (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
     if loss_type not in LOSS_TYPES:
@@ -121,6 +126,9 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
     nll_coef = _finite(nll_coef, "nll_coef")
     if nll_coef < 0:
         raise ValueError(f"nll_coef must be >= 0, got {nll_coef}")
+    discopop_tau = _finite(discopop_tau, "discopop_tau")
+    if discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     if average_logprobs is None:
         average_logprobs = loss_type in AVERAGED_BY_DEFAULT
     if loss_type in ("simpo", "orpo") and not average_logprobs:
@@ -129,4 +137,5 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
     return PreferenceLossConfig(beta=beta, loss_type=loss_type, label_smoothing=eps,  # type: ignore[arg-type]
                                 average_logprobs=bool(average_logprobs), nll_coef=nll_coef,
                                 gamma=gamma, reference_free=bool(reference_free),
-                                temperature=check_temperature(temperature))
+                                temperature=check_temperature(temperature),
+                                discopop_tau=discopop_tau)

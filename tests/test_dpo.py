@@ -41,6 +41,8 @@ def test_per_sequence_reference_equals_per_token(loss_type, backend, device):
     dict(loss_type="robust", label_smoothing=0.3),
     dict(loss_type="sigmoid", temperature=0.7),
     dict(loss_type="simpo", beta=2.5, gamma=1.2, average_logprobs=None),
+    dict(loss_type="discopop", discopop_tau=0.5, beta=0.2),
+    dict(loss_type="bco_pair", average_logprobs=True),
 ], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
 def test_options_match_reference(kwargs, backend, device):
     check_dpo(make_pairs(seed=5, device=device), kwargs, backend)
@@ -202,6 +204,7 @@ def _call(problem, **kwargs):
     (dict(label_smoothing=1.0), ValueError, r"\[0, 1.0\)"),
     (dict(gamma=0.5), ValueError, "SimPO's target margin"),
     (dict(nll_coef=-1.0), ValueError, "nll_coef must be >= 0"),
+    (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau must be > 0"),
     (dict(loss_type="orpo", ref_logprobs=None, average_logprobs=False), ValueError,
      "length-normalised"),
     (dict(temperature=0.0), ValueError, "temperature"),

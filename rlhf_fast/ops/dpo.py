@@ -159,6 +159,7 @@ def dpo_loss(
     gamma: float = 0.0,
     reference_free: bool = False,
     temperature: float = 1.0,
+    discopop_tau: float = 0.05,
     inplace: bool = False,
     backend: str = "auto",
 ) -> PreferenceLossOutput:
@@ -176,7 +177,8 @@ def dpo_loss(
             reference-free (simpo, orpo, ``reference_free=True``).
         beta, loss_type, label_smoothing, gamma: the loss (formulas in
             ``rlhf_fast.preference_config``): sigmoid, ipo, hinge, robust, exo_pair,
-            nca_pair, sppo_hard, apo_zero, apo_down, simpo, orpo.
+            nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo.
+        discopop_tau: DiscoPOP's temperature of the logistic mix (0.05).
         average_logprobs: sequence log-probs as per-token means instead of sums; None: True
             for ipo, simpo and orpo, else False.
         nll_coef: weight of the chosen sequences' NLL (token mean over all chosen tokens),
@@ -193,7 +195,7 @@ def dpo_loss(
     config = preference_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                average_logprobs=average_logprobs, nll_coef=nll_coef,
                                gamma=gamma, reference_free=reference_free,
-                               temperature=temperature)
+                               temperature=temperature, discopop_tau=discopop_tau)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_logits(logits)

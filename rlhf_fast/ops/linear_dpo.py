@@ -117,6 +117,7 @@ def linear_dpo_loss(
     gamma: float = 0.0,
     reference_free: bool = False,
     temperature: float = 1.0,
+    discopop_tau: float = 0.05,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> PreferenceLossOutput:
@@ -134,7 +135,7 @@ def linear_dpo_loss(
     config = preference_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                average_logprobs=average_logprobs, nll_coef=nll_coef,
                                gamma=gamma, reference_free=reference_free,
-                               temperature=temperature)
+                               temperature=temperature, discopop_tau=discopop_tau)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_linear(hidden, weight, bias)

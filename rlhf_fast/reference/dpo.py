@@ -33,6 +33,12 @@ def _pair_loss(w: Tensor, lo: Tensor, config: PreferenceLossConfig) -> Tensor:
     if kind == "nca_pair":
         return (-F.logsigmoid(beta * w) - 0.5 * F.logsigmoid(-beta * w)
                 - 0.5 * F.logsigmoid(-beta * lo))
+    if kind == "bco_pair":
+        return -F.logsigmoid(beta * w) - F.logsigmoid(-beta * lo)
+    if kind == "discopop":
+        x = beta * logits
+        mix = torch.sigmoid(x / config.discopop_tau)
+        return (1 - mix) * -F.logsigmoid(x) + mix * torch.exp(-x)
     if kind == "sppo_hard":
         return (w - 0.5 / beta) ** 2 + (lo + 0.5 / beta) ** 2
     if kind == "apo_zero":
