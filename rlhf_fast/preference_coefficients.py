@@ -138,12 +138,13 @@ def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLos
 
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
-                            chosen_tokens: int) -> PairCoefficients:
+                            chosen_tokens: Tensor) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
-    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs`` and ``chosen_tokens`` are the
-    whole batch's pair count and chosen-token count (the normalisers of the pair mean and of
-    the NLL), so chunks of pairs add up to the batch's loss and gradient exactly.
+    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs`` and ``chosen_tokens`` (a 0-dim
+    tensor, kept on the device: no host sync) are the whole batch's pair count and
+    chosen-token count (the normalisers of the pair mean and of the NLL), so chunks of pairs
+    add up to the batch's loss and gradient exactly.
     """
     score, ref_score, scale = sequence_scores(logp, valid, ref, config)
     b = score.shape[0] // 2
@@ -158,16 +159,17 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     loss = loss_pairs.sum() / pairs_norm
     nll_sum = -torch.where(valid[:b], logp[:b].double(), 0.0).sum()
     if config.nll_weight != 0:
-        tokens_norm = float(max(chosen_tokens, 1))
-        loss = loss + config.nll_weight * nll_sum / tokens_norm
-        c[:b] -= (config.nll_weight / tokens_norm) * valid[:b].double()
+        nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
+        loss = loss + nll_share * nll_sum
+        c[:b] -= nll_share * valid[:b].double()
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
              "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
              "nll_sum": nll_sum}
     return PairCoefficients(loss, c.float(), pairs)
 
 
-def preference_metrics(parts: list[dict[str, Tensor]], chosen_tokens: int) -> dict[str, Tensor]:
+def preference_metrics(parts: list[dict[str, Tensor]], chosen_tokens: Tensor
+                       ) -> dict[str, Tensor]:
     """Detached float32 scalars over all pairs: mean rewards (beta * D) of chosen and rejected,
     their margin, the accuracy (share of pairs with r_w > r_l), the mean sequence log-probs,
     the chosen NLL (token mean) and the pair count."""
@@ -182,7 +184,7 @@ def preference_metrics(parts: list[dict[str, Tensor]], chosen_tokens: int) -> di
         "rewards_chosen": mean(r_w), "rewards_rejected": mean(r_l),
         "rewards_margin": mean(r_w - r_l), "rewards_accuracy": mean((r_w > r_l).double()),
         "logps_chosen": mean(cat["logps_chosen"]), "logps_rejected": mean(cat["logps_rejected"]),
-        "nll": cat["nll_sum"].sum() / max(chosen_tokens, 1),
+        "nll": cat["nll_sum"].sum() / chosen_tokens.double().clamp(min=1),
         "pair_count": torch.tensor(float(n), device=r_w.device),
     }
     return {k: v.float() for k, v in metrics.items()}

@@ -72,11 +72,11 @@ def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Ten
     valid = check_mask(mask, shape, logits) & (targets != IGNORE)
     targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
     check_target_range(targets, logits.shape[-1], IGNORE)
-    ref = _ref_logprobs(config, ref_logprobs, shape, logits, ref_model)
+    ref = _check_ref_logprobs(config, ref_logprobs, shape, logits, ref_model)
     return PreferenceInputs(targets, valid, ref)
 
 
-def _ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, int],
+def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, int],
                   logits: Tensor, ref_model: bool | None) -> Tensor | None:
     alternatives = " or ref_hidden / ref_weight" if ref_model is not None else ""
     if not config.uses_reference:
@@ -104,7 +104,7 @@ def _ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, i
 
 def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tensor | None,
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
-                       chosen_tokens: int, write_grad: bool, out: Tensor | None = None
+                       chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None
                        ) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
     (chosen rows first): (coefficients, dL/dlogits or None). ``targets`` hold ``IGNORE`` at
@@ -125,7 +125,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
     def forward(ctx, logits, targets, valid, ref, config, backend, inplace, metrics_out):
         write_grad = ctx.needs_input_grad[0]
         num_pairs = logits.shape[0] // 2
-        chosen_tokens = int(valid[:num_pairs].sum())
+        chosen_tokens = valid[:num_pairs].sum()
         coef, grad = preference_forward(
             logits, targets, valid, ref, config, backend, num_pairs=num_pairs,
             chosen_tokens=chosen_tokens, write_grad=write_grad,

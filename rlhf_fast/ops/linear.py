@@ -32,7 +32,7 @@ from ..config import PolicyLossConfig
 from ..loss_weights import entropy_statistics
 from ..validation import check_target_range
 from .forward_gradients import scale_by_grad_output
-from .lm_head import HeadGradients, check_linear, chunk_logits
+from .lm_head import HeadGradients, check_linear, chunk_logits, reference_logprobs
 from .policy_loss import IGNORE, PolicyLossOutput, _resolve_config, policy_forward, side_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 
@@ -50,14 +50,6 @@ def sequences_per_chunk(seq_len: int, vocab: int, element_size: int,
         return min(chunk_size, max(batch, 1))
     per_sequence = max(1, seq_len * vocab * element_size)
     return max(1, min(max(batch, 1), CHUNK_BUDGET_BYTES // per_sequence))
-
-
-def _ref_logprobs(ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, rows: slice,
-                  temperature: float, backend: str) -> Tensor:
-    with torch.no_grad():
-        logits = chunk_logits(ref_hidden[rows], ref_weight, None)
-        logp, _, _ = stats_sweep(logits, targets[rows], temperature, IGNORE, False, backend)
-    return logp
 
 
 def _merge_metrics(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -122,8 +114,8 @@ class _LinearPolicyLoss(torch.autograd.Function):
                 logits = chunk_logits(hidden[rows], weight, bias)
                 ref_c = ref[rows] if ref is not None else None
                 if ref_hidden is not None:
-                    ref_c = _ref_logprobs(ref_hidden, ref_weight, targets, rows,
-                                          c.temperature, backend)
+                    ref_c = reference_logprobs(ref_hidden[rows], ref_weight, targets[rows],
+                                               c.temperature, IGNORE, backend)
                 coef, logp_c, entropy_c, grad_logits = policy_forward(
                     logits, targets[rows], advantages[rows], valid[rows],
                     old[rows] if old is not None else None, ref_c,

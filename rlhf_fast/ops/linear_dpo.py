@@ -25,22 +25,22 @@ from ..preference_config import preference_config
 from .dpo import PreferenceLossOutput, check_pair_batch, preference_forward, preference_inputs
 from .forward_gradients import scale_by_grad_output
 from .linear import sequences_per_chunk
-from .lm_head import HeadGradients, check_linear, chunk_logits
+from .lm_head import HeadGradients, check_linear, chunk_logits, reference_logprobs
 from .policy_loss import IGNORE
-from .row_sweeps import stats_sweep
 
 
 def pair_chunks(num_pairs: int, pairs_per_chunk: int, device: torch.device
-                ) -> list[Tensor | None]:
-    """Row indices of each chunk: pairs ``s:e`` as ``[s..e-1, B+s..B+e-1]``; None for a
-    single chunk holding the whole batch (its rows are the batch, in order: no gather)."""
+                ) -> list[tuple[slice, Tensor | None]]:
+    """Each chunk's pairs ``s:e`` and its rows ``[s..e-1, B+s..B+e-1]`` as an index; the
+    index is None for a single chunk holding the whole batch (its rows are the batch, in
+    order: no gather)."""
     if pairs_per_chunk >= num_pairs:
-        return [None]
+        return [(slice(None), None)]
     chunks = []
     for s in range(0, num_pairs, pairs_per_chunk):
         e = min(s + pairs_per_chunk, num_pairs)
         chosen = torch.arange(s, e, device=device)
-        chunks.append(torch.cat([chosen, chosen + num_pairs]))
+        chunks.append((slice(s, e), torch.cat([chosen, chosen + num_pairs])))
     return chunks
 
 
@@ -61,21 +61,19 @@ class _LinearPreferenceLoss(torch.autograd.Function):
         # A pair is two sequences: size chunks as if it were one sequence of length 2T.
         per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
                                         num_pairs)
-        chosen_tokens = int(valid[:num_pairs].sum())
+        chosen_tokens = valid[:num_pairs].sum()
         grads = HeadGradients(hidden, weight, bias, needs)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
         rejected = torch.empty_like(chosen)
         parts = []
-        for index in pair_chunks(num_pairs, per_chunk, hidden.device):
+        for pairs, index in pair_chunks(num_pairs, per_chunk, hidden.device):
             with torch.no_grad():
                 hidden_c, targets_c = _rows(hidden, index), _rows(targets, index)
                 ref_c = _rows(ref, index)
                 if ref_hidden is not None:
-                    ref_logits = chunk_logits(_rows(ref_hidden, index), ref_weight, None)
-                    ref_c = stats_sweep(ref_logits, targets_c, config.temperature, IGNORE,
-                                        False, backend)[0]
-                    del ref_logits
+                    ref_c = reference_logprobs(_rows(ref_hidden, index), ref_weight, targets_c,
+                                               config.temperature, IGNORE, backend)
                 logits = chunk_logits(hidden_c, weight, bias)
                 coef, grad_logits = preference_forward(
                     logits, targets_c, _rows(valid, index), ref_c, config, backend,
@@ -83,7 +81,6 @@ class _LinearPreferenceLoss(torch.autograd.Function):
                     out=logits)
                 loss += coef.loss
                 parts.append(coef.pairs)
-                pairs = slice(None) if index is None else index[: index.numel() // 2]
                 chosen[pairs] = coef.pairs["logps_chosen"].float()
                 rejected[pairs] = coef.pairs["logps_rejected"].float()
                 if write_grad:

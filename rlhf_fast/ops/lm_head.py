@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .row_sweeps import stats_sweep
+
 
 def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     """hidden ``[B, T, H]`` or ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None: one float
@@ -33,6 +35,15 @@ def chunk_logits(hidden_c: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
         return torch.addmm(bias, hidden_c.flatten(0, 1), weight.t()).view(
             *hidden_c.shape[:2], weight.shape[0])
     return (hidden_c.flatten(0, 1) @ weight.t()).view(*hidden_c.shape[:2], weight.shape[0])
+
+
+def reference_logprobs(ref_hidden_c: Tensor, ref_weight: Tensor, targets_c: Tensor,
+                       temperature: float, ignore_index: int, backend: str) -> Tensor:
+    """float32 log-probs ``[b, T]`` of the reference model's head on one chunk, under no_grad:
+    one GEMM and one stats sweep, the chunk's reference logits freed on return."""
+    with torch.no_grad():
+        logits = chunk_logits(ref_hidden_c, ref_weight, None)
+        return stats_sweep(logits, targets_c, temperature, ignore_index, False, backend)[0]
 
 
 def accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:

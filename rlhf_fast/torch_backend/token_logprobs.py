@@ -17,9 +17,7 @@ def _scaled_rows(x: Tensor, rows: Tensor | None, inv_temp: float) -> Tensor:
     is dropped before returning, so a chunk holds no more temporaries than without rows."""
     if rows is None:
         return x.float() * inv_temp
-    picked = x.index_select(0, rows)
-    return picked.float().mul_(inv_temp) if picked.dtype != torch.float32 \
-        else picked.mul_(inv_temp)
+    return x.index_select(0, rows).float().mul_(inv_temp)
 
 
 def _chunk_stats(x: Tensor, rows: Tensor | None, targets: Tensor, inv_temp: float,
