@@ -1,0 +1,242 @@
+"""TRL's ``GRPOTrainer`` and ``DPOTrainer`` with rlhf_fast's fused-linear losses.
+
+Change one import and train as before::
+
+    from rlhf_fast.integrations.trl import GRPOTrainer   # instead of: from trl import ...
+    from rlhf_fast.integrations.trl import DPOTrainer
+
+Why subclasses (and mixins for users who already subclass TRL's trainers): TRL >= 1.0 routes
+every loss through ``compute_loss``, a public ``Trainer`` hook, and computes per-token
+log-probs with a fused LM head it installs on ``model.forward`` (``add_fused_lm_head``,
+``fused_lm_head=True``). The loss maths that follows is plain autograd on ``[B, T]``
+tensors, with one branch per ``loss_type``. So this module overrides ``compute_loss`` only,
+and installs a second forward hook in the same way: ``model(..., rlhf_fast_head=fn)`` runs the
+backbone and hands its final hidden states and the output embedding to ``fn``, which calls
+``linear_policy_loss`` / ``linear_dpo_loss``. The loss runs inside the (possibly wrapped:
+DDP, FSDP, DeepSpeed) model's forward like TRL's own head, the ``[tokens, vocab]`` logits
+never exist, and the gradients of the hidden states and the head are computed in the
+forward. Everything else is TRL's: generation, rewards, advantages (``scale_rewards``,
+``multi_objective_aggregation``), ``mask_truncated_completions`` (already in the completion
+mask), the old / reference / vLLM log-probs and importance-sampling ratios, reference-model
+syncing, logging, checkpoints. A monkey patch was rejected: it would change every trainer in
+the process, and a subclass is what TRL's own documentation suggests for custom losses.
+
+Settings: ``trl_config.grpo_policy_config`` / ``dpo_loss_arguments`` map them and raise
+``UnsupportedSettingError`` (naming the TRL setting) at construction for any they cannot
+reproduce exactly; the README's migration section has the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+from torch import Tensor
+
+from ..ops.linear import linear_policy_loss
+from ..ops.linear_dpo import linear_dpo_loss
+from .errors import UnsupportedSettingError
+from .trl_config import dpo_loss_arguments, grpo_normalizer, grpo_policy_config
+
+HEAD_KWARG = "rlhf_fast_head"
+"""The forward keyword that runs the backbone and hands ``(hidden_states, lm_head)`` to a
+callable instead of computing logits."""
+
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def install_head_hook(model: torch.nn.Module) -> None:
+    """Let ``model(..., rlhf_fast_head=fn)`` return ``fn(last_hidden_state, lm_head)``.
+
+    Without the keyword the forward is the previous one (TRL's fused head, generation), so
+    this can be installed on a model TRL already patched. Idempotent. The backbone and the
+    head are looked up on each call (FSDP and PEFT replace them after patching).
+    """
+    if getattr(model, "_rlhf_fast_head_hook", False):
+        return
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)  # generate() validates kwargs against it
+    def forward(self, *args, **kwargs):
+        head = kwargs.pop(HEAD_KWARG, None)
+        if head is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        return head(hidden, self.get_output_embeddings())
+
+    model.forward = types.MethodType(forward, model)
+    model._rlhf_fast_head_hook = True
+
+
+def _head_tensors(hidden: Tensor, lm_head: torch.nn.Module, fp32: bool
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """hidden, weight, bias in one dtype, as autocast would run the projection (bf16 hidden ->
+    bf16 weight copy, differentiable back to the parameter), or all float32 with TRL's
+    ``cast_lm_head_to_fp32``. FSDP2 DTensor heads are gathered, as TRL's head does."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    dtype = torch.float32 if fp32 else hidden.dtype
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    return hidden.to(dtype), weight, bias
+
+
+def _gather_ctx(lm_head: torch.nn.Module):
+    """DeepSpeed ZeRO-3 gathers the head for the fused op, as TRL does for its own."""
+    gather = getattr(trl.trainer.utils, "maybe_gather_lm_head_ctx", None)
+    return gather(lm_head.weight, lm_head.bias) if gather is not None else nullcontext()
+
+
+def _run_head(model: torch.nn.Module, model_kwargs: dict, fp32: bool,
+              loss_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
+    def head(hidden: Tensor, lm_head: torch.nn.Module) -> Any:
+        with torch.autocast(hidden.device.type, enabled=False), _gather_ctx(lm_head):
+            return loss_fn(*_head_tensors(hidden, lm_head, fp32))
+
+    return model(**model_kwargs, **{HEAD_KWARG: head})
+
+
+def _refuse_multimodal(inputs: dict) -> None:
+    for key in _MULTIMODAL_KEYS:
+        if inputs.get(key) is not None:
+            raise UnsupportedSettingError("TRL", "input", key, "multimodal batches are not "
+                                          "routed through the fused head")
+
+
+def _hooked_model(trainer: Any) -> torch.nn.Module:
+    return trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+
+
+class FusedGRPOMixin:
+    """Put before ``trl.GRPOTrainer`` (or a subclass of it) in the bases: ``compute_loss`` runs
+    ``linear_policy_loss`` on the completion's final hidden states (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        grpo_policy_config(self)  # refuse unmappable settings before training starts
+        install_head_hook(_hooked_model(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The GRPOTrainer does not support returning outputs")
+        _refuse_multimodal(inputs)
+        completion_ids = inputs["completion_ids"]
+        batch, length = completion_ids.shape
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        training = self.model.training
+        config = grpo_policy_config(self).replace(normalizer=grpo_normalizer(
+            self, float(mask.sum()), batch, inputs.get("num_items_in_batch"), training))
+        advantages = inputs["advantages"]
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # rho >= 0 multiplies the policy term only: folded into A (trl_config docstring).
+            advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+            advantages = advantages * inputs["importance_sampling_ratio"]
+            advantages = advantages.expand(batch, length)
+        old = inputs.get("old_per_token_logps")
+        ref = inputs["ref_per_token_logps"] if config.kl_coef != 0 else None
+
+        def loss_fn(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+            return linear_policy_loss(hidden[:, -length - 1:-1], weight, completion_ids,
+                                      advantages, mask, bias=bias, old_logprobs=old,
+                                      ref_logprobs=ref, config=config)
+
+        model_kwargs = {"input_ids": torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                        "attention_mask": torch.cat([inputs["prompt_mask"],
+                                                     inputs["completion_mask"]], 1)}
+        out = _run_head(model, model_kwargs, self.args.cast_lm_head_to_fp32, loss_fn)
+        self._log_fused_grpo_metrics(out, mask, training)
+        return out.loss
+
+    def _log_fused_grpo_metrics(self, out, mask: Tensor, training: bool) -> None:
+        """TRL's global token means: entropy, kl, clip ratios (or the CISPO clip ratio)."""
+        mode = "train" if training else "eval"
+        count = mask.sum().float()
+        metrics = out.metrics
+        sums = {"entropy": (out.entropy * mask).sum()}
+        if self.beta != 0.0:
+            sums["kl"] = metrics["kl_mean"] * count
+        if self.loss_type == "cispo":
+            sums["cispo_clip_ratio"] = metrics["clip_frac_high"] * count
+        elif self.loss_type != "sapo":
+            low, high = metrics["clip_frac_low"] * count, metrics["clip_frac_high"] * count
+            sums.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                         "clip_ratio/region_mean": low + high})
+        names = list(sums)
+        local = torch.stack([sums[n].float() for n in names] + [count])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        for name, total in zip(names, totals[:-1], strict=True):
+            self._metrics[mode][name].append((total / totals[-1].clamp(min=1.0)).item())
+
+
+class FusedDPOMixin:
+    """Put before ``trl.DPOTrainer`` (or a subclass of it) in the bases: ``compute_loss`` runs
+    ``linear_dpo_loss`` on the policy's final hidden states; the reference sequence log-probs
+    come from TRL's own no-grad pass (its fused head, PEFT adapters, or precomputed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        dpo_loss_arguments(self)  # refuse unmappable settings before training starts
+        install_head_hook(_hooked_model(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise UnsupportedSettingError("TRL", "return_outputs", True, "the fused loss "
+                                          "never builds the logits TRL would return")
+        kwargs, weight = dpo_loss_arguments(self)
+        completion_mask = inputs["completion_mask"]
+        if self.precompute_ref_logps:
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        else:
+            ref = torch.cat(self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else model, inputs))
+        targets = inputs["input_ids"][:, 1:]
+        mask = completion_mask[:, 1:].bool()
+        # Columns where no sequence has a completion token need no GEMM: start at the first.
+        first = int(mask.any(0).float().argmax()) if mask.any() else 0
+
+        def loss_fn(hidden: Tensor, weight_: Tensor, bias: Tensor | None):
+            return linear_dpo_loss(hidden[:, first:-1], weight_, targets[:, first:],
+                                   mask[:, first:], bias=bias, ref_logprobs=ref.float(),
+                                   **kwargs)
+
+        skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
+        out = _run_head(model, model_kwargs, False, loss_fn)
+        self._log_fused_dpo_metrics(out, inputs, self.model.training)
+        return out.loss * weight if weight != 1.0 else out.loss
+
+    def _log_fused_dpo_metrics(self, out, inputs: dict, training: bool) -> None:
+        mode = "train" if training else "eval"
+        m = out.metrics
+        pairs = m["pair_count"]
+        names = {"rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+                 "rewards/accuracies": "rewards_accuracy", "rewards/margins": "rewards_margin",
+                 "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected"}
+        local = torch.stack([m[k] * pairs for k in names.values()] + [pairs])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        for name, total in zip(names, totals[:-1], strict=True):
+            self._metrics[mode][name].append((total / totals[-1].clamp(min=1.0)).item())
+        if training:
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+            self._total_train_tokens += int(tokens.item()) // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+class GRPOTrainer(FusedGRPOMixin, trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` with the fused-linear policy loss; same constructor."""
+
+
+class DPOTrainer(FusedDPOMixin, trl.DPOTrainer):
+    """``trl.DPOTrainer`` with the fused-linear preference loss; same constructor."""

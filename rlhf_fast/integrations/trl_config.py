@@ -1,0 +1,193 @@
+"""TRL's GRPO / DPO settings mapped onto rlhf_fast's loss arguments, or refused.
+
+Pure functions of a trainer's attributes (duck-typed: nothing here imports TRL), so the
+mapping is one readable table. Checked against TRL 1.16 (``GRPOTrainer._compute_loss`` and
+``DPOTrainer._compute_loss``).
+
+GRPO, per token with r = exp(logp - old) (or the sequence ratio s for
+``importance_sampling_level="sequence"``):
+
+    grpo / bnpo / dr_grpo / dapo / luspo   -min(min(r, delta) A, clip(r, 1-eps, 1+eps_high) A)
+    cispo                                  -sg(min(r, epsilon_high)) A logp
+    sapo                                   -(4/tau) sigmoid(tau (r - 1)) A
+
+times the vLLM importance-sampling ratio rho and the top-entropy mask, plus beta * k3 KL to
+the reference (neither mask nor rho), summed with weights that depend on ``loss_type``:
+
+    grpo, sapo   sum_b [sum_t m L / max(|y_b|, 1)] / (B G)          -> seq_mean_token_mean, B G
+    bnpo         sum m L / (max(sum m, 1) G)                         -> token_mean, max(sum m,1) G
+    dr_grpo      sum m L / (B max_completion_length G)               -> seq_mean_token_sum_norm
+    dapo, cispo  sum m L / (N_gen / P * G / steps_per_generation)    -> token_mean
+    luspo        sum m L / (B G)                                     -> seq_mean_token_sum, B G
+
+with G the gradient-accumulation steps (1 in eval), N_gen the generation batch's completion
+tokens over all P processes (``num_items_in_batch``). rho >= 0 multiplies the policy term
+only, and every policy objective above is positively homogeneous in A, so rho is folded into
+the advantages: rho * L(A) = L(rho * A) in value and gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import PolicyLossConfig
+from .errors import UnsupportedSettingError
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+"""TRL ``loss_type`` values that map exactly; ``vespo`` is refused (gamma weights)."""
+
+DPO_LOSS_TYPES = {
+    # TRL loss_type -> (rlhf_fast loss_type, average_logprobs)
+    "sigmoid": ("sigmoid", False),
+    "sigmoid_norm": ("sigmoid", True),
+    "hinge": ("hinge", False),
+    "ipo": ("ipo", True),
+    "exo_pair": ("exo_pair", False),
+    "nca_pair": ("nca_pair", False),
+    "robust": ("robust", False),
+    "bco_pair": ("bco_pair", False),
+    "sppo_hard": ("sppo_hard", False),
+    "apo_zero": ("apo_zero", False),
+    "apo_down": ("apo_down", False),
+    "discopop": ("discopop", False),
+}
+"""TRL DPO loss types that map exactly ("sft" maps onto ``nll_coef``; aot / aot_unpaired
+sort pairs across the batch and are refused)."""
+
+_SMOOTHED = ("robust", "exo_pair")
+"""TRL (>= 0.29) applies ``label_smoothing`` to these only (not to sigmoid)."""
+
+
+def _refuse(setting: str, value: object, reason: str, remedy: str = "") -> None:
+    raise UnsupportedSettingError("TRL", setting, value, reason, remedy)
+
+
+def grpo_policy_config(trainer: Any) -> PolicyLossConfig:
+    """The ``PolicyLossConfig`` of a ``GRPOTrainer`` (everything but the per-batch
+    normaliser, see ``grpo_normalizer``), or ``UnsupportedSettingError``."""
+    args = trainer.args
+    loss_type = trainer.loss_type
+    if loss_type not in GRPO_LOSS_TYPES:
+        _refuse("loss_type", loss_type, "VESPO's gamma sequence weights are not a "
+                "PolicyLossConfig objective" if loss_type == "vespo" else "unknown loss type",
+                f"Supported: {GRPO_LOSS_TYPES}.")
+    level = trainer.importance_sampling_level
+    if level not in ("token", "sequence"):
+        _refuse("importance_sampling_level", level, "only 'token' and 'sequence' exist in TRL")
+    if trainer.off_policy_mask_threshold is not None:
+        _refuse("off_policy_mask_threshold", trainer.off_policy_mask_threshold,
+                "the off-policy sequence mask depends on the current log-probs before the loss",
+                "Set it to None.")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        setting = "use_adaptive_entropy" if trainer.use_adaptive_entropy else "entropy_coef"
+        _refuse(setting, getattr(trainer, setting),
+                "TRL normalises the entropy bonus by the token count whatever the loss_type, "
+                "which rlhf_fast's aggregation-weighted bonus does not reproduce",
+                "Set entropy_coef=0.0 and use_adaptive_entropy=False.")
+    if getattr(trainer, "aux_loss_enabled", False):
+        _refuse("router_aux_loss_coef", trainer.router_aux_loss_coef,
+                "the MoE load-balancing loss needs the router logits of the fused forward",
+                "Set router_aux_loss_coef=0.0.")
+    beta = float(trainer.beta)
+    if beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
+        _refuse("use_bias_correction_kl", True, "the importance-weighted KL (KL * r) is not a "
+                "PolicyLossConfig estimator", "Set use_bias_correction_kl=False (plain k3).")
+    quantile = float(trainer.top_entropy_quantile)
+    if quantile < 1.0 and trainer.accelerator.num_processes > 1:
+        _refuse("top_entropy_quantile", quantile, "TRL takes the entropy quantile over all "
+                "processes; rlhf_fast takes it over the local batch",
+                "Use one process or top_entropy_quantile=1.0.")
+
+    fields: dict[str, Any] = dict(
+        ratio_level=level, log_ratio_clamp=None, kl_clamp=None,   # TRL clamps nothing
+        kl_coef=beta, kl_estimator="k3", kl_reference="ref",
+        top_entropy_quantile=quantile if quantile < 1.0 else None,
+        temperature=float(trainer.temperature),
+    )
+    eps_low, eps_high = float(trainer.epsilon_low), float(trainer.epsilon_high)
+    if loss_type == "cispo":
+        # TRL's epsilon_high is an absolute cap on r; rlhf_fast's bound is 1 + clip_eps_high.
+        if eps_high < 1.0:
+            _refuse("epsilon_high", eps_high, "with loss_type='cispo' TRL caps the IS weight "
+                    "at epsilon_high itself; a cap below 1 is not a clip bound rlhf_fast takes",
+                    "MiniMax-M1 / TRL recommend epsilon_high=5.0 for cispo.")
+        fields.update(objective="cispo", clip_eps_low=None, clip_eps_high=eps_high - 1.0)
+    elif loss_type == "sapo":
+        fields.update(objective="sapo", sapo_tau_pos=float(args.sapo_temperature_pos),
+                      sapo_tau_neg=float(args.sapo_temperature_neg))
+    else:
+        delta = args.delta
+        if delta is not None and not delta > 1.0 + eps_high:
+            _refuse("delta", delta, f"the two-sided cap must exceed 1 + epsilon_high = "
+                    f"{1.0 + eps_high} (below it, it replaces the clip)")
+        fields.update(objective="ppo_clip", clip_eps_low=eps_low, clip_eps_high=eps_high,
+                      delta=float(delta) if delta is not None else None)
+    fields["aggregation"] = {
+        "grpo": "seq_mean_token_mean", "sapo": "seq_mean_token_mean", "bnpo": "token_mean",
+        "dr_grpo": "seq_mean_token_sum_norm", "dapo": "token_mean", "cispo": "token_mean",
+        "luspo": "seq_mean_token_sum",
+    }[loss_type]
+    try:
+        return PolicyLossConfig(**fields)
+    except ValueError as error:
+        _refuse("epsilon / epsilon_high", (eps_low, eps_high), str(error))
+        raise  # unreachable: _refuse raises
+
+
+def grpo_normalizer(trainer: Any, mask_sum: float, batch: int, num_items_in_batch: Any,
+                    training: bool) -> float:
+    """The denominator TRL divides the summed per-token loss by (module docstring table):
+    ``mask_sum`` is the micro-batch's completion-token count, ``batch`` its rows."""
+    accumulation = trainer.current_gradient_accumulation_steps if training else 1
+    loss_type = trainer.loss_type
+    if loss_type in ("grpo", "sapo", "luspo"):
+        return float(batch * accumulation)
+    if loss_type == "bnpo":
+        return max(mask_sum, 1.0) * accumulation
+    if loss_type == "dr_grpo":
+        return float(batch * trainer.max_completion_length * accumulation)
+    normalizer = max(float(num_items_in_batch), 1.0) / trainer.accelerator.num_processes
+    if training:
+        normalizer = normalizer * accumulation / trainer.args.steps_per_generation
+    return normalizer
+
+
+def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
+    """Keyword arguments of ``linear_dpo_loss`` for a ``DPOTrainer`` and the weight its loss
+    is multiplied by, or ``UnsupportedSettingError``."""
+    args = trainer.args
+    losses = list(trainer.loss_types)
+    weights = [float(w) for w in trainer.loss_weights]
+    sft_weight = sum(w for name, w in zip(losses, weights, strict=True) if name == "sft")
+    main = [(name, w) for name, w in zip(losses, weights, strict=True) if name != "sft"]
+    if len(main) != 1:
+        _refuse("loss_type", losses, "rlhf_fast computes one preference loss per pass (plus "
+                "'sft' as its NLL term)", "Use one preference loss type, optionally with 'sft'.")
+    name, weight = main[0]
+    if name not in DPO_LOSS_TYPES:
+        reason = ("it sorts log-ratios across the batch" if name.startswith("aot")
+                  else "unknown loss type")
+        _refuse("loss_type", name, reason, f"Supported: {sorted(DPO_LOSS_TYPES)} and 'sft'.")
+    if weight <= 0:
+        _refuse("loss_weights", trainer.loss_weights, "the preference loss needs a weight > 0")
+    if trainer.f_divergence_type != "reverse_kl":
+        _refuse("f_divergence_type", trainer.f_divergence_type,
+                "the f-divergence scores are not a preference loss of rlhf_fast",
+                "Use f_divergence_type='reverse_kl'.")
+    if trainer.ld_alpha is not None:
+        _refuse("ld_alpha", trainer.ld_alpha, "LD-DPO's length-desensitised sums are not "
+                "computed by the fused op")
+    if trainer.use_weighting:
+        _refuse("use_weighting", True, "WPO weights need sum_v p_v^2 per token, which the "
+                "fused op does not compute")
+    if getattr(trainer, "aux_loss_enabled", False):
+        _refuse("router_aux_loss_coef", trainer.router_aux_loss_coef,
+                "the MoE load-balancing loss needs the router logits of the fused forward")
+    loss_type, average = DPO_LOSS_TYPES[name]
+    smoothing = float(trainer.label_smoothing) if name in _SMOOTHED else 0.0
+    # Total: weight * L + (sft weight + rpo_alpha) * NLL = weight * (L + nll_coef * NLL).
+    nll = (sft_weight + float(getattr(args, "rpo_alpha", None) or 0.0)) / weight
+    kwargs = dict(beta=float(trainer.beta), loss_type=loss_type, average_logprobs=average,
+                  label_smoothing=smoothing, nll_coef=nll,
+                  discopop_tau=float(getattr(args, "discopop_tau", 0.05)))
+    return kwargs, weight

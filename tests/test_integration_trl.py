@@ -1,0 +1,360 @@
+"""TRL adapters against TRL itself: a tiny Qwen2 built from a config (float32, CPU) and a
+word-level tokenizer built locally (no downloads).
+
+For each mapped setting, one step of ``rlhf_fast.integrations.trl.GRPOTrainer`` /
+``DPOTrainer`` gives the loss and parameter gradients of TRL's own ``compute_loss`` on the
+same batch (1e-5 relative); settings that cannot be mapped raise ``UnsupportedSettingError``
+naming the TRL setting; a short ``trainer.train()`` runs end to end. TRL is in the ``test``
+extra and imported plainly: these tests fail, not skip, without it.
+"""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+import transformers
+import trl  # in the test extra: a missing TRL fails here instead of skipping
+
+from rlhf_fast.integrations import UnsupportedSettingError
+from rlhf_fast.integrations.trl import DPOTrainer, GRPOTrainer
+
+WORDS = ["red", "green", "blue", "cat", "dog", "runs", "sits", "the", "a", "big", "small",
+         "sky", "sea", "tree", "is", "and"]
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Qwen2 (hidden 32, vocab 20) and its word-level tokenizer, saved locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "<bos>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        bos_token="<bos>")
+    config = transformers.Qwen2Config(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=3,
+        initializer_range=0.3)  # large enough that attention is not uniform
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _tokenizer(path):
+    return transformers.PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _length_reward(completions, **kwargs):
+    """A reward that varies across a group: longer completions score higher."""
+    return [float(len(c.split())) for c in completions]
+
+
+def _grpo_trainer(path, tmp_path, **overrides):
+    prompts = ["the cat", "a big dog", "the sky is", "small tree and"] * 2
+    fields = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                  max_completion_length=6, max_steps=2, learning_rate=1e-3, report_to=[],
+                  use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+                  temperature=1.0, bf16=False, use_bias_correction_kl=False)
+    fields.update(overrides)
+    args = trl.GRPOConfig(**fields)
+    return GRPOTrainer(model=path, reward_funcs=[_length_reward], args=args,
+                       train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                       processing_class=_tokenizer(path))
+
+
+@pytest.fixture(scope="module")
+def grpo(tiny_model_dir, tmp_path_factory):
+    """A fused GRPO trainer with a reference model, and one generated, scored batch whose
+    old / reference / vLLM log-probs are perturbed so that ratios, clips and KL all bind."""
+    trainer = _grpo_trainer(tiny_model_dir, tmp_path_factory.mktemp("grpo"), beta=0.04)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # set by train(); G divides the loss
+    inputs = trainer._prepare_inputs(batch)
+    gen = torch.Generator().manual_seed(1)
+    mask = inputs["completion_mask"]
+    # A short completion and one dropped whole, as mask_truncated_completions does (the tiny
+    # model rarely samples EOS within max_completion_length).
+    mask[0, 3:] = 0
+    mask[1] = 0
+    shape = inputs["completion_ids"].shape
+    with torch.no_grad():
+        logp = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], mask], 1), shape[1])[0]
+    inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(shape, generator=gen)
+    inputs["ref_per_token_logps"] = logp + 0.5 * torch.randn(shape, generator=gen)
+    inputs["advantages"] = torch.randn(shape[0], generator=gen)
+    inputs["importance_sampling_ratio"] = torch.rand(shape, generator=gen) * 2
+    inputs["num_items_in_batch"] = mask.sum() * 2
+    assert mask.sum() > shape[0] and (mask.sum(-1) < shape[1]).any(), "want padded rows"
+    return trainer, inputs
+
+
+def _loss_and_grads(trainer, compute, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = compute(trainer, trainer.model, dict(inputs))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+             if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same_step(trainer, inputs):
+    """Our compute_loss vs TRL's own, on the same trainer, batch and weights."""
+    ref_loss, ref_grads = _loss_and_grads(trainer, trl.GRPOTrainer.compute_loss, inputs)
+    loss, grads = _loss_and_grads(trainer, GRPOTrainer.compute_loss, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
+    _assert_same_grads(grads, ref_grads)
+
+
+def _assert_same_grads(grads, ref_grads):
+    """Norm-wise 1e-5 over all parameters, and 1e-5 per parameter against its own norm.
+    A parameter whose gradient is below 1% of the total is compared to 1% of the total
+    instead: the tiny model's attention q / k gradients are ~1e-8 next to ~1e-1 for the
+    rest, float32 rounding of the large terms they are summed from."""
+    assert grads.keys() == ref_grads.keys()
+    total = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
+    diff = torch.cat([(grads[n] - g).flatten() for n, g in ref_grads.items()]).norm()
+    assert diff / total < REL, f"gradient off by {diff / total:.2e} (norm-wise, all params)"
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        err = (g - ref).norm() / torch.maximum(ref.norm(), 1e-2 * total)
+        assert err < REL, f"{name}: gradient off by {err:.2e} (norm-wise)"
+
+
+GRPO_SETTINGS = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0),
+    "sapo": dict(loss_type="sapo"),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence",
+                 epsilon_low=3e-4, epsilon_high=4e-4),
+    "delta": dict(loss_type="dapo", delta=1.5),
+    "kl": dict(loss_type="grpo", beta=0.04),
+    "vllm_is": dict(loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True),
+    "vllm_is_gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                         use_vllm=True, vllm_importance_sampling_correction=True),
+    "top_entropy": dict(loss_type="dapo", top_entropy_quantile=0.5),
+    "on_policy": dict(loss_type="bnpo", old=None),
+    "eval": dict(loss_type="dapo", train=False),
+}
+
+
+def _configure(trainer, setting):
+    """Point the one trainer at a setting (TRL reads these attributes in compute_loss)."""
+    s = dict(setting)
+    trainer.args.delta = s.pop("delta", None)
+    trainer.loss_type = s.pop("loss_type")
+    trainer.epsilon_low = s.pop("epsilon_low", 0.2)
+    trainer.epsilon_high = s.pop("epsilon_high", 0.2)
+    trainer.beta = s.pop("beta", 0.0)
+    trainer.importance_sampling_level = s.pop("importance_sampling_level", "token")
+    trainer.top_entropy_quantile = s.pop("top_entropy_quantile", 1.0)
+    trainer.use_vllm = s.pop("use_vllm", False)
+    trainer.vllm_importance_sampling_correction = s.pop("vllm_importance_sampling_correction",
+                                                       False)
+    trainer.model.train(s.pop("train", True))
+    return s
+
+
+@pytest.mark.parametrize("name", list(GRPO_SETTINGS))
+def test_grpo_step_matches_trl(grpo, name):
+    trainer, inputs = grpo
+    rest = _configure(trainer, GRPO_SETTINGS[name])
+    if "old" in rest:
+        inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+    try:
+        _assert_same_step(trainer, inputs)
+    finally:
+        trainer.model.train()
+
+
+def test_grpo_metrics_are_logged_and_clips_bind(grpo):
+    """The batch exercises the clip (else the equality tests would not test it), and the
+    fused path logs TRL's metric names."""
+    trainer, inputs = grpo
+    _configure(trainer, GRPO_SETTINGS["kl"])
+    trainer._metrics["train"].clear()
+    GRPOTrainer.compute_loss(trainer, trainer.model, dict(inputs)).backward()
+    logged = trainer._metrics["train"]
+    assert {"entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean"} <= set(logged)
+    assert logged["clip_ratio/region_mean"][-1] > 0 and logged["kl"][-1] > 0
+
+
+@pytest.mark.parametrize(("setting", "value", "attribute"), [
+    ("loss_type", "vespo", "loss_type"),
+    ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold"),
+    ("entropy_coef", 0.01, "_entropy_bonus_enabled"),
+    ("use_bias_correction_kl", True, None),
+    ("epsilon_high", 0.28, "epsilon_high"),   # with cispo: an absolute cap below 1
+    ("delta", 1.1, None),                     # not above 1 + epsilon_high
+])
+def test_grpo_refuses_unmappable_settings(grpo, setting, value, attribute):
+    from rlhf_fast.integrations.trl_config import grpo_policy_config
+
+    trainer, _ = grpo
+    _configure(trainer, {"loss_type": "cispo" if setting == "epsilon_high" else "dapo",
+                         "beta": 0.04})
+    saved = (trainer.args.use_bias_correction_kl, trainer.entropy_coef)
+    if attribute is not None:
+        setattr(trainer, attribute, value)
+    if setting == "entropy_coef":
+        trainer.entropy_coef = value
+    elif setting == "use_bias_correction_kl":
+        trainer.args.use_bias_correction_kl = True
+    elif setting == "delta":
+        trainer.args.delta = value
+    try:
+        with pytest.raises(UnsupportedSettingError, match=setting):
+            grpo_policy_config(trainer)
+    finally:
+        trainer.args.use_bias_correction_kl, trainer.entropy_coef = saved
+        trainer.off_policy_mask_threshold = None
+        trainer._entropy_bonus_enabled = False
+
+
+def test_grpo_refuses_at_construction(tiny_model_dir, tmp_path):
+    with pytest.raises(UnsupportedSettingError, match="loss_type='vespo'"):
+        _grpo_trainer(tiny_model_dir, tmp_path, loss_type="vespo")
+
+
+def test_grpo_train_end_to_end(tiny_model_dir, tmp_path):
+    """Two optimiser steps of generation, scoring and the fused loss on the CPU."""
+    trainer = _grpo_trainer(tiny_model_dir, tmp_path, loss_type="dapo", beta=0.0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "lm_head.weight" in moved and len(moved) == len(before)
+    assert "entropy" in trainer.state.log_history[0]
+
+
+# ----------------------------------------------------------------------------------- DPO
+
+PAIRS = [("the cat", " runs and sits", " sky"), ("a big dog", " sits", " the sea is big red"),
+         ("the sky is", " blue", " a cat"), ("small tree and", " a big tree", " dog runs runs")]
+"""(prompt, chosen, rejected): TRL joins prompt and completion without a space."""
+
+
+def _dpo_trainer(path, tmp_path, **overrides):
+    prompt, chosen, rejected = (list(x) for x in zip(*PAIRS, strict=True))
+    fields = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                  learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
+                  save_strategy="no", seed=0, bf16=False, max_length=16)
+    fields.update(overrides)
+    return DPOTrainer(model=path, args=trl.DPOConfig(**fields),
+                      train_dataset=datasets.Dataset.from_dict(
+                          {"prompt": prompt, "chosen": chosen, "rejected": rejected}),
+                      processing_class=_tokenizer(path))
+
+
+@pytest.fixture(scope="module")
+def dpo(tiny_model_dir, tmp_path_factory):
+    """A fused DPO trainer whose policy is moved away from its reference (so the log-ratios
+    are not all 0) and one collated batch."""
+    trainer = _dpo_trainer(tiny_model_dir, tmp_path_factory.mktemp("dpo"))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, batch
+
+
+DPO_SETTINGS = {
+    "sigmoid": dict(loss_type=["sigmoid"], beta=0.1),
+    "sigmoid_norm": dict(loss_type=["sigmoid_norm"], beta=0.5),
+    "hinge": dict(loss_type=["hinge"], beta=0.1),
+    "ipo": dict(loss_type=["ipo"], beta=0.5),
+    "exo_pair": dict(loss_type=["exo_pair"], beta=0.1, label_smoothing=1e-3),
+    "nca_pair": dict(loss_type=["nca_pair"], beta=0.1),
+    "robust": dict(loss_type=["robust"], beta=0.1, label_smoothing=0.2),
+    "bco_pair": dict(loss_type=["bco_pair"], beta=0.1),
+    "sppo_hard": dict(loss_type=["sppo_hard"], beta=0.5),
+    "apo_zero": dict(loss_type=["apo_zero"], beta=0.1),
+    "apo_down": dict(loss_type=["apo_down"], beta=0.1),
+    "discopop": dict(loss_type=["discopop"], beta=0.1),
+    "sigmoid_plus_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[2.0, 0.5], beta=0.1),
+    "smoothing_ignored_by_sigmoid": dict(loss_type=["sigmoid"], beta=0.1, label_smoothing=0.3),
+    "precomputed_ref": dict(loss_type=["sigmoid"], beta=0.1, precompute=True),
+}
+
+
+def _configure_dpo(trainer, setting, batch):
+    s = dict(setting)
+    trainer.loss_types = s["loss_type"]
+    trainer.loss_weights = s.get("loss_weights", [1.0] * len(s["loss_type"]))
+    trainer.beta = s["beta"]
+    trainer.label_smoothing = s.get("label_smoothing", 0.0)
+    trainer.precompute_ref_logps = s.get("precompute", False)
+    inputs = dict(batch)
+    if trainer.precompute_ref_logps:
+        chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+        inputs.update(ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+    return inputs
+
+
+@pytest.mark.parametrize("name", list(DPO_SETTINGS))
+def test_dpo_step_matches_trl(dpo, name):
+    trainer, batch = dpo
+    inputs = _configure_dpo(trainer, DPO_SETTINGS[name], batch)
+    ref_loss, ref_grads = _loss_and_grads(trainer, trl.DPOTrainer.compute_loss, inputs)
+    loss, grads = _loss_and_grads(trainer, DPOTrainer.compute_loss, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
+    _assert_same_grads(grads, ref_grads)
+
+
+@pytest.mark.parametrize(("setting", "attribute", "value"), [
+    ("loss_type", "loss_types", ["aot"]),
+    ("loss_type", "loss_types", ["sigmoid", "hinge"]),
+    ("f_divergence_type", "f_divergence_type", "js_divergence"),
+    ("ld_alpha", "ld_alpha", 0.5),
+    ("use_weighting", "use_weighting", True),
+])
+def test_dpo_refuses_unmappable_settings(dpo, setting, attribute, value):
+    from rlhf_fast.integrations.trl_config import dpo_loss_arguments
+
+    trainer, batch = dpo
+    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+    saved = getattr(trainer, attribute)
+    setattr(trainer, attribute, value)
+    if attribute == "loss_types":
+        trainer.loss_weights = [1.0] * len(value)
+    try:
+        with pytest.raises(UnsupportedSettingError, match=setting):
+            dpo_loss_arguments(trainer)
+    finally:
+        setattr(trainer, attribute, saved)
+
+
+def test_dpo_train_end_to_end(tiny_model_dir, tmp_path):
+    trainer = _dpo_trainer(tiny_model_dir, tmp_path, loss_type=["ipo"], beta=0.5)
+    before = trainer.model.lm_head.weight.detach().clone()
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, trainer.model.lm_head.weight)
+    assert "rewards/margins" in trainer.state.log_history[0]
+
+
+def test_importing_rlhf_fast_imports_neither_trl_nor_verl():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf_fast, rlhf_fast.integrations; "
+            "bad = [m for m in ('trl', 'verl', 'transformers', 'accelerate') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
