@@ -1,6 +1,6 @@
 """rlhf_fast: fused Triton kernels for the loss side of LLM reinforcement learning.
 
-Public API (see DESIGN.md section 2):
+Public API (see docs/architecture.md, Public API):
 
 - ``token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index)``:
   log-prob of each target and the entropy of each row, in one read of the logits.

@@ -12,7 +12,7 @@ coefficients -> gradient sweep). Implementations:
                           installed, on CUDA.
 
 Useful bytes (s = bytes per logit): 2*N*V*s, the logits read once and the gradient written
-once (DESIGN.md section 7's 4*N*V for bf16).
+once (4*N*V for bf16; docs/architecture.md, Benchmarks).
 """
 
 from __future__ import annotations
