@@ -93,3 +93,14 @@ def test_architecture_anchors_resolve():
     anchors = {name.lower().replace(" ", "-") for name in section_names()}
     for anchor in re.findall(r"\]\(#([^)]+)\)", text):
         assert anchor in anchors, f"broken anchor #{anchor}"
+
+
+def test_the_suite_is_deterministic_as_documented():
+    """docs/architecture.md, Tests: hypothesis is derandomized without an example database,
+    and each test starts from torch's seed 0 (conftest's autouse fixture)."""
+    import torch
+    from hypothesis import settings
+
+    assert settings.default.derandomize and settings.default.database is None
+    assert settings.default.deadline is None
+    assert torch.equal(torch.randn(3), torch.randn(3, generator=torch.Generator().manual_seed(0)))
