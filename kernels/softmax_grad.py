@@ -1,7 +1,7 @@
 """Gradient sweep: dL/dlogits for one block of a row, from the row's saved statistics.
 
 With z = logits * inv_temp, p = softmax(z), the per-token coefficients c = dL/dlogp_y and
-c_H = dL/dH give (DESIGN.md section 3):
+c_H = dL/dH give (docs/architecture.md, One coefficient per token):
 
     dL/dlogits_j = ( c * (1[j == y] - p_j)  -  c_H * p_j * (log p_j + H) ) * inv_temp
 

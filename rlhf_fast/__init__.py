@@ -1,6 +1,6 @@
 """rlhf_fast: fused Triton kernels for the loss side of LLM reinforcement learning.
 
-Public API (see DESIGN.md section 2):
+Public API (see docs/architecture.md, Public API):
 
 - ``token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index)``:
   log-prob of each target and the entropy of each row, in one read of the logits.
@@ -14,7 +14,13 @@ Public API (see DESIGN.md section 2):
   SimPO, ORPO and the other preference losses over ``[chosen; rejected]`` logits;
   ``linear_dpo_loss`` from hidden states and the ``lm_head`` weight.
 - ``rlhf_fast.reference``: the plain-PyTorch ground truth of every op (autograd, float64).
+
+The pieces around the loss are submodules, imported on first use (``import rlhf_fast`` stays
+as cheap as the ops alone): ``rlhf_fast.advantages``, ``rlhf_fast.gae``, ``rlhf_fast.value``,
+``rlhf_fast.kl_control``, ``rlhf_fast.reward_shaping`` and ``rlhf_fast.reference``.
 """
+
+import importlib
 
 from .config import PRESETS, PolicyLossConfig
 from .ops.dpo import PreferenceLossOutput, dpo_loss
@@ -24,6 +30,21 @@ from .ops.policy_loss import PolicyLossOutput, policy_loss
 from .ops.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
+
+LAZY_SUBMODULES = ("advantages", "gae", "kl_control", "reference", "reward_shaping", "value")
+"""Submodules reachable as attributes of ``rlhf_fast`` without importing them up front."""
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: ``rlhf_fast.gae.gae(...)`` works after a bare ``import rlhf_fast``.
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *LAZY_SUBMODULES})
+
 
 __all__ = [
     "PRESETS",

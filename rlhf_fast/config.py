@@ -1,8 +1,8 @@
 """``PolicyLossConfig``: every policy-gradient loss rlhf_fast computes, as one frozen dataclass.
 
 Presets are data (``PRESETS``), not code paths: ``PolicyLossConfig.preset("dapo")`` is a
-config like any other, and keyword overrides replace fields. Formulas: DESIGN.md section 3
-and ``rlhf_fast.reference.policy_loss``.
+config like any other, and keyword overrides replace fields. Formulas: docs/architecture.md,
+One coefficient per token, and ``rlhf_fast.reference.policy_loss``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class PolicyLossConfig:
 
     kl_estimator: KLEstimator = "k3"
     """Schulman's estimators with log x = log p - log q: k1 = -log x, k2 = (log x)^2 / 2,
-    k3 = x - 1 - log x (DESIGN.md section 3, KL conventions)."""
+    k3 = x - 1 - log x (docs/architecture.md, KL conventions)."""
 
     kl_clamp: float | None = None
     """None, or verl's low-variance clamp: the KL log-ratio is clamped by log_ratio_clamp and

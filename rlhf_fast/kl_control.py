@@ -53,7 +53,7 @@ class ProportionalKLController:
 
 def token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token KL(pi || ref) from samples of pi: k1 = logp - ref; k3 = x - 1 - log x with
-    log x = ref - logp (DESIGN.md section 3, kl_reference="ref")."""
+    log x = ref - logp (docs/architecture.md, KL conventions: kl_reference="ref")."""
     log_x = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_x

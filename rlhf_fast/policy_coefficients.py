@@ -3,7 +3,7 @@
 Input: the stats sweep's float32 ``logp`` and ``entropy`` ``[B, T]`` and the per-token side
 tensors. Output: the scalar loss, the two coefficients and the metrics. Everything here is
 ``[B, T]``-sized, so it costs nothing next to a pass over ``[B, T, V]``; the gradient sweep
-then turns the coefficients into dL/dlogits (DESIGN.md section 3).
+then turns the coefficients into dL/dlogits (docs/architecture.md, One coefficient per token).
 
 Every derivative is written out by hand and mirrors the autograd of
 ``rlhf_fast.reference.policy_loss`` exactly, including the conventions of torch's

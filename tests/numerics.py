@@ -1,4 +1,5 @@
-"""Tolerances of DESIGN.md section 5 and the norm-wise comparisons the tests use."""
+"""Tolerances of docs/architecture.md (Numerical contract) and the norm-wise comparisons the
+tests use."""
 
 import torch
 

@@ -233,7 +233,6 @@ def test_bad_input():
 MEMORY_CHILD = textwrap.dedent("""
     import json, sys, torch
     import rlhf_fast
-    from rlhf_fast import reference
     from rlhf_fast.bench.measure import peak_extra_mib
     torch.manual_seed(0)
     B, T, H, V = 8, 1024, 256, 32768          # float32 logits: 8192 x 32768 x 4 B = 1 GiB
@@ -247,9 +246,11 @@ MEMORY_CHILD = textwrap.dedent("""
         rlhf_fast.linear_policy_loss(h, w, y, adv, mask, config="dapo", chunk_size=1,
                                      backend="torch").loss.backward()
     def naive():
-        h.grad = w.grad = None
-        reference.policy_loss(h @ w.T, y, adv, mask,
-                              config=rlhf_fast.PolicyLossConfig.preset("dapo"))[0].backward()
+        # The log-probs through materialised logits, without even a backward: the logits
+        # and their log_softmax, 2 GiB. (The float32 reference's forward and backward peak
+        # at 6.4 GiB, more than the test suite's 4 GiB budget.)
+        with torch.no_grad():
+            torch.log_softmax(h @ w.T, -1).gather(-1, y.unsqueeze(-1))
     which = sys.argv[1]
     print(json.dumps({"peak_mib": peak_extra_mib(ours if which == "ours" else naive,
                                                  torch.device("cpu"))}))
@@ -269,7 +270,7 @@ def test_peak_memory_is_one_chunk(record_property):
     ours = _child_peak("ours")
     naive = _child_peak("naive")
     record_property("peak_mib_linear_policy_loss", ours)
-    record_property("peak_mib_naive_reference", naive)
+    record_property("peak_mib_naive_log_softmax", naive)
     mib = 2**20
     chunk = 1024 * 32768 * 4 / mib                  # one sequence of float32 logits: 128 MiB
     torch_backend = WORKING_SET_BYTES / mib         # the torch backend's row-chunk temporaries
@@ -278,6 +279,6 @@ def test_peak_memory_is_one_chunk(record_property):
     per_token = 8 * 1024 * 64 / mib                 # O(N) statistics, generously 64 B a token
     bound = chunk + torch_backend + weight_grad + hidden_grad + per_token
     print(f"peak extra: linear_policy_loss {ours:.0f} MiB (bound {bound:.0f}), "
-          f"naive reference {naive:.0f} MiB")
+          f"naive log_softmax {naive:.0f} MiB")
     assert ours <= bound, f"{ours:.0f} MiB > {bound:.0f} MiB"
-    assert naive > 1024, "the naive path should hold at least the 1 GiB of logits"
+    assert naive > 1024, "the naive path holds the 1 GiB of logits and their log_softmax"

@@ -1,5 +1,5 @@
 """The one-kernel token-level path and the two-pass path give the same loss and gradient,
-and each configuration takes the path DESIGN.md section 3 assigns it."""
+and each configuration takes the path docs/architecture.md (Two paths) assigns it."""
 
 import pytest
 import torch

@@ -8,7 +8,8 @@ Modes:
 - ``linear``: ``linear_dpo_loss`` from hidden states ``[2B, T, H]`` and the ``lm_head``
   weight, the reference model given as its hidden states and head (its log-probs computed
   in the loop, as Liger does). Useful FLOPs 8*N*H*V: the three GEMMs of the policy and the
-  reference model's logits GEMM.
+  reference model's logits GEMM, against the rate of the case's GEMMs run alone just before
+  (``ceilings.linear_gemm_tflops``).
 
 Implementations: ``rlhf_fast``; ``reference`` (the float32 reference on materialised logits,
 eager); ``liger`` (Liger-Kernel's ``LigerFusedLinearDPOLoss``, linear mode, when installed,
@@ -28,6 +29,7 @@ from rlhf_fast import reference
 from rlhf_fast.preference_config import preference_config
 
 from .case import Case
+from .ceilings import linear_gemm_tflops
 from .ground_truth import float64_reference
 from .measure import median_ms, peak_extra_mib
 from .rotation import rotating
@@ -41,6 +43,8 @@ QUICK_SHAPES = {"cpu": {"logits": [(512, 32000)], "linear": [(256, 128, 32000)]}
                 "cuda": {"logits": [(16384, 128256)], "linear": [(16384, 4096, 128256)]}}
 FULL_SHAPES = {"logits": [(16384, 128256), (16384, 151936), (32768, 151936)],
                "linear": [(16384, 4096, 128256), (32768, 4096, 151936)]}
+TINY_SHAPES = {"logits": [(64, 1000)], "linear": [(64, 32, 1000)]}
+"""``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 
 
 def useful_bytes(case: Case) -> int:
@@ -54,7 +58,7 @@ def useful_flops(case: Case) -> int:
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
-    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     return ([Case(n, v, dtype, "logits") for n, v in grid["logits"]]
             + [Case(n, v, dtype, "linear", h) for n, h, v in grid["linear"]])
 
@@ -216,6 +220,8 @@ def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: 
     reason = absent_reason(case, impl, device)
     if reason:
         return {**record, "status": "absent", "reason": reason}
+    if case.mode == "linear":
+        record["gemm_tflops"] = linear_gemm_tflops(case.n, case.h, case.v, case.dtype, device)
     if case.mode == "logits":
         step = rotating(lambda i: make_step(case, impl, make_inputs(case, device, seed=i)),
                         case.logit_bytes, device)

@@ -21,6 +21,8 @@ SUITE = "gae"
 IMPLS = ("rlhf_fast", "torch", "reference")
 QUICK_SHAPES = {"cpu": [(256 * 256, 256)], "cuda": [(1024 * 8192, 8192)]}
 FULL_SHAPES = [(1024 * 8192, 8192)]
+TINY_SHAPES = [(8 * 16, 16)]
+"""``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 GAMMA, LAM = 0.99, 0.95
 
 
@@ -30,7 +32,7 @@ def useful_bytes(case: Case) -> int:
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "float32") -> list[Case]:
-    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     # n = B * T tokens; v holds T (the "vocabulary" column of the table is the length here).
     return [Case(n, t, "float32", "fwd") for n, t in grid]
 
@@ -64,9 +66,14 @@ def make_step(impl: str, inputs) -> Callable[[], object]:
     return lambda: gae(*inputs, GAMMA, LAM, backend=backend)
 
 
+def label(case: Case) -> str:
+    """``B=.. T=.. fp32``: a gae case names its batch and length, not N and V."""
+    return f"B={case.n // case.v} T={case.v} fp32"
+
+
 def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: int) -> dict:
-    record = {"suite": SUITE, "case": asdict(case), "label": f"B={case.n // case.v} "
-              f"T={case.v} fp32", "mode": case.mode, "impl": impl,
+    record = {"suite": SUITE, "case": asdict(case), "label": label(case),
+              "mode": case.mode, "impl": impl,
               "useful_bytes": useful_bytes(case), "bytes_formula": "5*B*T*4"}
     inputs = make_inputs(case, device)
     step = make_step(impl, inputs)

@@ -6,9 +6,10 @@ loss ``sum(logp)``). Implementations: ``rlhf_fast`` (chunked, never holding the 
 ``reference`` (the float32 reference on materialised logits, eager) and the peers, when
 installed, on CUDA: ``liger`` (``LigerFusedLinearGRPOLoss``, policy mode) and ``cce`` (Cut
 Cross-Entropy's ``linear_cross_entropy``, logprobs mode). Useful FLOPs: 6*N*H*V (logits
-GEMM, grad_hidden GEMM, grad_weight GEMM) against the bf16 matmul rate measured in the same
-run. Errors are against the float64 reference on exact products, so bf16 runs show the
-rounding of the logits to bf16 that every implementation makes.
+GEMM, grad_hidden GEMM, grad_weight GEMM) against the rate of the same three GEMMs run alone
+in the same process just before the case (``ceilings.linear_gemm_tflops``). Errors are
+against the float64 reference on exact products, so bf16 runs show the rounding of the
+logits to bf16 that every implementation makes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import rlhf_fast
 from rlhf_fast import PolicyLossConfig, reference
 
 from .case import Case
+from .ceilings import linear_gemm_tflops
 from .ground_truth import float64_reference
 from .measure import median_ms, peak_extra_mib
 
@@ -32,6 +34,8 @@ CONFIG = PolicyLossConfig.preset("dapo")
 SEQ_LEN = 128
 QUICK_SHAPES = {"cpu": [(256, 256, 32000)], "cuda": [(8192, 4096, 151936)]}
 FULL_SHAPES = [(n, h, v) for n in (8192, 32768) for h in (4096, 5120) for v in (128256, 151936)]
+TINY_SHAPES = [(64, 32, 1000)]
+"""``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 
 
 def useful_bytes(case: Case) -> int:
@@ -44,7 +48,7 @@ def useful_flops(case: Case) -> int:
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
-    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     return [Case(n, v, dtype, mode, h) for n, h, v in grid for mode in MODES]
 
 
@@ -173,6 +177,7 @@ def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: 
     reason = absent_reason(case, impl, device)
     if reason:
         return {**record, "status": "absent", "reason": reason}
+    record["gemm_tflops"] = linear_gemm_tflops(case.n, case.h, case.v, case.dtype, device)
     inputs = make_inputs(case, device)
     step = make_step(case, impl, inputs)
     record["median_ms"] = median_ms(step, device, warmup=warmup, reps=reps)

@@ -34,6 +34,8 @@ ENTROPY_COEF = 0.01
 
 QUICK_SHAPES = {"cpu": [(512, 32000)], "cuda": [(8192, 151936)]}
 FULL_SHAPES = [(n, v) for n in (8192, 32768) for v in (32000, 128256, 151936, 262144)]
+TINY_SHAPES = [(64, 1000)]
+"""``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 BYTES_FORMULA = {"fwd": "N*V*s", "fwd+bwd": "2*N*V*s"}
 
 
@@ -43,7 +45,7 @@ def useful_bytes(case: Case) -> int:
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
-    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     return [Case(n, v, dtype, mode) for n, v in grid for mode in MODES]
 
 

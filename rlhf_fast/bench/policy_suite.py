@@ -12,7 +12,7 @@ coefficients -> gradient sweep). Implementations:
                           installed, on CUDA.
 
 Useful bytes (s = bytes per logit): 2*N*V*s, the logits read once and the gradient written
-once (DESIGN.md section 7's 4*N*V for bf16).
+once (4*N*V for bf16; docs/architecture.md, Benchmarks).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ MODES = {
 SEQ_LEN = 128
 QUICK_SHAPES = {"cpu": [(512, 32000)], "cuda": [(8192, 151936)]}
 FULL_SHAPES = [(8192, 151936), (32768, 151936)]
+TINY_SHAPES = [(64, 1000)]
+"""``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 
 
 def useful_bytes(case: Case) -> int:
@@ -48,7 +50,7 @@ def useful_bytes(case: Case) -> int:
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
-    grid = QUICK_SHAPES[device.type] if shapes == "quick" else FULL_SHAPES
+    grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     return [Case(n, v, dtype, mode) for n, v in grid for mode in MODES]
 
 

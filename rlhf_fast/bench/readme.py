@@ -21,6 +21,8 @@ def _fmt(value, spec: str) -> str:
 def _ceiling(record: dict) -> str:
     if record.get("frac_of_matmul") is not None:
         formula = record.get("flops_formula", "6*N*H*V")
+        if record.get("gemm_tflops"):  # against the case's own GEMMs timed alone
+            return f"{record['frac_of_matmul']:.1%} of its GEMMs alone ({formula} FLOP)"
         return f"{record['frac_of_matmul']:.1%} of bf16 matmul ({formula} FLOP)"
     return f"{record['frac_of_copy']:.1%} of copy ({record['bytes_formula']} B)"
 

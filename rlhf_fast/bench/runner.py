@@ -13,7 +13,13 @@ Report schema (``rlhf_fast.bench/1``, JSON Schema in ``rlhf_fast.bench.schema``)
   (logprobs: ``err_logp``, ``err_entropy``, ``err_grad`` for fwd+bwd; policy: ``err_loss``,
   ``err_grad``), ``useful_bytes``, ``bytes_formula``, ``gbps``
   (useful_bytes / median time), ``frac_of_copy`` (gbps / copy_gbps), ``speedup_vs_reference``
-  (reference time / this time) and ``memory_vs_reference`` (this peak / reference peak).
+  (reference time / this time) and ``memory_vs_reference`` (this peak / reference peak);
+  fused-linear cases add ``useful_flops``, ``flops_formula``, ``gemm_tflops`` (the case's
+  own GEMMs timed alone just before it), ``tflops`` and ``frac_of_matmul`` (tflops /
+  gemm_tflops; reports without gemm_tflops used the square matmul ceiling).
+
+The console table (``format_table``) fits ``WIDTH`` columns: one block per case, a legend,
+and the implementations that did not run summarised in one entry.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import asdict
 
 import torch
 
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
-from .suites import SUITES
+from .suites import SUITES, case_label
 
 SCHEMA = "rlhf_fast.bench/1"
 
@@ -103,14 +110,34 @@ def _derive(records: list[dict], copy_gbps: float, matmul_tflops: float | None =
             continue
         r["gbps"] = r["useful_bytes"] / (r["median_ms"] * 1e-3) / 1e9
         r["frac_of_copy"] = r["gbps"] / copy_gbps
-        if r.get("useful_flops") and matmul_tflops:
+        # The FLOP ceiling: the case's own GEMMs timed alone next to it (gemm_tflops), or
+        # else the run's square bf16 matmul (reports written before gemm_tflops existed).
+        flop_ceiling = r.get("gemm_tflops") or matmul_tflops
+        if r.get("useful_flops") and flop_ceiling:
             r["tflops"] = r["useful_flops"] / (r["median_ms"] * 1e-3) / 1e12
-            r["frac_of_matmul"] = r["tflops"] / matmul_tflops
+            r["frac_of_matmul"] = r["tflops"] / flop_ceiling
         ref = by_key.get((r["suite"], r["label"], r["mode"], "reference"))
         if ref and ref["status"] == "ok":
             r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
             if ref["peak_extra_mib"] > 0:
                 r["memory_vs_reference"] = r["peak_extra_mib"] / ref["peak_extra_mib"]
+
+
+def case_heading(suite: str, label: str, mode: str) -> str:
+    """How a case is named in the progress lines and in the console table alike."""
+    return f"{suite} {label} {mode}"
+
+
+def progress_line(step: int, steps: int, jobs: list[dict]) -> str:
+    """``[#####---------------] 2/5 policy N=512 V=32000 bfloat16 token, ... (12 runs)``:
+    the cases of the suite about to run, named as the table's headings name them, wrapped to
+    ``WIDTH`` columns."""
+    done = round(20 * (step - 1) / steps)
+    cases = dict.fromkeys(case_heading(j["suite"], j["label"], j["case"]["mode"]) for j in jobs)
+    text = (f"[{'#' * done}{'-' * (20 - done)}] {step}/{steps} {', '.join(cases)} "
+            f"({len(jobs)} runs)")
+    return "\n".join(textwrap.wrap(text, WIDTH, subsequent_indent=" " * 27,
+                                    break_on_hyphens=False))
 
 
 def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
@@ -133,15 +160,12 @@ def run(suites: Iterable[str] = ("logprobs",), shapes: str = "quick",
         for case in suite.cases(shapes, device):
             for impl in suite.IMPLS:
                 groups.setdefault(name, []).append(
-                    {"suite": name, "case": asdict(case), "label": case.label, "impl": impl,
-                     "device": str(device), "warmup": warmup, "reps": reps})
+                    {"suite": name, "case": asdict(case), "label": case_label(suite, case),
+                     "impl": impl, "device": str(device), "warmup": warmup, "reps": reps})
     records = []
-    for i, (name, jobs) in enumerate(groups.items(), 1):
+    for i, jobs in enumerate(groups.values(), 1):
         if progress:
-            done = round(20 * (i - 1) / len(groups))
-            labels = ", ".join(dict.fromkeys(job["label"] for job in jobs))
-            print(f"[{'#' * done}{'-' * (20 - done)}] {i}/{len(groups)} {name} {labels}: "
-                  f"{len(jobs)} runs", file=sys.stderr, flush=True)
+            print(progress_line(i, len(groups), jobs), file=sys.stderr, flush=True)
         if on_gpu:
             from .worker import run_job
             for job in jobs:
@@ -159,7 +183,7 @@ COLUMNS = [
     ("impl", "impl", "{}"),
     ("ms", "median_ms", "{:.3f}"), ("peak MiB", "peak_extra_mib", "{:.0f}"),
     ("GB/s", "gbps", "{:.1f}"), ("% copy", "frac_of_copy", "{:.0%}"),
-    ("TFLOP/s", "tflops", "{:.2f}"), ("% matmul", "frac_of_matmul", "{:.0%}"),
+    ("TFLOP/s", "tflops", "{:.2f}"), ("% gemm", "frac_of_matmul", "{:.0%}"),
     ("x ref", "speedup_vs_reference", "{:.2f}"), ("mem/ref", "memory_vs_reference", "{:.2f}"),
     ("err logp", "err_logp", "{:.1e}"), ("err loss", "err_loss", "{:.1e}"),
     ("err grad", "err_grad", "{:.1e}"), ("err adv", "err_adv", "{:.1e}"),
@@ -178,25 +202,100 @@ def table_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+WIDTH = 120
+"""Columns of the console output (table, legend, progress lines)."""
+
+ERROR_KEYS = ("err_logp", "err_entropy", "err_loss", "err_adv")
+"""The output errors a suite may report; the console shows the largest as ``err``."""
+
+CONSOLE_COLUMNS = [
+    # (header, width, value of a record or None, format)
+    ("ms", 9, lambda r: r.get("median_ms"), "{:.3f}"),
+    ("peak MiB", 8, lambda r: r.get("peak_extra_mib"), "{:.0f}"),
+    ("x ref", 5, lambda r: r.get("speedup_vs_reference"), "{:.2f}"),
+    ("mem/ref", 7, lambda r: r.get("memory_vs_reference"), "{:.2f}"),
+    ("GB/s", 7, lambda r: r.get("gbps") if r.get("useful_bytes") else None, "{:.1f}"),
+    ("% copy", 6, lambda r: r.get("frac_of_copy") if r.get("useful_bytes") else None, "{:.0%}"),
+    ("TFLOP/s", 7, lambda r: r.get("tflops"), "{:.2f}"),
+    ("% gemm", 6, lambda r: r.get("frac_of_matmul"), "{:.0%}"),
+    ("err", 7, lambda r: max((r[k] for k in ERROR_KEYS if r.get(k) is not None),
+                             default=None), "{:.1e}"),
+    ("err grad", 8, lambda r: r.get("err_grad"), "{:.1e}"),
+]
+
+LEGEND = """\
+ms        median wall time of one call (fwd, or fwd+bwd; CUDA events on a GPU); fewer is better
+peak MiB  peak memory above what was held before the call (CUDA: allocator; CPU: resident set)
+x ref     the eager float32 reference's ms / this ms: above 1 is faster than the reference
+mem/ref   this peak MiB / the reference's peak MiB: below 1 is leaner than the reference
+GB/s      useful bytes / ms: the logits read once (+ the gradient written once), gae 5*B*T*4 B
+% copy    GB/s as a share of the device-to-device copy bandwidth measured at the start of the run
+TFLOP/s   useful FLOP / ms of the fused-linear cases: 6*N*H*V (three GEMMs), dpo linear 8*N*H*V
+% gemm    TFLOP/s as a share of the rate of the case's own GEMMs run alone, just before the case,
+          in the same process: 100% would be an op that is nothing but its GEMMs
+err       largest error of the outputs against float64: logp / entropy / advantages (absolute),
+          loss (relative)
+err grad  norm-wise relative error of the gradient against float64
+-         not applicable to this case (or the reference did not run)"""
+
+
 def header(report: dict) -> str:
     ceilings = report["ceilings"]
     return (f"{report['device']} | torch {report['torch']} | triton {report['triton']} | "
-            f"{report['date']} | copy {ceilings['copy_gbps']:.1f} GB/s (bytes read + "
-            f"written) | bf16 matmul {ceilings['matmul_tflops']:.2f} TFLOP/s")
+            f"{report['date']}\nceilings measured in this run: copy {ceilings['copy_gbps']:.1f} "
+            f"GB/s (bytes read + written), bf16 matmul {ceilings['matmul_tflops']:.2f} TFLOP/s "
+            "(square)")
+
+
+def _wrapped(text: str, indent: int = 4) -> list[str]:
+    return textwrap.wrap(text, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+
+def absent_summary(records: list[dict]) -> str | None:
+    """One entry for every implementation that did not run: its count and its reasons."""
+    reasons: dict[str, dict[str, None]] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        if r["status"] == "absent":
+            counts[r["impl"]] = counts.get(r["impl"], 0) + 1
+            reasons.setdefault(r["impl"], {})[r.get("reason", "?")] = None
+    if not counts:
+        return None
+    parts = [f"{impl} x{counts[impl]} ({' / '.join(reasons[impl])})" for impl in counts]
+    return "\n".join(_wrapped("absent: " + "; ".join(parts)))
 
 
 def format_table(report: dict) -> str:
-    names = [c[0] for c in COLUMNS]
-    rows = table_rows(report)
-    widths = [max(len(names[i]), *(len(r[i]) for r in rows if len(r) == len(names)))
-              for i in range(len(names))]
-    lines = [header(report),
-             "  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
-    for r in rows:
-        if len(r) == len(names):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-        else:
-            lines.append("  ".join(r))
+    """The console report: header, one block per case (suite, case, mode) with a row per
+    implementation that ran, the absent implementations in one entry, then the legend.
+    Every line fits ``WIDTH`` columns."""
+    impl_width = max([len("impl")] + [len(r["impl"]) + 2 for r in report["records"]])
+    head = "  ".join([f"{'impl':<{impl_width}}"] + [f"{name:>{width}}" for name, width, _, _
+                                                   in CONSOLE_COLUMNS])
+    lines = [*header(report).splitlines(), "", head]
+    blocks: dict[str, list[dict]] = {}
+    for r in report["records"]:
+        blocks.setdefault(case_heading(r["suite"], r["label"], r["mode"]), []).append(r)
+    for heading, records in blocks.items():
+        shown = [r for r in records if r["status"] != "absent"]
+        if not shown:
+            continue
+        lines.append(heading)
+        for r in shown:
+            name = f"  {r['impl']:<{impl_width - 2}}"
+            if r["status"] != "ok":
+                lines += _wrapped(f"{name}  {r['status']}: {r.get('reason', '')}",
+                                  impl_width + 2)
+                continue
+            cells = []
+            for _, width, value, fmt in CONSOLE_COLUMNS:
+                v = value(r)
+                cells.append(f"{fmt.format(v) if v is not None else '-':>{width}}")
+            lines.append("  ".join([name, *cells]))
+    absent = absent_summary(report["records"])
+    if absent:
+        lines += ["", absent]
+    lines += ["", *LEGEND.splitlines()]
     return "\n".join(lines)
 
 
@@ -212,8 +311,9 @@ def to_markdown(report: dict) -> str:
              "- GB/s counts useful bytes (s = bytes per logit): logprobs fwd N*V*s (logits "
              "read once); logprobs fwd+bwd and policy 2*N*V*s (logits read once, gradient "
              "written once); dpo logits 2*N*V*s; gae 5*B*T*4 (three inputs read, two outputs "
-             "written); linear: TFLOP/s of 6*N*H*V against the in-run bf16 matmul; dpo linear: "
-             "8*N*H*V (with the reference model's GEMM)", "",
+             "written); linear: TFLOP/s of 6*N*H*V, dpo linear 8*N*H*V (with the reference "
+             "model's GEMM); % gemm: TFLOP/s against the case's own GEMMs timed alone just "
+             "before it, in the same process", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for r in table_rows(report):
         r = r + [""] * (len(names) - len(r))

@@ -37,6 +37,7 @@ RECORD = {
         "flops_formula": {"type": "string"},
         "tflops": {"type": "number", "minimum": 0},
         "frac_of_matmul": {"type": "number", "minimum": 0},
+        "gemm_tflops": {"type": "number", "exclusiveMinimum": 0},
     },
     "allOf": [
         {"if": {"properties": {"status": {"const": "ok"}}},

@@ -15,7 +15,7 @@ import traceback
 import torch
 
 from .case import Case
-from .suites import SUITES
+from .suites import SUITES, case_label
 
 
 def run_job(job: dict) -> dict:
@@ -26,7 +26,7 @@ def run_job(job: dict) -> dict:
                               warmup=job["warmup"], reps=job["reps"])
     except Exception as error:  # one failing implementation must not hide the others
         traceback.print_exc()
-        return {"suite": suite.SUITE, "case": job["case"], "label": case.label,
+        return {"suite": suite.SUITE, "case": job["case"], "label": case_label(suite, case),
                 "mode": case.mode, "impl": job["impl"], "status": "error",
                 "reason": f"{type(error).__name__}: {error}"}
 

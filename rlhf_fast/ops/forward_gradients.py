@@ -1,5 +1,5 @@
-"""Gradients computed in the forward pass (DESIGN.md section 3): what backward does with them,
-and how an input overwritten by its own gradient is flagged."""
+"""Gradients computed in the forward pass (docs/architecture.md, One coefficient per token):
+what backward does with them, and how an input overwritten by its own gradient is flagged."""
 
 from __future__ import annotations
 

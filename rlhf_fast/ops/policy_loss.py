@@ -4,7 +4,7 @@ Layers, in reading order: the fused token-level launcher (device code in
 ``kernels/policy_loss.py``), the row sweeps (``row_sweeps.py``) and the coefficient step
 (``rlhf_fast.policy_coefficients``) -> ``_FusedPolicyLoss`` (autograd) -> ``policy_loss``.
 
-Two paths (DESIGN.md section 3), both writing the gradient in the forward pass:
+Two paths (docs/architecture.md, Two paths), both writing the gradient in the forward pass:
 
 - token-level losses on the Triton backend: ONE kernel per row computes the statistics, the
   token's coefficient and the gradient (the row is read twice back to back, written once);

@@ -1,4 +1,5 @@
-"""The two row sweeps every op is built from, on either backend (DESIGN.md section 3).
+"""The two row sweeps every op is built from, on either backend (docs/architecture.md, One
+coefficient per token).
 
 - ``stats_sweep``: one read of each row -> logp, entropy and the per-row statistics;
 - ``grad_sweep``: one read and one write of each row -> dL/dlogits from the per-token
