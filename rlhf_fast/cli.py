@@ -4,6 +4,8 @@
                     [--markdown PATH]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
+    rlhf-fast train ALGO [--model tiny|PATH] [--task NAME] [--steps N] [--out DIR]
+                    [--loss fused|reference] ...   (rlhf_fast.trainers.cli)
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="regenerate the README's performance section")
     r.add_argument("results", nargs="+", help="benchmark JSON reports")
     r.add_argument("--readme", default="README.md")
+    from .trainers.cli import add_parser as add_train_parser
+    add_train_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "aot":
         from .aot import main as aot_main
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         changed = update_readme(args.readme, args.results)
         print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
         return 0
+    if args.command == "train":
+        from .trainers.cli import run as train
+        return train(args)
     return bench(args)
 
 
