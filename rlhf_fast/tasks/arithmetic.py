@@ -77,8 +77,9 @@ class ArithmeticTask:
 
     @property
     def max_new_tokens(self) -> int:
-        """Room for the longest answer, its sign and ``<eos>``."""
-        return self.answer_digits + 2
+        """Room for the longest answer written twice (``-12=-12``, what a sloppy policy
+        writes) and ``<eos>``."""
+        return 2 * (self.answer_digits + 1) + 2
 
     @property
     def max_prompt_chars(self) -> int:

@@ -1,10 +1,14 @@
 """A tiny Qwen2-shaped causal LM built from a config, and its short supervised warm-up.
 
 RL needs a policy that already solves some prompts (a group whose rewards are all equal has
-no advantage). ``warm_up`` teacher-forces the task's answers for a few hundred steps, which
-leaves a model that is right on part of the held-out prompts; ``warmed_up_tiny_model``
-caches the result (``save_pretrained`` + tokenizer) keyed by everything that determines it,
-so tests and repeated runs pay for it once.
+no advantage). ``warm_up`` teacher-forces demonstrations of the task for a few hundred steps.
+The demonstrations are imperfect on purpose, like much real fine-tuning data: in
+``restate_fraction`` of them the writer restates the result after the answer (``"16=16"``
+instead of ``"16"``). The warmed-up model can add, but its greedy answer usually has the
+wrong form, so the exact-match reward has something to teach within a few CPU minutes: stop
+after the answer. (Improving the arithmetic itself takes far more samples at this scale.)
+``warmed_up_tiny_model`` caches the result (``save_pretrained`` + tokenizer) keyed by
+everything that determines it, so tests and repeated runs pay for it once.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class TinyModelConfig:
 class WarmupConfig:
     """The supervised warm-up: teacher-forced answers, loss on the completion tokens."""
 
-    steps: int = 300
+    steps: int = 200
     """Optimiser steps."""
 
     batch_size: int = 64
@@ -58,6 +62,9 @@ class WarmupConfig:
 
     seed: int = 0
     """Seeds the initial weights and the examples."""
+
+    restate_fraction: float = 0.6
+    """Share of demonstrations that restate the result after the answer (``16=16``)."""
 
 
 def tiny_model(tokenizer, shape: TinyModelConfig = TinyModelConfig(), seed: int = 0):
@@ -79,13 +86,16 @@ def tiny_model(tokenizer, shape: TinyModelConfig = TinyModelConfig(), seed: int 
     return model
 
 
-def supervised_batch(tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt + answer + <eos>`` ids with labels on the answer and ``<eos>``
-    only (-100 elsewhere); position ids count from the first real token."""
+def supervised_batch(tokenizer, examples: list[dict],
+                     completions: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + completion + <eos>`` ids (completion: the answer unless
+    given) with labels on the completion and ``<eos>`` only (-100 elsewhere); position ids
+    count from the first real token."""
     rows, labels = [], []
-    for ex in examples:
+    completions = completions or [ex["answer"] for ex in examples]
+    for ex, completion in zip(examples, completions, strict=True):
         prompt = tokenizer(ex["prompt"])["input_ids"]
-        answer = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
         rows.append(prompt + answer + [tokenizer.eos_token_id])
         labels.append([-100] * len(prompt) + answer + [tokenizer.eos_token_id])
     width = max(map(len, rows))
@@ -98,8 +108,14 @@ def supervised_batch(tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]
             "labels": label_ids}
 
 
+def demonstration(example: dict, restate: bool) -> str:
+    """The demonstrated completion: the answer, or the answer then ``=`` and the answer."""
+    return f"{example['answer']}={example['answer']}" if restate else example["answer"]
+
+
 def warm_up(model, tokenizer, task, config: WarmupConfig = WarmupConfig()):
-    """Teacher-force ``task``'s answers for ``config.steps`` steps (in place); returns model."""
+    """Teacher-force demonstrations of ``task`` for ``config.steps`` steps (in place);
+    returns the model."""
     import torch.nn.functional as F
 
     rng = random.Random(config.seed)
@@ -109,7 +125,9 @@ def warm_up(model, tokenizer, task, config: WarmupConfig = WarmupConfig()):
     model.train()
     for _ in range(config.steps):
         examples = task.train_prompts(config.batch_size, seed=rng.randrange(2**31))
-        batch = supervised_batch(tokenizer, examples)
+        completions = [demonstration(ex, rng.random() < config.restate_fraction)
+                       for ex in examples]
+        batch = supervised_batch(tokenizer, examples, completions)
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits[:, :-1]     # [B, L-1, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())

@@ -11,19 +11,19 @@ import tempfile
 import time
 from pathlib import Path
 
-TINY_DEFAULTS = {"steps": 60, "batch_size": 64, "group_size": 8, "lr": 1e-4,
+TINY_DEFAULTS = {"steps": 40, "batch_size": 64, "group_size": 8, "lr": 5e-5,
                  "eval_every": 10}
 """Settings of ``--model tiny`` (each one can still be overridden on the command line). The
 rest (``max_new_tokens``) comes from the task."""
 
 OPTIONS = {  # flag -> (config field, type, help)
-    "--steps": ("steps", int, "iterations (tiny default 60)"),
+    "--steps": ("steps", int, "iterations (tiny default 40)"),
     "--batch-size": ("batch_size", int, "completions per step (tiny default 64)"),
     "--group-size": ("group_size", int, "completions per prompt (tiny default 8)"),
     "--mini-batch-size": ("mini_batch_size", int, "rows per optimiser step"),
     "--micro-batch-size": ("micro_batch_size", int, "rows per forward/backward"),
     "--epochs": ("epochs", int, "passes over each rollout batch"),
-    "--lr": ("lr", float, "AdamW learning rate (tiny default 1e-4, else 1e-6)"),
+    "--lr": ("lr", float, "AdamW learning rate (tiny default 5e-5, else 1e-6)"),
     "--max-new-tokens": ("max_new_tokens", int, "tokens per completion (default: the task's)"),
     "--temperature": ("temperature", float, "sampling temperature"),
     "--top-p": ("top_p", float, "nucleus sampling mass"),

@@ -52,7 +52,7 @@ from .config import TrainerConfig
 from .generation import Generator, HFGenerator, SamplingParams
 from .losses import micro_batch_loss, sequence_logprobs
 from .metrics import MetricsLog
-from .policy import Policy, ReferencePolicy, disable_dropout
+from .policy import Policy, ReferencePolicy, disable_dropout, enable_gradient_checkpointing
 from .rewards import call_reward, normalize_reward_functions
 from .statistics import BatchStatistics
 
@@ -114,8 +114,7 @@ class Trainer:
         disable_dropout(model)
         self.policy = Policy(model)
         if c.gradient_checkpointing:
-            self.policy.causal_lm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.policy.causal_lm)
         self.reward_functions = normalize_reward_functions(reward_functions)
         if accuracy_reward is not None and accuracy_reward not in self.reward_functions:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of the reward "

@@ -150,6 +150,16 @@ class ReferencePolicy:
             return self.policy.completion_hidden(batch)
 
 
+def enable_gradient_checkpointing(causal_lm) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (the method's name
+    changed in transformers 5)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(causal_lm, "activation_checkpointing_enable"):
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attention_implementation() -> str:
     """``flash_attention_2`` when CUDA and the ``flash-attn`` package are there, else
     ``sdpa``."""
