@@ -1,7 +1,7 @@
 """``rlhf-fast``: the command line.
 
-    rlhf-fast bench [--suite logprobs|policy|linear|dpo|gae|all] [--shapes quick|full] [--json PATH]
-                    [--markdown PATH]
+    rlhf-fast bench [--suite logprobs|policy|linear|dpo|gae|train|all] [--shapes quick|full]
+                    [--json PATH] [--markdown PATH]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
     rlhf-fast train ALGO [--model tiny|PATH] [--task NAME] [--steps N] [--out DIR]
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the ops against the references on this device")
     b.add_argument("--suite", default="all",
-                   choices=["all", "logprobs", "policy", "linear", "dpo", "gae"])
+                   choices=["all", "logprobs", "policy", "linear", "dpo", "gae", "train"])
     b.add_argument("--shapes", default="quick", choices=["quick", "full"],
                    help="quick: one shape per suite (CPU: small, e.g. N=512 V=32000; CUDA: "
                         "N=8192 V=151936, dpo 2B*T=16384 H=4096 V=128256); full: logprobs N "

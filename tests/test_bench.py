@@ -164,7 +164,7 @@ def test_quick_run_under_a_minute_and_valid(quick_report):
     report = json.loads((out / "r.json").read_text())
     jsonschema.validate(report, REPORT_SCHEMA)
     assert {r["suite"] for r in report["records"]} == set(runner.SUITES)
-    assert set(runner.SUITES) == {"logprobs", "policy", "linear", "dpo", "gae"}
+    assert set(runner.SUITES) == {"logprobs", "policy", "linear", "dpo", "gae", "train"}
     assert all(r["status"] in ("ok", "absent") for r in report["records"])
     assert "x ref" in table and "bf16 matmul" in table
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
