@@ -420,3 +420,22 @@ def test_loss_config_follows_the_sampling_and_the_budget():
     with pytest.raises(ValueError, match="entropy_advantage_alpha"):
         GRPOTrainer(model, tok, PROMPTS, TASK.reward_functions, small_config(
             "grpo", micro_batch_size=4, loss=PolicyLossConfig.preset("aepo")))
+
+
+# --- memory: the point of the fused loss ---------------------------------------------------
+
+def test_fused_training_step_peaks_lower_than_the_reference(monkeypatch):
+    """The ``train`` bench case (one GRPO step, 2 x 256 tokens, V=32000 float32: 62 MiB of
+    logits), each implementation in a fresh process as a user runs it (the torch backend,
+    not the Triton interpreter): measured 165 vs 290 MiB."""
+    from dataclasses import asdict
+
+    from rlhf_fast.bench import runner, train_suite
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = train_suite.cases("quick", torch.device("cpu"))[0]
+    jobs = [{"suite": "train", "case": asdict(case), "label": case.label, "impl": impl,
+             "device": "cpu", "warmup": 0, "reps": 1} for impl in train_suite.IMPLS]
+    fused, reference = runner._run_in_child(jobs)
+    assert fused["status"] == reference["status"] == "ok", (fused, reference)
+    assert fused["peak_extra_mib"] < 0.75 * reference["peak_extra_mib"]

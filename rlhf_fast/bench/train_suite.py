@@ -27,9 +27,9 @@ SUITE = "train"
 IMPLS = ("rlhf_fast", "reference")
 MODE = "grpo step"
 PROMPT_LEN = 16
-GROUP = 4
+GROUP = 2
 # (sequences, completion tokens, hidden size, vocabulary, dtype)
-QUICK_SHAPES = {"cpu": [(4, 256, 64, 32000, "float32")],
+QUICK_SHAPES = {"cpu": [(2, 256, 64, 32000, "float32")],
                 "cuda": [(8, 1024, 896, 151936, "bfloat16")]}
 FULL_SHAPES = {"cpu": [(8, 512, 64, 65536, "float32")],
                "cuda": [(16, 2048, 1536, 151936, "bfloat16"),
