@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if tiny:
         cache = args.cache_dir or os.path.join(tempfile.gettempdir(), "rlhf_fast_warmup")
         model, tokenizer = warmed_up_tiny_model(task, cache)
+        if torch.cuda.is_available():
+            model = model.cuda()
     else:
         if not Path(args.model).is_dir():
             raise SystemExit(f"--model must be 'tiny' or a local model directory, got "

@@ -230,6 +230,11 @@ class Trainer:
     def score(self, batch: RolloutBatch) -> None:
         """``batch.reward_terms`` (each function's score) and ``batch.rewards`` (their
         weighted sum, then ``shape_rewards``)."""
+        batch.rewards = self.shape_rewards(batch, self.weighted_rewards(batch))
+
+    def weighted_rewards(self, batch: RolloutBatch) -> Tensor:
+        """Call every reward function: fills ``batch.reward_terms``, returns the weighted
+        sum ``[B]``."""
         inputs = dict(prompts=batch.prompts, completions=batch.completions,
                       completion_ids=batch.completion_ids(), finished=batch.finished.tolist(),
                       **batch.columns)
@@ -240,7 +245,7 @@ class Trainer:
                 raise ValueError(f"reward function {name!r} returned a non-finite value")
             batch.reward_terms[name] = term
             total += weight * term
-        batch.rewards = self.shape_rewards(batch, total)
+        return total
 
     def shape_rewards(self, batch: RolloutBatch, rewards: Tensor) -> Tensor:
         """Hook: reward shaping on top of the reward functions (identity here)."""
@@ -391,7 +396,7 @@ class Trainer:
         sampling = SamplingParams(self.config.max_new_tokens, 0.0, 1.0,
                                   self.config.stop_strings)
         batch = self.rollout(range(len(rows)), rows, group_size=1, sampling=sampling)
-        Trainer.score(self, batch)
+        batch.rewards = self.weighted_rewards(batch)
         out = {"eval/reward": self.statistics.mean(batch.rewards)}
         for name, term in batch.reward_terms.items():
             out[f"eval/{name}"] = self.statistics.mean(term)
