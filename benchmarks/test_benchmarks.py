@@ -9,7 +9,14 @@ torch.compile on the CPU) are not collected.
 import pytest
 import torch
 
-from rlhf_fast.bench import dpo_suite, gae_suite, linear_suite, logprobs_suite, policy_suite
+from rlhf_fast.bench import (
+    dpo_suite,
+    gae_suite,
+    linear_suite,
+    logprobs_suite,
+    policy_suite,
+    train_suite,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -61,4 +68,11 @@ def test_linear(benchmark, case, impl):
     dpo_suite, lambda case, impl: dpo_suite.absent_reason(case, impl, DEVICE)))
 def test_dpo(benchmark, case, impl):
     step = dpo_suite.make_step(case, impl, dpo_suite.make_inputs(case, DEVICE))
+    benchmark.pedantic(_sync(step), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize(("case", "impl"), _params(train_suite, lambda case, impl: None))
+def test_train(benchmark, case, impl):
+    pytest.importorskip("transformers")
+    step = train_suite.make_step(*train_suite.make_trainer(case, impl, DEVICE))
     benchmark.pedantic(_sync(step), rounds=3, warmup_rounds=1)

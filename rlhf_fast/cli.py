@@ -1,10 +1,12 @@
 """``rlhf-fast``: the command line.
 
     rlhf-fast --version
-    rlhf-fast bench [--suite logprobs|policy|linear|dpo|gae|all] [--shapes quick|full]
+    rlhf-fast bench [--suite logprobs|policy|linear|dpo|gae|train|all] [--shapes quick|full]
                     [--json PATH] [--markdown PATH] [--plot PATH] [--warmup N] [--reps N]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
+    rlhf-fast train ALGO [--model tiny|PATH] [--task NAME] [--steps N] [--out DIR]
+                    [--loss fused|reference] ...   (rlhf_fast.trainers.cli)
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which suite to run (default: all): logprobs = token_logprobs; "
                         "policy = policy_loss; linear = linear_policy_loss / "
                         "linear_token_logprobs from hidden states; dpo = dpo_loss / "
-                        "linear_dpo_loss; gae = rlhf_fast.gae.gae")
+                        "linear_dpo_loss; gae = rlhf_fast.gae.gae; train = one GRPO "
+                        "training step of a Hugging Face model, fused vs reference loss")
     b.add_argument("--shapes", default="quick", choices=["quick", "full", "tiny"],
                    help="quick (default): one shape per suite (CPU: small, e.g. N=512 "
                         "V=32000; CUDA: N=8192 V=151936, dpo 2B*T=16384 H=4096 V=128256); "
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark JSON reports (rlhf-fast bench --json)")
     r.add_argument("--readme", default="README.md", metavar="PATH",
                    help="the README to update (default: README.md)")
+    from .trainers.cli import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         changed = update_readme(args.readme, args.results)
         print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
         return 0
+    if args.command == "train":
+        from .trainers.cli import run as train
+        return train(args)
     problem = output_problem(args)
     if problem:
         print(f"rlhf-fast bench: error: {problem} (nothing was run)", file=sys.stderr)

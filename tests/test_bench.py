@@ -188,7 +188,7 @@ def test_tiny_run_is_valid(tiny_report):
     report = json.loads((out / "r.json").read_text())
     jsonschema.validate(report, REPORT_SCHEMA)
     assert {r["suite"] for r in report["records"]} == set(runner.SUITES)
-    assert set(runner.SUITES) == {"logprobs", "policy", "linear", "dpo", "gae"}
+    assert set(runner.SUITES) == {"logprobs", "policy", "linear", "dpo", "gae", "train"}
     assert all(r["status"] in ("ok", "absent") for r in report["records"])
     ok = [r for r in report["records"] if r["status"] == "ok"]
     assert all(r["median_ms"] > 0 and r["peak_extra_mib"] >= 0 for r in ok)

@@ -4,11 +4,12 @@ are not named by ``Case.label`` also has label(case)."""
 
 from types import ModuleType
 
-from . import dpo_suite, gae_suite, linear_suite, logprobs_suite, policy_suite
+from . import dpo_suite, gae_suite, linear_suite, logprobs_suite, policy_suite, train_suite
 from .case import Case
 
 SUITES = {"logprobs": logprobs_suite, "policy": policy_suite, "linear": linear_suite,
-          "dpo": dpo_suite, "gae": gae_suite}
+          "dpo": dpo_suite, "gae": gae_suite,
+          "train": train_suite}
 
 
 def case_label(suite: ModuleType, case: Case) -> str:
