@@ -229,6 +229,7 @@ PRESETS: dict[str, PolicyLossConfig] = {
     # AEPO: stop-gradient upper bound, dual clip 3, entropy-aware advantage alpha 0.2.
     "aepo": PolicyLossConfig(clip_gradient="keep_high", dual_clip_c=3.0,
                              entropy_advantage_alpha=0.2),
-    # REINFORCE: -A * logp on-policy (objective pg with old_logprobs=None), token mean.
+    # REINFORCE: objective pg on-policy (old_logprobs=None), token mean. The loss value is
+    # -A per token (the ratio is 1 in value); its gradient is -A * dlogp, REINFORCE's.
     "reinforce": PolicyLossConfig(objective="pg"),
 }
