@@ -39,7 +39,8 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
 def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
     """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
     if config.normalizer is not None:
-        return torch.tensor(config.normalizer, dtype=mask.dtype, device=mask.device)
+        # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
+        return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
 
 

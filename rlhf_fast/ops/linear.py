@@ -80,10 +80,10 @@ def _merge_metrics(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             continue
         values = torch.stack([p[key] for p in parts]).float()
         if key in ("ratio_min", "ratio_max"):
-            pick = torch.where(counts > 0, values, values.new_tensor(
-                float("inf") if key == "ratio_min" else float("-inf")))
+            pick = torch.where(counts > 0, values,
+                               float("inf") if key == "ratio_min" else float("-inf"))
             extreme = pick.min() if key == "ratio_min" else pick.max()
-            merged[key] = torch.where(total > 0, extreme, values.new_tensor(1.0))
+            merged[key] = torch.where(total > 0, extreme, 1.0)
         else:
             merged[key] = torch.where(total > 0, (values * counts).sum() / total.clamp(min=1),
                                       values[0] * 0 + (1.0 if key == "ratio_mean" else 0.0))
