@@ -59,6 +59,14 @@ def target_checks_enabled() -> bool:
     return os.environ.get("RLHF_FAST_CHECK_TARGETS", "1") != "0"
 
 
+def host_reads_are_free(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no device synchronisation: CPU tensors
+    in eager mode. Everywhere else (CUDA; anything traced by ``torch.compile``) the ops read
+    nothing on the host. The one place that decides it (tests switch it off to run the
+    device paths on the CPU)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def device_check(ok: Tensor, message: Callable[[], str], error: type[Exception] = ValueError
                  ) -> None:
     """Raise ``error(message())`` unless the bool scalar ``ok`` is true, without a host sync.
@@ -69,7 +77,7 @@ def device_check(ok: Tensor, message: Callable[[], str], error: type[Exception] 
     device and fails at the next synchronisation (on CUDA as a device-side assertion, which
     ends the process's CUDA context, as an out-of-range target does in ``cross_entropy``).
     """
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_reads_are_free(ok):
         if not bool(ok):
             raise error(message())
         return
@@ -86,7 +94,7 @@ def check_target_range(targets: Tensor, n_cols: int, ignore_index: int) -> None:
 
     def message() -> str:
         text = f"targets must lie in [0, {n_cols}) or equal ignore_index={ignore_index}"
-        if bad.device.type == "cpu" and not torch.compiler.is_compiling():
+        if host_reads_are_free(bad):
             first = targets[bad].flatten()[0].item()
             text += f"; found {int(bad.sum())} out of range (first: {first})"
         return text
@@ -135,7 +143,7 @@ def mask_to_bool(mask: Tensor) -> Tensor:
         "mask must be bool or hold only 0 and 1 (it selects tokens; soft weights are not "
         "supported: put per-token weights of the policy term in advantages [B, T])"
         + (f"; found {mask[(mask != 0) & (mask != 1)].flatten()[0].item()!r}"
-           if mask.device.type == "cpu" and not torch.compiler.is_compiling() else "")))
+           if host_reads_are_free(mask) else "")))
     return mask != 0
 
 

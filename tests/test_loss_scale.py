@@ -12,7 +12,7 @@ from preference_problems import loss_scale as preference_norm
 from preference_problems import make_pairs
 
 import rlhf_fast
-from rlhf_fast import PolicyLossConfig, reference
+from rlhf_fast import PolicyLossConfig, reference, validation
 from rlhf_fast.ops import forward_gradients
 from rlhf_fast.preference_config import preference_config
 
@@ -206,7 +206,7 @@ def test_scale_kernel(dtype):
 def test_in_place_rescale_through_a_retained_graph(monkeypatch):
     """The device path (kernel, in place, no host read): two backwards through a retained
     graph with grad_output 2 then 3 accumulate 5 times the gradient."""
-    monkeypatch.setattr(forward_gradients, "host_readable", lambda t: False)
+    monkeypatch.setattr(validation, "host_reads_are_free", lambda t: False)
     p = make_problem()
     x = p["logits"].clone().requires_grad_()
     out = rlhf_fast.policy_loss(x, p["targets"], p["advantages"], p["mask"], config="dapo",

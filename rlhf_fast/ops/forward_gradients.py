@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import validation
 from ..validation import device_check
 
 SCALE_BLOCK = 1024
@@ -62,11 +63,6 @@ def scale_rows_(g: Tensor, factor: Tensor) -> bool:
     return True
 
 
-def host_readable(t: Tensor) -> bool:
-    """Whether reading ``t``'s value on the host is free (CPU memory: no device to wait for)."""
-    return t.device.type == "cpu"
-
-
 def scale_by_grad_output(ctx, grads: tuple[Tensor | None, ...], grad_output: Tensor | None
                          ) -> tuple[Tensor | None, ...]:
     """The saved forward gradients ``grads`` times ``grad_output`` (a 0-dim tensor), without
@@ -78,7 +74,7 @@ def scale_by_grad_output(ctx, grads: tuple[Tensor | None, ...], grad_output: Ten
     if torch.compiler.is_compiling():
         return tuple((g.float() * grad_output.float()).to(g.dtype) if g is not None else None
                      for g in grads)
-    if host_readable(grad_output):
+    if validation.host_reads_are_free(grad_output):
         value = grad_output.item()
         if value == 1.0:
             return grads
