@@ -106,3 +106,35 @@ def test_the_mode_catches_host_reads(p):
     with NoHostReads(), pytest.raises(AssertionError, match="reads device data on the host"):
         rlhf_fast.policy_loss(p["logits"], p["targets"], p["adv"], p["mask"], config="dapo",
                               backend="torch")
+
+
+def test_device_paths_match_the_host_paths(p, backend, monkeypatch):
+    """The static-shape paths (every row computed, inactive ones zeroed; checks and rescale
+    on the device) give the CPU paths' results, NaN logits in masked rows included."""
+    logits = p["logits"].clone()
+    logits[~p["mask"]] = float("nan")                 # masked rows are garbage, never used
+    targets = torch.where(p["mask"], p["targets"], -100)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        logp, ent = rlhf_fast.token_logprobs(x, targets, return_entropy=True, backend=backend)
+        out = [logp, ent]
+        for config in ("dapo", "gspo"):
+            res = rlhf_fast.policy_loss(x, p["targets"], p["adv"], p["mask"],
+                                        old_logprobs=p["lp"], config=config, entropy_coef=0.1,
+                                        backend=backend)
+            out += [res.loss, res.logprobs.detach(), res.entropy.detach()]
+        res = rlhf_fast.dpo_loss(x, p["targets"], p["mask"], ref_logprobs=p["lp"],
+                                 backend=backend)
+        out += [res.loss, res.chosen_logprobs.detach()]
+        total = sum(o.sum() for o in out if o.requires_grad)
+        (total * 0.5).backward()
+        return [o.detach() for o in out], x.grad
+
+    host, host_grad = run()
+    monkeypatch.setattr(validation, "host_reads_are_free", lambda t: False)
+    device, device_grad = run()
+    assert torch.isfinite(host_grad).all()
+    for a, b in zip(device, host, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(device_grad, host_grad, rtol=1e-6, atol=1e-7)
