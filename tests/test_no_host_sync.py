@@ -138,3 +138,28 @@ def test_device_paths_match_the_host_paths(p, backend, monkeypatch):
     for a, b in zip(device, host, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(device_grad, host_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_output", [1.0, 0.5])
+def test_cuda_never_synchronises(p, grad_output):
+    """On a GPU: forward and backward of every op under CUDA's sync debug mode, which
+    raises on any synchronising CUDA call PyTorch makes (after a warm-up that compiles the
+    Triton kernels)."""
+    p = {k: v.cuda() for k, v in p.items()}
+    x = p["logits"].clone().requires_grad_()
+    h, w = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+
+    def step():
+        losses = [*_logits_ops(p, x, "triton"), *_linear_ops(p, h, w, "triton")]
+        (sum(loss.sum() for loss in losses) * grad_output).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
