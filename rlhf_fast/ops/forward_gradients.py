@@ -113,11 +113,3 @@ def reject_output_gradients(op: str, grads: dict[str, Tensor | None], remedy: st
             f"{op}: a nonzero gradient reached {name}, which does not carry one back to the "
             f"inputs (the op writes its gradient in the forward pass, for the loss only). "
             f"{remedy}"), RuntimeError)
-
-
-def mark_overwritten(t: Tensor) -> None:
-    """The kernels wrote over ``t`` through a raw pointer: bump its version so that any other
-    saved use of it fails loudly instead of reading a gradient."""
-    bump = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is not None:
-        bump(t)
