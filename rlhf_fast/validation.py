@@ -148,7 +148,10 @@ def mask_to_bool(mask: Tensor) -> Tensor:
 
 
 def check_loss_scale(loss_scale: object) -> float:
-    """A finite float > 0 (for example ``1 / grad_accum_steps``)."""
+    """A finite Python number > 0 (for example ``1 / grad_accum_steps``). Not a tensor: its
+    value would have to be read on the host."""
+    if isinstance(loss_scale, (Tensor, bool)):
+        raise TypeError(f"loss_scale must be a Python float, got {type(loss_scale).__name__}")
     try:
         value = float(loss_scale)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -120,6 +120,11 @@ def test_loss_scale_value(p, value):
                            loss_scale=value, backend="torch")
 
 
+def test_loss_scale_type(p):
+    with pytest.raises(TypeError, match="loss_scale must be a Python float, got Tensor"):
+        policy(p, loss_scale=torch.tensor(0.5))
+
+
 # --- masks select tokens: soft masks are refused --------------------------------------------
 
 def _all_ops(p, mask, backend):
