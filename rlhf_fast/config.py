@@ -84,7 +84,8 @@ class PolicyLossConfig:
 
     kl_reference: KLReference = "ref"
     """``ref``: KL(pi || ref) sampled from pi, log x = ref - logp (GRPO); ``old``: KL(old ||
-    pi) sampled from pi_old, log x = logp - old (TRPO penalty / PPO-penalty)."""
+    pi) sampled from pi_old, log x = logp - old (TRPO penalty / PPO-penalty; 0, with a zero
+    gradient, on-policy: old_logprobs=None)."""
 
     entropy_coef: float = 0.0
     """Entropy bonus: the loss subtracts entropy_coef * aggregated entropy (differentiable)."""
