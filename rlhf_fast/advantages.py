@@ -102,20 +102,21 @@ def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True,
     """``(x - mean) * rsqrt(var + eps)`` over the positions where ``mask`` is set (verl:
     Bessel variance; OpenRLHF: ``unbiased=False``). Masked positions come back as 0;
     ``shift_mean=False`` adds the mean back (scale only). Fewer than two valid positions:
-    centred only (variance undefined)."""
+    centred only (variance undefined). The cases are picked on the device (no host sync;
+    ``torch.compile`` traces it in one graph)."""
     m = mask.to(values.dtype)
     count = m.sum()
-    if count == 0:
-        return torch.zeros_like(values)
-    mean = (values * m).sum() / count
+    mean = (values * m).sum() / count.clamp(min=1)
     centred = (values - mean) * m
-    if count < 2:
-        return centred if shift_mean else values * m
-    var = (centred * centred).sum() / (count - 1 if unbiased else count)
-    out = centred * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean * m
-    return out * m
+    var = (centred * centred).sum() / (count - 1 if unbiased else count).clamp(min=1)
+    whitened = centred * torch.rsqrt(var + eps)
+    if shift_mean:
+        few = centred
+    else:
+        whitened = whitened + mean * m
+        few = values * m
+    out = torch.where(count >= 2, whitened, few) * m
+    return torch.where(m != 0, out, torch.zeros_like(out))
 
 
 def returns_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:

@@ -19,10 +19,10 @@ import sys
 import tempfile
 
 from . import gae
-from .ops import policy_loss, row_sweeps
+from .ops import forward_gradients, policy_loss, row_sweeps
 from .ops.launch import KernelSpec
 
-OPS_WITH_KERNELS = (row_sweeps, policy_loss, gae)
+OPS_WITH_KERNELS = (row_sweeps, policy_loss, gae, forward_gradients)
 
 
 def all_specs() -> list[KernelSpec]:

@@ -84,7 +84,8 @@ class PolicyLossConfig:
 
     kl_reference: KLReference = "ref"
     """``ref``: KL(pi || ref) sampled from pi, log x = ref - logp (GRPO); ``old``: KL(old ||
-    pi) sampled from pi_old, log x = logp - old (TRPO penalty / PPO-penalty)."""
+    pi) sampled from pi_old, log x = logp - old (TRPO penalty / PPO-penalty; 0, with a zero
+    gradient, on-policy: old_logprobs=None)."""
 
     entropy_coef: float = 0.0
     """Entropy bonus: the loss subtracts entropy_coef * aggregated entropy (differentiable)."""
@@ -229,6 +230,7 @@ PRESETS: dict[str, PolicyLossConfig] = {
     # AEPO: stop-gradient upper bound, dual clip 3, entropy-aware advantage alpha 0.2.
     "aepo": PolicyLossConfig(clip_gradient="keep_high", dual_clip_c=3.0,
                              entropy_advantage_alpha=0.2),
-    # REINFORCE: -A * logp on-policy (objective pg with old_logprobs=None), token mean.
+    # REINFORCE: objective pg on-policy (old_logprobs=None), token mean. The loss value is
+    # -A per token (the ratio is 1 in value); its gradient is -A * dlogp, REINFORCE's.
     "reinforce": PolicyLossConfig(objective="pg"),
 }

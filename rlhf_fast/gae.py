@@ -74,9 +74,22 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     r = rewards.detach().float().contiguous()
     v = values.detach().float().contiguous()
     m = mask.detach().to(torch.float32).contiguous()
-    if resolve_backend(backend, r) == "triton":
-        return _gae_triton(r, v, m, float(gamma), float(lam))
-    return _gae_torch(r, v, m, float(gamma), float(lam))
+    return gae_op(r, v, m, float(gamma), float(lam), backend)
+
+
+@torch.library.custom_op("rlhf_fast::gae", mutates_args=())
+def gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+           backend: str) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) float32 ``[B, T]`` of contiguous float32 inputs: one opaque node
+    for ``torch.compile`` (the recurrence is a Triton kernel or a loop over T)."""
+    if resolve_backend(backend, rewards) == "triton":
+        return _gae_triton(rewards, values, mask, gamma, lam)
+    return _gae_torch(rewards, values, mask, gamma, lam)
+
+
+@gae_op.register_fake
+def _gae_fake(rewards, values, mask, gamma, lam, backend):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
 def aot_specs() -> list[KernelSpec]:

@@ -39,21 +39,38 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
 def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
     """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
     if config.normalizer is not None:
-        return torch.tensor(config.normalizer, dtype=mask.dtype, device=mask.device)
+        # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
+        return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def entropy_statistics(entropy: Tensor, mask: Tensor, quantile: float | None) -> dict:
     """Mean, std (unbiased; 1 when zero or undefined) and the (1 - quantile) quantile of the
-    entropy over valid tokens: what the batch-statistic features need."""
-    h = entropy[mask > 0]
+    entropy over valid tokens: what the batch-statistic features need.
+
+    Computed with masks, not by gathering the valid tokens (whose count the host would have to
+    read): no host sync. The quantile is ``torch.quantile``'s linear interpolation between
+    the sorted valid values, step for step; with no valid token it is -inf (every token
+    passes) and the mean 0.
+    """
+    valid = mask > 0
+    n = valid.sum()
     one = torch.ones((), dtype=entropy.dtype, device=entropy.device)
-    if h.numel() == 0:
-        return {"mean": one * 0, "std": one, "threshold": None}
-    std = h.std() if h.numel() > 1 else one
-    std = torch.where((std > 0) & torch.isfinite(std), std, one)
-    threshold = torch.quantile(h, 1 - quantile) if quantile is not None else None
-    return {"mean": h.mean(), "std": std, "threshold": threshold}
+    zero = torch.zeros_like(entropy)
+    mean = torch.where(valid, entropy, zero).sum() / n.clamp(min=1)
+    deviation = torch.where(valid, entropy - mean, zero)
+    std = ((deviation * deviation).sum() / (n - 1).clamp(min=1)).sqrt()
+    std = torch.where((n > 1) & (std > 0) & torch.isfinite(std), std, one)
+    threshold = None
+    if quantile is not None:
+        values = torch.where(valid, entropy, float("inf")).flatten().sort().values
+        rank = (1 - quantile) * (n - 1).to(entropy.dtype)
+        below = rank.floor().long().clamp(min=0)
+        above = rank.ceil().long().clamp(min=0)
+        low, high = values[below], values[above]
+        threshold = torch.where(n > 0, low.lerp(high, rank - below.to(entropy.dtype)),
+                                float("-inf"))
+    return {"mean": mean, "std": std, "threshold": threshold}
 
 
 def entropy_advantage(advantages: Tensor, entropy: Tensor, mask: Tensor, alpha: float,

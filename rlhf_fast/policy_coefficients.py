@@ -134,7 +134,8 @@ def policy_coefficients(
     adv = advantages.to(f32)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp if old_logprobs is None else old_logprobs.to(f32)
-    if entropy_stats is None:
+    if entropy_stats is None and (c.entropy_advantage_alpha is not None
+                                  or c.top_entropy_quantile is not None):
         entropy_stats = entropy_statistics(entropy, m, c.top_entropy_quantile)
     if c.entropy_advantage_alpha is not None:
         adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha, entropy_stats)

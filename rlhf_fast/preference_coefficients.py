@@ -129,8 +129,7 @@ def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLos
     of a sequence with no token are undefined (its mean log-prob would be 0, a certainty)."""
     b = a_w.shape[0]
     both = nonempty[:b] & nonempty[b:]
-    safe = a_w.new_tensor(-1.0)
-    loss, g_w, g_l = pair_losses(torch.where(both, a_w, safe), torch.where(both, a_l, safe),
+    loss, g_w, g_l = pair_losses(torch.where(both, a_w, -1.0), torch.where(both, a_l, -1.0),
                                  config)
     return (torch.where(both, loss, 0.0), torch.where(both, g_w, 0.0),
             torch.where(both, g_l, 0.0))
@@ -185,6 +184,6 @@ def preference_metrics(parts: list[dict[str, Tensor]], chosen_tokens: Tensor
         "rewards_margin": mean(r_w - r_l), "rewards_accuracy": mean((r_w > r_l).double()),
         "logps_chosen": mean(cat["logps_chosen"]), "logps_rejected": mean(cat["logps_rejected"]),
         "nll": cat["nll_sum"].sum() / chosen_tokens.double().clamp(min=1),
-        "pair_count": torch.tensor(float(n), device=r_w.device),
+        "pair_count": torch.full((), float(n), device=r_w.device),  # no host-to-device copy
     }
     return {k: v.float() for k, v in metrics.items()}

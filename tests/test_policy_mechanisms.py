@@ -186,28 +186,32 @@ def expected_grad(problem, backend, config="dapo"):
 def test_inplace_writes_gradient_over_logits(backend, device):
     problem = make_problem(dtype=torch.bfloat16, device=device)
     expected = expected_grad(problem, backend)
-    buffer = problem["logits"].clone().requires_grad_()
+    leaf = problem["logits"].clone().requires_grad_()
+    buffer = leaf.clone()  # logits computed from a leaf, as a model's are: a non-leaf
     out = rlhf_fast.policy_loss(buffer, problem["targets"], problem["advantages"],
                                 problem["mask"], old_logprobs=problem["old_logprobs"],
                                 config="dapo", backend=backend, inplace=True)
     assert torch.equal(buffer.detach(), expected), "after forward the logits hold dL/dlogits"
     out.loss.backward()
-    assert torch.equal(buffer.grad, expected)
+    assert torch.equal(leaf.grad, expected)
 
 
 def test_inplace_through_a_strided_slice(backend, device):
     problem = make_problem(device=device)
     expected = expected_grad(problem, backend)
-    full = torch.cat([problem["logits"], problem["logits"][:, :1]], dim=1)  # [B, T + 1, V]
-    last = full[:, -1].clone()
-    logits = full.detach()[:, :-1].requires_grad_()
+    leaf = torch.cat([problem["logits"], problem["logits"][:, :1]], dim=1).requires_grad_()
+    full = leaf.clone()                                   # [B, T + 1, V], a non-leaf
+    last = full[:, -1].detach().clone()
+    logits = full[:, :-1]
     assert not logits.is_contiguous()
     out = rlhf_fast.policy_loss(logits, problem["targets"], problem["advantages"],
                                 problem["mask"], old_logprobs=problem["old_logprobs"],
                                 config="dapo", backend=backend, inplace=True)
     out.loss.backward()
-    assert torch.equal(full[:, :-1], expected), "gradient written through the slice's strides"
-    assert torch.equal(full[:, -1], last), "the column outside the slice is untouched"
+    assert torch.equal(full[:, :-1].detach(), expected), \
+        "gradient written through the slice's strides"
+    assert torch.equal(full[:, -1].detach(), last), "the column outside the slice is untouched"
+    assert torch.equal(leaf.grad[:, :-1], expected) and (leaf.grad[:, -1] == 0).all()
 
 
 def test_grad_output_scaling_and_no_grad(backend, device):

@@ -27,8 +27,10 @@ def run(problem, config, fused, monkeypatch):
     x = problem["logits"].clone().requires_grad_()
     out = rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"], problem["mask"],
                                 old_logprobs=problem["old_logprobs"],
-                                ref_logprobs=problem["ref_logprobs"],
-                                rollout_logprobs=problem["rollout_logprobs"],
+                                ref_logprobs=problem["ref_logprobs"]
+                                if config.kl_reference == "ref" else None,
+                                rollout_logprobs=problem["rollout_logprobs"]
+                                if config.rollout_correction is not None else None,
                                 config=config, backend="triton")
     out.loss.backward()
     return out, x.grad

@@ -5,12 +5,15 @@ length when the sequence log-probs are averaged), which needs both sequences' su
 stats sweep runs first (one read of the logits -> ``logp`` ``[2B, T]``), the coefficient step
 works on ``[2B]`` / ``[2B, T]`` tensors (``rlhf_fast.preference_coefficients``), then the
 gradient sweep writes ``dL/dlogits`` (one read, one write). Nothing of size ``[2B, T, V]``
-is held in float32; backward only rescales the saved gradient by ``grad_output``.
+is held in float32; backward only rescales the saved gradient by ``grad_output``. The data
+steps run inside the custom ops ``rlhf_fast::dpo_loss`` / ``rlhf_fast::dpo_loss_inplace``
+(one opaque node for ``torch.compile``); ``_PreferenceLoss`` is their autograd.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -22,18 +25,27 @@ from ..preference_coefficients import (
     preference_metrics,
 )
 from ..preference_config import PreferenceLossConfig, preference_config
-from ..validation import check_logits, check_mask, check_target_range, check_token_tensor
-from .forward_gradients import mark_overwritten, scale_by_grad_output
-from .policy_loss import IGNORE
+from ..validation import (
+    check_inplace,
+    check_logits,
+    check_loss_scale,
+    check_mask,
+    check_token_tensor,
+)
+from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
+from .forward_gradients import reject_output_gradients, scale_by_grad_output
+from .policy_loss import IGNORE, token_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 
 
 class PreferenceLossOutput(NamedTuple):
     """``loss``: float32 scalar, differentiable; ``chosen_logprobs`` / ``rejected_logprobs``:
     float32 ``[B]`` sequence log-probs of the policy (sums over the masked tokens, or means
-    with ``average_logprobs``), detached; ``metrics``: detached float32 scalars
-    (rewards_chosen / rejected / margin / accuracy with reward = beta * (logp - ref),
-    logps_chosen / rejected, nll, pair_count)."""
+    with ``average_logprobs``), carrying no gradient back (a nonzero gradient reaching them
+    raises: add the chosen NLL with ``nll_coef``, or build other terms from
+    ``rlhf_fast.token_logprobs``); ``metrics``: detached float32 scalars (rewards_chosen /
+    rejected / margin / accuracy with reward = beta * (logp - ref), logps_chosen / rejected,
+    nll, pair_count), never scaled by ``loss_scale``."""
 
     loss: Tensor
     chosen_logprobs: Tensor
@@ -41,11 +53,24 @@ class PreferenceLossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
+PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "rewards_margin",
+                      "rewards_accuracy", "logps_chosen", "logps_rejected", "nll", "pair_count")
+"""The keys of ``PreferenceLossOutput.metrics``, in the order the custom ops pack them."""
+
+OUTPUT_GRADIENT_REMEDY = (
+    "For the chosen sequences' NLL (RPO) pass nll_coef=...; for any other term built from "
+    "log-probs, compute them with rlhf_fast.token_logprobs(logits, targets) (or "
+    "rlhf_fast.linear_token_logprobs), whose output is differentiable.")
+
+DISCOPOP_TAU = 0.05
+"""DiscoPOP's temperature when ``discopop_tau`` is not given."""
+
+
 class PreferenceInputs(NamedTuple):
     """The per-token inputs of a preference loss, checked and shaped ``[2B, T]``."""
 
-    targets: Tensor         # IGNORE where the token does not enter the loss
-    valid: Tensor           # bool: mask and target != IGNORE
+    targets: Tensor         # as given; IGNORE (-100) counts as masked
+    mask: Tensor            # bool or 0/1, values checked inside the op
     ref: Tensor | None      # float32 [2B] or [2B, T]; None when the loss reads no reference
 
 
@@ -60,25 +85,42 @@ def check_pair_batch(shape: tuple[int, ...], name: str) -> int:
     return shape[0] // 2
 
 
+def loss_config(*, beta: float, loss_type: str, label_smoothing: float,
+                average_logprobs: bool | None, nll_coef: float, gamma: float,
+                reference_free: bool, temperature: float, discopop_tau: float | None
+                ) -> PreferenceLossConfig:
+    """``preference_config`` of the public keyword arguments; ``discopop_tau`` is DiscoPOP's
+    only (given with another loss it would be ignored, so it raises)."""
+    if discopop_tau is not None and loss_type != "discopop":
+        raise ValueError(f"discopop_tau is DiscoPOP's temperature (loss_type='discopop'); "
+                         f"loss_type={loss_type!r} would ignore it")
+    return preference_config(
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
+        reference_free=reference_free, temperature=temperature,
+        discopop_tau=DISCOPOP_TAU if discopop_tau is None else discopop_tau)
+
+
 def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Tensor,
                       mask: object, ref_logprobs: object,
                       ref_model: bool | None = None) -> PreferenceInputs:
     """Check targets ``[2B, T]``, mask ``[2B, T]`` and ``ref_logprobs`` (``[2B]`` sums or
     ``[2B, T]`` per token) against ``logits`` ``[2B, T, V]`` (only shape and device are
-    used). ``ref_model``: None when the caller takes no reference model, else whether its
-    hidden states were given (they replace ``ref_logprobs``)."""
+    used; no data is read). ``ref_model``: None when the caller takes no reference model,
+    else whether its hidden states were given (they replace ``ref_logprobs``)."""
     check_token_tensor(targets, "targets", logits, integer=True)
     shape = tuple(logits.shape[:2])
-    valid = check_mask(mask, shape, logits) & (targets != IGNORE)
-    targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    check_target_range(targets, logits.shape[-1], IGNORE)
+    mask = check_mask(mask, shape, logits)
     ref = _check_ref_logprobs(config, ref_logprobs, shape, logits, ref_model)
-    return PreferenceInputs(targets, valid, ref)
+    return PreferenceInputs(targets, mask, ref)
 
 
 def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, int],
                   logits: Tensor, ref_model: bool | None) -> Tensor | None:
     alternatives = " or ref_hidden / ref_weight" if ref_model is not None else ""
+    if ref is not None and ref_model:
+        raise ValueError("pass ref_logprobs or ref_hidden / ref_weight, not both (the "
+                         "reference log-probs would come from two places)")
     if not config.uses_reference:
         if ref is not None or ref_model:
             why = ("reference_free=True" if config.reference_free
@@ -86,8 +128,6 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
             raise ValueError(f"{why}: pass no ref_logprobs{alternatives}")
         return None
     if ref_model:
-        if ref is not None:
-            raise ValueError("pass ref_logprobs or ref_hidden / ref_weight, not both")
         return None
     allowed = f"[2B] = {shape[:1]} (sequence sums) or [2B, T] = {shape} (per token)"
     if ref is None:
@@ -99,20 +139,24 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
         raise ValueError(f"ref_logprobs must be {allowed}, got {tuple(ref.shape)}")
     if ref.device != logits.device:
         raise ValueError(f"ref_logprobs are on {ref.device} but logits are on {logits.device}")
-    return ref.float()
+    return ref.detach().float()
 
 
 def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tensor | None,
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
-                       chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None
-                       ) -> tuple[PairCoefficients, Tensor | None]:
+                       chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None,
+                       loss_scale: float = 1.0) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
-    (chosen rows first): (coefficients, dL/dlogits or None). ``targets`` hold ``IGNORE`` at
-    masked positions, whose rows are neither read nor written (their gradient is 0)."""
+    (chosen rows first): (coefficients, dL/dlogits or None), both times ``loss_scale``.
+    ``targets`` hold ``IGNORE`` at masked positions, whose rows are neither read nor written
+    (their gradient is 0)."""
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, False,
                                        backend)
     coef = preference_coefficients(logp, valid, ref, config, num_pairs=num_pairs,
                                    chosen_tokens=chosen_tokens)
+    if loss_scale != 1.0:
+        coef = dataclasses.replace(coef, loss=coef.loss * loss_scale,
+                                   c_logp=coef.c_logp * loss_scale)
     grad = None
     if write_grad:
         grad = grad_sweep(coef.c_logp, None, logits, targets, entropy, stats,
@@ -120,29 +164,92 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
     return coef, grad
 
 
-class _FusedPreferenceLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, valid, ref, config, backend, inplace, metrics_out):
-        write_grad = ctx.needs_input_grad[0]
-        num_pairs = logits.shape[0] // 2
-        chosen_tokens = valid[:num_pairs].sum()
-        coef, grad = preference_forward(
-            logits, targets, valid, ref, config, backend, num_pairs=num_pairs,
-            chosen_tokens=chosen_tokens, write_grad=write_grad,
-            out=logits if inplace and write_grad else None)
-        metrics_out.update(preference_metrics([coef.pairs], chosen_tokens))
-        if write_grad:
-            if inplace:
-                mark_overwritten(logits)
-            ctx.save_for_backward(grad)
-        chosen = coef.pairs["logps_chosen"].float()
-        rejected = coef.pairs["logps_rejected"].float()
-        ctx.mark_non_differentiable(chosen, rejected)
-        return coef.loss.float(), chosen, rejected
+# --- custom ops: everything that reads data runs inside them, opaque to torch.compile -------
+
+def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, write_grad, out):
+    c = decode_config(PreferenceLossConfig, config)
+    targets, valid = token_inputs(mask, targets, logits.shape[-1])
+    num_pairs = logits.shape[0] // 2
+    chosen_tokens = valid[:num_pairs].sum()
+    coef, grad = preference_forward(
+        logits, targets, valid, ref, c, backend, num_pairs=num_pairs,
+        chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale)
+    metrics = pack_metrics(preference_metrics([coef.pairs], chosen_tokens), PREFERENCE_METRICS)
+    return (coef.loss.float(), coef.pairs["logps_chosen"].float(),
+            coef.pairs["logps_rejected"].float(), metrics, grad)
+
+
+@torch.library.custom_op("rlhf_fast::dpo_loss", mutates_args=())
+def dpo_loss_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
+                config: str, backend: str, loss_scale: float, write_grad: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, chosen ``[B]``, rejected ``[B]``, metrics ``[8]``, dL/dlogits ``[2B, T, V]`` or
+    ``[0]`` without ``write_grad``) of ``[2B, T, V]`` logits."""
+    *outputs, grad = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
+                                    write_grad, None)
+    return (*outputs, grad if grad is not None else logits.new_empty(0))
+
+
+@dpo_loss_op.register_fake
+def _dpo_loss_fake(logits, targets, mask, ref, config, backend, loss_scale, write_grad):
+    return (*_dpo_outputs_fake(logits), logits.new_empty(logits.shape if write_grad else (0,)))
+
+
+@torch.library.custom_op("rlhf_fast::dpo_loss_inplace", mutates_args=("logits",))
+def dpo_loss_inplace_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
+                        config: str, backend: str, loss_scale: float
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dpo_loss_op`` writing dL/dlogits over ``logits`` (unit column stride)."""
+    *outputs, _ = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
+                                 True, logits)
+    return tuple(outputs)
+
+
+@dpo_loss_inplace_op.register_fake
+def _dpo_loss_inplace_fake(logits, targets, mask, ref, config, backend, loss_scale):
+    return _dpo_outputs_fake(logits)
+
+
+def _dpo_outputs_fake(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    pairs = logits.shape[0] // 2
+    return (logits.new_empty((), dtype=torch.float32),
+            logits.new_empty((pairs,), dtype=torch.float32),
+            logits.new_empty((pairs,), dtype=torch.float32),
+            logits.new_empty((len(PREFERENCE_METRICS),), dtype=torch.float32))
+
+
+# --- autograd -------------------------------------------------------------------------------
+
+class _PreferenceLoss(torch.autograd.Function):
+    """Forward: one custom op that computes the loss and writes dL/dlogits; backward: the
+    saved gradient times ``grad_output`` (nothing when it is 1)."""
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
-        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 7
+    def forward(ctx, logits, targets, mask, ref, config, backend, inplace, loss_scale,
+                grad_enabled):
+        # needs_input_grad follows requires_grad even under no_grad: nothing to write then.
+        write_grad = grad_enabled and ctx.needs_input_grad[0]
+        args = (targets, mask, ref, config, backend, loss_scale)
+        if write_grad and inplace:
+            loss, chosen, rejected, metrics = dpo_loss_inplace_op(logits, *args)
+            grad = logits
+        else:
+            loss, chosen, rejected, metrics, grad = dpo_loss_op(logits, *args, write_grad)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)
+        if write_grad:
+            ctx.save_for_backward(grad)
+        return loss, chosen, rejected, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_chosen, grad_rejected, _grad_metrics):
+        reject_output_gradients("dpo_loss", {"out.chosen_logprobs": grad_chosen,
+                                             "out.rejected_logprobs": grad_rejected},
+                                OUTPUT_GRADIENT_REMEDY)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        (grad,) = scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss)
+        return (grad,) + (None,) * 8
 
 
 def dpo_loss(
@@ -159,8 +266,9 @@ def dpo_loss(
     gamma: float = 0.0,
     reference_free: bool = False,
     temperature: float = 1.0,
-    discopop_tau: float = 0.05,
+    discopop_tau: float | None = None,
     inplace: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
 ) -> PreferenceLossOutput:
     """A preference loss over B pairs, in two reads and one write of the logits.
@@ -170,42 +278,51 @@ def dpo_loss(
             their B rejected partners in the same order; ``logits[:, t]`` scores
             ``targets[:, t]``.
         targets: ``[2B, T]`` int64 / int32; -100 counts as masked.
-        mask: ``[2B, T]`` bool or 0/1: the response tokens (no prompt, no padding). Masked
-            rows are not read.
+        mask: ``[2B, T]`` bool, or float / int holding only 0 and 1 (other values raise): the
+            response tokens (no prompt, no padding). Masked rows are not read.
         ref_logprobs: the reference model's log-probs of the same tokens, ``[2B]`` (sums over
-            the masked tokens) or ``[2B, T]`` (per token). Required unless the loss is
-            reference-free (simpo, orpo, ``reference_free=True``).
+            the masked tokens) or ``[2B, T]`` (per token); constants of the loss. Required
+            unless the loss is reference-free (simpo, orpo, ``reference_free=True``), and
+            refused when it is.
         beta, loss_type, label_smoothing, gamma: the loss (formulas in
             ``rlhf_fast.preference_config``): sigmoid, ipo, hinge, robust, exo_pair,
             nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo.
-        discopop_tau: DiscoPOP's temperature of the logistic mix (0.05).
+            ``label_smoothing`` and ``gamma`` raise on losses that do not take them.
+        discopop_tau: DiscoPOP's temperature of the logistic mix (None: 0.05); raises with
+            any other ``loss_type``.
         average_logprobs: sequence log-probs as per-token means instead of sums; None: True
             for ipo, simpo and orpo, else False.
         nll_coef: weight of the chosen sequences' NLL (token mean over all chosen tokens),
             RPO; orpo always adds it with weight 1 (plus ``nll_coef``).
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
-        inplace: write the gradient over ``logits`` (they are consumed).
+        inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
+            that requires grad or a view of one, as PyTorch refuses any in-place write.
+        loss_scale: multiplies the loss and the gradient, folded into the per-token
+            coefficients in the forward pass, e.g. ``1 / grad_accum_steps``; the metrics are
+            not scaled.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns:
         ``PreferenceLossOutput(loss, chosen_logprobs, rejected_logprobs, metrics)``; the loss
-        is the mean over pairs of the per-pair loss (+ the NLL term).
+        is ``loss_scale`` times the mean over pairs of the per-pair loss (+ the NLL term).
+        ``torch.compile`` (``fullgraph=True``) sees the op as one custom op.
     """
-    config = preference_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                               average_logprobs=average_logprobs, nll_coef=nll_coef,
-                               gamma=gamma, reference_free=reference_free,
-                               temperature=temperature, discopop_tau=discopop_tau)
+    config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
+                         reference_free=reference_free, temperature=temperature,
+                         discopop_tau=discopop_tau)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    loss_scale = check_loss_scale(loss_scale)
     check_logits(logits)
     check_pair_batch(tuple(logits.shape), "logits")
     inputs = preference_inputs(config, logits, targets, mask, ref_logprobs)
-    if inplace and logits.stride(-1) != 1:
-        raise ValueError("inplace=True writes the gradient over the logits, which needs a "
-                         f"contiguous last dimension; got strides {tuple(logits.stride())}")
-    metrics: dict[str, Tensor] = {}
-    loss, chosen, rejected = _FusedPreferenceLoss.apply(
-        logits, inputs.targets, inputs.valid, inputs.ref, config, backend, bool(inplace),
-        metrics)
-    return PreferenceLossOutput(loss, chosen, rejected, metrics)
+    grad_enabled = torch.is_grad_enabled()
+    if inplace:
+        check_inplace(logits, grad_enabled and logits.requires_grad)
+    loss, chosen, rejected, metrics = _PreferenceLoss.apply(
+        logits, inputs.targets, inputs.mask, inputs.ref, encode_config(config), backend,
+        bool(inplace), loss_scale, grad_enabled)
+    return PreferenceLossOutput(loss, chosen, rejected,
+                                unpack_metrics(metrics, PREFERENCE_METRICS))

@@ -11,22 +11,43 @@ token count are taken over the whole batch first, so the chunks add up exactly. 
     grad_hidden_c  = G_c @ weight                          # GEMM 2
     grad_weight   += G_c.T @ hidden_c                      # GEMM 3, into ONE float32 buffer
 
-The gradients are complete after the forward pass; backward only rescales.
+The gradients are complete after the forward pass; backward only rescales. The data steps
+run inside the custom op ``rlhf_fast::linear_dpo_loss`` (one opaque node for
+``torch.compile``).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backend import BACKENDS
 from ..preference_coefficients import preference_metrics
-from ..preference_config import preference_config
-from .dpo import PreferenceLossOutput, check_pair_batch, preference_forward, preference_inputs
-from .forward_gradients import scale_by_grad_output
+from ..preference_config import PreferenceLossConfig
+from ..validation import check_loss_scale
+from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
+from .dpo import (
+    OUTPUT_GRADIENT_REMEDY,
+    PREFERENCE_METRICS,
+    PreferenceLossOutput,
+    check_pair_batch,
+    loss_config,
+    preference_forward,
+    preference_inputs,
+)
+from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .linear import sequences_per_chunk
-from .lm_head import HeadGradients, check_linear, chunk_logits, reference_logprobs
-from .policy_loss import IGNORE
+from .lm_head import (
+    HeadGradients,
+    check_linear,
+    chunk_logits,
+    head_gradients_fake,
+    head_outputs,
+    reference_logprobs,
+)
+from .policy_loss import IGNORE, token_inputs
 
 
 def pair_chunks(num_pairs: int, pairs_per_chunk: int, device: torch.device
@@ -50,50 +71,95 @@ def _rows(x: Tensor | None, index: Tensor | None) -> Tensor | None:
     return x.index_select(0, index)
 
 
+def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config,
+                     backend, chunk_size, loss_scale, needs):
+    write_grad = any(needs)
+    c = decode_config(PreferenceLossConfig, config)
+    targets, valid = token_inputs(mask, targets, weight.shape[0])
+    num_pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
+    vocab = weight.shape[0]
+    # A pair is two sequences: size chunks as if it were one sequence of length 2T.
+    per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
+                                    num_pairs)
+    chosen_tokens = valid[:num_pairs].sum()
+    grads = HeadGradients(hidden, weight, bias, needs)
+    loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
+    rejected = torch.empty_like(chosen)
+    parts = []
+    for pairs, index in pair_chunks(num_pairs, per_chunk, hidden.device):
+        hidden_c, targets_c = _rows(hidden, index), _rows(targets, index)
+        ref_c = _rows(ref, index)
+        if ref_hidden is not None:
+            ref_c = reference_logprobs(_rows(ref_hidden, index), ref_weight, targets_c,
+                                       c.temperature, IGNORE, backend)
+        logits = chunk_logits(hidden_c, weight, bias)
+        coef, grad_logits = preference_forward(
+            logits, targets_c, _rows(valid, index), ref_c, c, backend,
+            num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
+            out=logits, loss_scale=loss_scale)
+        loss += coef.loss
+        parts.append(coef.pairs)
+        chosen[pairs] = coef.pairs["logps_chosen"].float()
+        rejected[pairs] = coef.pairs["logps_rejected"].float()
+        if write_grad:
+            grads.add(grad_logits, hidden_c, index)
+        del logits, grad_logits
+    metrics = pack_metrics(preference_metrics(parts, chosen_tokens), PREFERENCE_METRICS)
+    return (loss.float(), chosen, rejected, metrics,
+            *head_outputs(grads.result(), hidden))
+
+
+@torch.library.custom_op("rlhf_fast::linear_dpo_loss", mutates_args=())
+def linear_dpo_loss_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Tensor,
+    ref: Optional[Tensor], ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+    config: str, backend: str, chunk_size: Optional[int], loss_scale: float,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, chosen ``[B]``, rejected ``[B]``, metrics ``[8]``, grad_hidden, grad_weight,
+    grad_bias), each gradient ``[0]`` when not asked for."""
+    return _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight,
+                            config, backend, chunk_size, loss_scale,
+                            (need_hidden, need_weight, need_bias))
+
+
+@linear_dpo_loss_op.register_fake
+def _linear_dpo_loss_fake(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight,
+                          config, backend, chunk_size, loss_scale, need_hidden, need_weight,
+                          need_bias):
+    pairs = hidden.shape[0] // 2
+    return (hidden.new_empty((), dtype=torch.float32),
+            hidden.new_empty((pairs,), dtype=torch.float32),
+            hidden.new_empty((pairs,), dtype=torch.float32),
+            hidden.new_empty((len(PREFERENCE_METRICS),), dtype=torch.float32),
+            *head_gradients_fake(hidden, weight, bias, (need_hidden, need_weight, need_bias)))
+
+
 class _LinearPreferenceLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, config,
-                backend, chunk_size, metrics_out):
-        needs = tuple(ctx.needs_input_grad[:3])
-        write_grad = any(needs)
-        num_pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
-        vocab = weight.shape[0]
-        # A pair is two sequences: size chunks as if it were one sequence of length 2T.
-        per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
-                                        num_pairs)
-        chosen_tokens = valid[:num_pairs].sum()
-        grads = HeadGradients(hidden, weight, bias, needs)
-        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
-        rejected = torch.empty_like(chosen)
-        parts = []
-        for pairs, index in pair_chunks(num_pairs, per_chunk, hidden.device):
-            with torch.no_grad():
-                hidden_c, targets_c = _rows(hidden, index), _rows(targets, index)
-                ref_c = _rows(ref, index)
-                if ref_hidden is not None:
-                    ref_c = reference_logprobs(_rows(ref_hidden, index), ref_weight, targets_c,
-                                               config.temperature, IGNORE, backend)
-                logits = chunk_logits(hidden_c, weight, bias)
-                coef, grad_logits = preference_forward(
-                    logits, targets_c, _rows(valid, index), ref_c, config, backend,
-                    num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
-                    out=logits)
-                loss += coef.loss
-                parts.append(coef.pairs)
-                chosen[pairs] = coef.pairs["logps_chosen"].float()
-                rejected[pairs] = coef.pairs["logps_rejected"].float()
-                if write_grad:
-                    grads.add(grad_logits, hidden_c, index)
-                del logits, grad_logits
-        metrics_out.update(preference_metrics(parts, chosen_tokens))
-        ctx.save_for_backward(*grads.result())
-        ctx.mark_non_differentiable(chosen, rejected)
-        return loss.float(), chosen, rejected
+    """Forward: one custom op (chunks of pairs, loss, the three gradients); backward: the
+    saved gradients times ``grad_output`` (nothing when it is 1)."""
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
-        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 9
+    def forward(ctx, hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config,
+                backend, chunk_size, loss_scale, grad_enabled):
+        # needs_input_grad follows requires_grad even under no_grad: no gradient then.
+        needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[:3])
+        loss, chosen, rejected, metrics, *grads = linear_dpo_loss_op(
+            hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config, backend,
+            chunk_size, loss_scale, *needs)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*(g if need else None
+                                for g, need in zip(grads, needs, strict=True)))
+        return loss, chosen, rejected, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_chosen, grad_rejected, _grad_metrics):
+        reject_output_gradients("linear_dpo_loss", {"out.chosen_logprobs": grad_chosen,
+                                                    "out.rejected_logprobs": grad_rejected},
+                                OUTPUT_GRADIENT_REMEDY)
+        return scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss) + (None,) * 10
 
 
 def linear_dpo_loss(
@@ -114,8 +180,9 @@ def linear_dpo_loss(
     gamma: float = 0.0,
     reference_free: bool = False,
     temperature: float = 1.0,
-    discopop_tau: float = 0.05,
+    discopop_tau: float | None = None,
     chunk_size: int | None = None,
+    loss_scale: float = 1.0,
     backend: str = "auto",
 ) -> PreferenceLossOutput:
     """``dpo_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
@@ -126,15 +193,18 @@ def linear_dpo_loss(
     float32 across chunks and cast once. The reference enters as ``ref_logprobs`` (``[2B]``
     or ``[2B, T]``) or as the reference model's final hidden states ``ref_hidden``
     ``[2B, T, H_ref]`` and head ``ref_weight`` ``[V, H_ref]``, whose log-probs are computed
-    per chunk under no_grad. ``chunk_size``: pairs per chunk (default: as many as fit
-    ``CHUNK_BUDGET_BYTES`` of logits). Every other argument as in ``rlhf_fast.dpo_loss``.
+    per chunk under no_grad (both at once raise). ``chunk_size``: pairs per chunk (default:
+    as many as fit ``CHUNK_BUDGET_BYTES`` of logits). ``loss_scale`` multiplies the loss and
+    the three gradients through the per-token coefficients, so the GEMMs produce them scaled
+    (no extra pass). Every other argument as in ``rlhf_fast.dpo_loss``.
     """
-    config = preference_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                               average_logprobs=average_logprobs, nll_coef=nll_coef,
-                               gamma=gamma, reference_free=reference_free,
-                               temperature=temperature, discopop_tau=discopop_tau)
+    config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
+                         reference_free=reference_free, temperature=temperature,
+                         discopop_tau=discopop_tau)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    loss_scale = check_loss_scale(loss_scale)
     check_linear(hidden, weight, bias)
     check_pair_batch(tuple(hidden.shape), "hidden")
     if (ref_hidden is None) != (ref_weight is None):
@@ -144,11 +214,12 @@ def linear_dpo_loss(
         if ref_hidden.shape[:2] != hidden.shape[:2] or ref_weight.shape[0] != weight.shape[0]:
             raise ValueError("ref_hidden must be [2B, T, H_ref] and ref_weight [V, H_ref] "
                              "matching hidden's [2B, T] and weight's V")
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     logits_like = hidden.new_zeros(1).expand(*hidden.shape[:2], weight.shape[0])  # shape only
     inputs = preference_inputs(config, logits_like, targets, mask, ref_logprobs,
                                ref_model=ref_hidden is not None)
-    metrics: dict[str, Tensor] = {}
-    loss, chosen, rejected = _LinearPreferenceLoss.apply(
-        hidden, weight, bias, inputs.targets, inputs.valid, inputs.ref, ref_hidden, ref_weight,
-        config, backend, chunk_size, metrics)
-    return PreferenceLossOutput(loss, chosen, rejected, metrics)
+    loss, chosen, rejected, metrics = _LinearPreferenceLoss.apply(
+        hidden, weight, bias, inputs.targets, inputs.mask, inputs.ref, ref_hidden, ref_weight,
+        encode_config(config), backend, chunk_size, loss_scale, torch.is_grad_enabled())
+    return PreferenceLossOutput(loss, chosen, rejected,
+                                unpack_metrics(metrics, PREFERENCE_METRICS))

@@ -98,3 +98,20 @@ class HeadGradients:
         return (self.hidden,
                 self.weight_acc.to(self.weight.dtype) if self.weight_acc is not None else None,
                 self.bias_acc.to(self.bias.dtype) if self.bias_acc is not None else None)
+
+
+def head_outputs(grads: tuple[Tensor | None, ...], like: Tensor) -> tuple[Tensor, ...]:
+    """``HeadGradients.result()`` as custom-op outputs (tensors only): an input that needs no
+    gradient gets an empty ``[0]`` tensor like ``like``."""
+    return tuple(g if g is not None else like.new_empty(0) for g in grads)
+
+
+def head_gradients_fake(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                        needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``head_outputs`` returns, as fake tensors (shapes, dtypes, strides) for tracing:
+    ``zeros_like(hidden)``'s layout, contiguous weight and bias gradients."""
+    need_h, need_w, need_b = needs
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_h else empty,
+            weight.new_empty(weight.shape) if need_w else empty,
+            bias.new_empty(bias.shape) if need_b and bias is not None else empty)

@@ -2,7 +2,10 @@
 
 Layers, in reading order: the fused token-level launcher (device code in
 ``kernels/policy_loss.py``), the row sweeps (``row_sweeps.py``) and the coefficient step
-(``rlhf_fast.policy_coefficients``) -> ``_FusedPolicyLoss`` (autograd) -> ``policy_loss``.
+(``rlhf_fast.policy_coefficients``) -> custom ops ``rlhf_fast::policy_loss`` and
+``rlhf_fast::policy_loss_inplace`` (every data-dependent step runs inside them, so
+``torch.compile(fullgraph=True)`` sees one opaque node) -> ``_PolicyLoss`` (autograd) ->
+``policy_loss`` (argument checks on shapes, dtypes and devices only).
 
 Two paths (docs/architecture.md, Two paths), both writing the gradient in the forward pass:
 
@@ -12,14 +15,16 @@ Two paths (docs/architecture.md, Two paths), both writing the gradient in the fo
   correction, the torch backend): stats sweep -> coefficients on ``[B, T]`` -> gradient
   sweep, 2 reads and 1 write of the logits.
 
-The loss value and the metrics always come from the ``[B, T]`` coefficient step. Backward
-only rescales the saved gradient by ``grad_output``, and not at all when it is 1. Masked
-rows are never read.
+The loss value and the metrics always come from the ``[B, T]`` coefficient step.
+``loss_scale`` multiplies the coefficients, so the gradient is written already scaled;
+backward only rescales the saved gradient by ``grad_output``, and not at all when it is 1
+(``forward_gradients.py``: no host sync either way). Masked rows are never read.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -27,15 +32,19 @@ from torch import Tensor
 from ..backend import BACKENDS, resolve_backend
 from ..config import PolicyLossConfig
 from ..loss_weights import aggregation_weights, rollout_weights
-from ..policy_coefficients import policy_coefficients
+from ..policy_coefficients import Coefficients, policy_coefficients
 from ..validation import (
+    check_inplace,
     check_logits,
+    check_loss_scale,
     check_mask,
     check_target_range,
     check_token_tensor,
     float_token_tensor,
+    mask_to_bool,
 )
-from .forward_gradients import mark_overwritten, scale_by_grad_output
+from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
+from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .launch import MAX_BLOCK_V, KernelSpec, row_block_config
 from .row_sweeps import grad_sweep, stats_sweep
 
@@ -69,8 +78,10 @@ def _kl_mode(c: PolicyLossConfig, ref: Tensor | None) -> int:
 
 def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
                         old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
-                        c: PolicyLossConfig, out: Tensor | None):
-    """One launch: logp, entropy ``[B, T]`` and dL/dlogits (into ``out`` when given)."""
+                        c: PolicyLossConfig, out: Tensor | None,
+                        loss_scale: float | Tensor = 1.0):
+    """One launch: logp, entropy ``[B, T]`` and dL/dlogits (into ``out`` when given), the
+    gradient multiplied by ``loss_scale`` (folded into the aggregation weights)."""
     from ..kernels.policy_loss import token_policy_loss_kernel
 
     if logits.stride(-1) != 1:
@@ -83,7 +94,10 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
     if batch * seq_len == 0:
         return logp, entropy, grad
     m = valid.float()
-    weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length).contiguous()
+    weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
+    if not (isinstance(loss_scale, float) and loss_scale == 1.0):
+        weight = weight * loss_scale
+    weight = weight.contiguous()
     policy_weight = weight
     if c.rollout_correction is not None:
         policy_weight = (weight * rollout_weights(old, rollout, m, c)).contiguous()
@@ -148,9 +162,11 @@ def aot_specs() -> list[KernelSpec]:
 
 class PolicyLossOutput(NamedTuple):
     """``loss``: scalar float32, differentiable w.r.t. the logits; ``logprobs`` and
-    ``entropy``: float32 ``[B, T]``, detached, 0 at masked positions; ``metrics``: detached
-    float32 scalars (clip_frac_low / high / dual, kl_mean, entropy_mean, ratio_mean / min /
-    max, token_count), plain means over valid tokens."""
+    ``entropy``: float32 ``[B, T]``, 0 at masked positions, carrying no gradient back (a
+    nonzero gradient reaching them raises: add an entropy term with ``entropy_coef``, or build
+    other terms from ``rlhf_fast.token_logprobs``); ``metrics``: detached float32 scalars
+    (clip_frac_low / high / dual, kl_mean, entropy_mean, ratio_mean / min / max, token_count),
+    plain means over valid tokens, never scaled by ``loss_scale``."""
 
     loss: Tensor
     logprobs: Tensor
@@ -158,28 +174,61 @@ class PolicyLossOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
 
+POLICY_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl_mean",
+                  "entropy_mean", "ratio_mean", "ratio_min", "ratio_max", "token_count")
+"""The keys of ``PolicyLossOutput.metrics``, in the order the custom op packs them."""
+
+OUTPUT_GRADIENT_REMEDY = (
+    "For an entropy term pass entropy_coef=... (the loss subtracts entropy_coef times the "
+    "aggregated entropy, with its gradient); for any other term built from per-token "
+    "log-probs or entropies, compute them with rlhf_fast.token_logprobs(logits, targets, "
+    "return_entropy=True), whose outputs are differentiable.")
+
+
+def token_inputs(mask: Tensor, targets: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    """(targets with ``IGNORE`` where the token does not count, bool ``valid``) from a bool or
+    0/1 mask; the mask values and the target range are checked on the device."""
+    valid = mask_to_bool(mask) & (targets != IGNORE)
+    targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
+    check_target_range(targets, n_cols, IGNORE)
+    return targets, valid
+
+
+def scale_coefficients(coef: Coefficients, loss_scale: float | Tensor) -> Coefficients:
+    """The loss and both coefficients times ``loss_scale`` (``[B, T]`` work only); the
+    metrics are left as they are."""
+    if isinstance(loss_scale, float) and loss_scale == 1.0:
+        return coef
+    return dataclasses.replace(
+        coef, loss=coef.loss * loss_scale, c_logp=coef.c_logp * loss_scale,
+        c_entropy=coef.c_entropy * loss_scale if coef.c_entropy is not None else None)
+
+
 def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
                    old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
                    config: PolicyLossConfig, backend: str, *, write_grad: bool,
-                   out: Tensor | None = None, entropy_stats: dict | None = None):
+                   out: Tensor | None = None, entropy_stats: dict | None = None,
+                   loss_scale: float | Tensor = 1.0):
     """One forward over ``[B, T, V]`` logits: (coefficients, logp, entropy, grad or None).
 
     ``targets`` already hold ``IGNORE`` at masked positions. With ``write_grad`` the gradient
     is written (into ``out`` when given, possibly the logits themselves): in one kernel for
     token-level losses on Triton, else by the gradient sweep. ``entropy_stats`` carries
-    batch-wide entropy statistics computed elsewhere (chunked callers).
+    batch-wide entropy statistics computed elsewhere (chunked callers). ``loss_scale``
+    (a float or a 0-dim tensor) multiplies the loss and the gradient.
     """
     if (write_grad and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
             and resolve_backend(backend, logits) == "triton"):
         logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old, ref,
-                                                  rollout, config, out)
+                                                  rollout, config, out, loss_scale=loss_scale)
         coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
                                    entropy_stats)
-        return coef, logp, entropy, grad
+        return scale_coefficients(coef, loss_scale), logp, entropy, grad
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, True,
                                        backend)
-    coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
-                               entropy_stats)
+    coef = scale_coefficients(
+        policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
+                            entropy_stats), loss_scale)
     grad = None
     if write_grad:
         grad = grad_sweep(coef.c_logp, coef.c_entropy, logits, targets, entropy, stats,
@@ -187,25 +236,98 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
     return coef, logp, entropy, grad
 
 
-class _FusedPolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, advantages, valid, old, ref, rollout, config, backend,
-                inplace, metrics_out):
-        write_grad = ctx.needs_input_grad[0]
-        coef, logp, entropy, grad = policy_forward(
-            logits, targets, advantages, valid, old, ref, rollout, config, backend,
-            write_grad=write_grad, out=logits if inplace and write_grad else None)
-        metrics_out.update(coef.metrics)
-        if write_grad:
-            if inplace:
-                mark_overwritten(logits)
-            ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(logp, entropy)
-        return coef.loss, logp, entropy
+# --- custom ops: everything that reads data runs inside them, opaque to torch.compile -------
+
+def _policy_loss_impl(logits, targets, advantages, mask, old, ref, rollout, config, backend,
+                      loss_scale, write_grad, out):
+    c = decode_config(PolicyLossConfig, config)
+    targets, valid = token_inputs(mask, targets, logits.shape[-1])
+    coef, logp, entropy, grad = policy_forward(
+        logits, targets, advantages, valid, old, ref, rollout, c, backend,
+        write_grad=write_grad, out=out, loss_scale=loss_scale)
+    return coef.loss.float(), logp, entropy, pack_metrics(coef.metrics, POLICY_METRICS), grad
+
+
+@torch.library.custom_op("rlhf_fast::policy_loss", mutates_args=())
+def policy_loss_op(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor,
+                   old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor],
+                   config: str, backend: str, loss_scale: float, write_grad: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logp ``[B, T]``, entropy ``[B, T]``, metrics ``[9]``, dL/dlogits ``[B, T, V]``
+    or ``[0]`` without ``write_grad``) of ``[B, T, V]`` logits; ``config`` from
+    ``encode_config``."""
+    loss, logp, entropy, metrics, grad = _policy_loss_impl(
+        logits, targets, advantages, mask, old, ref, rollout, config, backend, loss_scale,
+        write_grad, None)
+    return loss, logp, entropy, metrics, grad if grad is not None else logits.new_empty(0)
+
+
+@policy_loss_op.register_fake
+def _policy_loss_fake(logits, targets, advantages, mask, old, ref, rollout, config, backend,
+                      loss_scale, write_grad):
+    loss, logp, entropy, metrics = _policy_outputs_fake(logits)
+    grad = logits.new_empty(logits.shape if write_grad else (0,))
+    return loss, logp, entropy, metrics, grad
+
+
+@torch.library.custom_op("rlhf_fast::policy_loss_inplace", mutates_args=("logits",))
+def policy_loss_inplace_op(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor,
+                           old: Optional[Tensor], ref: Optional[Tensor],
+                           rollout: Optional[Tensor], config: str, backend: str,
+                           loss_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``policy_loss_op`` writing dL/dlogits over ``logits`` (unit column stride)."""
+    loss, logp, entropy, metrics, _ = _policy_loss_impl(
+        logits, targets, advantages, mask, old, ref, rollout, config, backend, loss_scale,
+        True, logits)
+    return loss, logp, entropy, metrics
+
+
+@policy_loss_inplace_op.register_fake
+def _policy_loss_inplace_fake(logits, targets, advantages, mask, old, ref, rollout, config,
+                              backend, loss_scale):
+    return _policy_outputs_fake(logits)
+
+
+def _policy_outputs_fake(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    per_token = logits.shape[:2]
+    return (logits.new_empty((), dtype=torch.float32),
+            logits.new_empty(per_token, dtype=torch.float32),
+            logits.new_empty(per_token, dtype=torch.float32),
+            logits.new_empty((len(POLICY_METRICS),), dtype=torch.float32))
+
+
+# --- autograd -------------------------------------------------------------------------------
+
+class _PolicyLoss(torch.autograd.Function):
+    """Forward: one custom op that computes the loss and writes dL/dlogits; backward: the
+    saved gradient times ``grad_output`` (nothing when it is 1)."""
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        return scale_by_grad_output(ctx.saved_tensors, grad_loss) + (None,) * 10
+    def forward(ctx, logits, targets, advantages, mask, old, ref, rollout, config, backend,
+                inplace, loss_scale, grad_enabled):
+        # needs_input_grad follows requires_grad even under no_grad: nothing to write then.
+        write_grad = grad_enabled and ctx.needs_input_grad[0]
+        args = (targets, advantages, mask, old, ref, rollout, config, backend, loss_scale)
+        if write_grad and inplace:
+            loss, logp, entropy, metrics = policy_loss_inplace_op(logits, *args)
+            grad = logits
+        else:
+            loss, logp, entropy, metrics, grad = policy_loss_op(logits, *args, write_grad)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)
+        if write_grad:
+            ctx.save_for_backward(grad)
+        return loss, logp, entropy, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_entropy, _grad_metrics):
+        reject_output_gradients("policy_loss", {"out.logprobs": grad_logp,
+                                                "out.entropy": grad_entropy},
+                                OUTPUT_GRADIENT_REMEDY)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 12
+        (grad,) = scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss)
+        return (grad,) + (None,) * 11
 
 
 def _resolve_config(config: str | PolicyLossConfig, overrides: dict) -> PolicyLossConfig:
@@ -228,6 +350,7 @@ def policy_loss(
     rollout_logprobs: Tensor | None = None,
     config: str | PolicyLossConfig = "grpo",
     inplace: bool = False,
+    loss_scale: float = 1.0,
     backend: str = "auto",
     **overrides: object,
 ) -> PolicyLossOutput:
@@ -238,85 +361,124 @@ def policy_loss(
             ``logits[:, t]`` scores ``targets[:, t]``.
         targets: ``[B, T]`` int64 / int32, the sampled tokens.
         advantages: ``[B]`` (per sequence) or ``[B, T]``.
-        mask: ``[B, T]`` bool or 0/1: the tokens that enter the loss (no prompt, padding or
-            tool output). Masked rows are not read.
+        mask: ``[B, T]`` bool, or float / int holding only 0 and 1 (other values raise: a
+            mask selects tokens, it does not weight them): the tokens that enter the loss (no
+            prompt, padding or tool output). Masked rows are not read.
         old_logprobs: ``[B, T]`` log-probs of the policy that sampled; None: on-policy (the
             ratio is 1 in value and carries the gradient of logp).
-        ref_logprobs: ``[B, T]`` reference-model log-probs (KL with ``kl_reference="ref"``).
-        rollout_logprobs: ``[B, T]`` the inference engine's log-probs (rollout correction).
+        ref_logprobs: ``[B, T]`` reference-model log-probs, for the KL with
+            ``kl_reference="ref"``; with ``kl_coef=0`` they only feed ``metrics["kl_mean"]``.
+            Refused with ``kl_reference="old"`` (that KL compares with ``old_logprobs``).
+        rollout_logprobs: ``[B, T]`` the inference engine's log-probs; needs
+            ``rollout_correction``, and is refused without it.
         config: a preset name (``PolicyLossConfig.preset``) or a ``PolicyLossConfig``;
-            ``**overrides`` replace its fields (``clip_eps_high=0.28``, ...).
+            ``**overrides`` replace its fields (``clip_eps_high=0.28``, ...). The default,
+            ``"grpo"``, has a KL to the reference (``kl_coef=0.04``): pass ``ref_logprobs``,
+            or ``kl_coef=0.0``, or a preset without KL.
         inplace: write the gradient over ``logits`` (saves ``[B, T, V]`` of memory; the logits
-            are consumed and must not be used afterwards).
+            are consumed and must not be used afterwards). Refused, as PyTorch refuses any
+            in-place write, on a leaf that requires grad or a view of one. Nothing is written
+            when no gradient is computed (``torch.no_grad()`` or logits not requiring grad).
+        loss_scale: multiplies the loss and the gradient, folded into the per-token
+            coefficients in the forward pass (no extra pass), e.g. ``1 / grad_accum_steps``;
+            the metrics are not scaled.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
+    Advantages and the old / reference / rollout log-probs are constants of the loss: no
+    gradient flows to them (as in TRL, verl and OpenRLHF).
+
     Returns:
-        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``. The loss is
-        ``sum_t w_t * L_t (* rollout weight * entropy mask) + kl_coef * sum_t w_t * KL_t -
-        entropy_coef * sum_t w_t * H_t`` with w the aggregation weights; formulas per field in
-        ``PolicyLossConfig`` and ``rlhf_fast.reference.policy_loss``.
+        ``PolicyLossOutput(loss, logprobs, entropy, metrics)``. The loss is ``loss_scale *
+        (sum_t w_t * L_t (* rollout weight * entropy mask) + kl_coef * sum_t w_t * KL_t -
+        entropy_coef * sum_t w_t * H_t)`` with w the aggregation weights; formulas per field
+        in ``PolicyLossConfig`` and ``rlhf_fast.reference.policy_loss``. ``torch.compile``
+        (``fullgraph=True``) sees the op as one custom op.
     """
     c = _resolve_config(config, overrides)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    loss_scale = check_loss_scale(loss_scale)
     check_logits(logits)
     check_token_tensor(targets, "targets", logits, integer=True)
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)
-    shape = tuple(logits.shape[:2])
-    targets = targets.reshape(shape)
+    targets = targets.reshape(logits.shape[:2])
     inputs = side_inputs(c, logits, flat, targets, mask, advantages, old_logprobs,
                          ref_logprobs, rollout_logprobs)
-    if inplace and logits.stride(-1) != 1:
-        raise ValueError("inplace=True writes the gradient over the logits, which needs a "
-                         f"contiguous last dimension; got strides {tuple(logits.stride())}")
-    metrics: dict[str, Tensor] = {}
-    loss, logp, entropy = _FusedPolicyLoss.apply(
-        logits, inputs.targets, inputs.advantages, inputs.valid, inputs.old, inputs.ref,
-        inputs.rollout, c, backend, bool(inplace), metrics)
+    grad_enabled = torch.is_grad_enabled()
+    if inplace:
+        check_inplace(logits, grad_enabled and logits.requires_grad)
+    loss, logp, entropy, metrics = _PolicyLoss.apply(
+        logits, inputs.targets, inputs.advantages, inputs.mask, inputs.old, inputs.ref,
+        inputs.rollout, encode_config(c), backend, bool(inplace), loss_scale, grad_enabled)
     if flat:
         logp, entropy = logp.squeeze(0), entropy.squeeze(0)
-    return PolicyLossOutput(loss, logp, entropy, metrics)
+    return PolicyLossOutput(loss, logp, entropy, unpack_metrics(metrics, POLICY_METRICS))
 
+
+# --- argument checks (shapes, dtypes, devices, combinations: no data is read) ---------------
 
 class SideInputs(NamedTuple):
     """The per-token inputs of a policy loss, checked and shaped ``[B, T]``."""
 
-    targets: Tensor         # IGNORE where the token does not enter the loss
-    valid: Tensor           # bool: mask and target != IGNORE
+    targets: Tensor         # as given; IGNORE (-100) counts as masked
+    mask: Tensor            # bool or 0/1, values checked inside the op
     advantages: Tensor      # float32 [B] or [B, T]
     old: Tensor | None
     ref: Tensor | None
     rollout: Tensor | None
 
 
+def check_config_use(c: PolicyLossConfig) -> None:
+    """The clipping fields of ``ppo_clip`` set on another objective, which would ignore
+    them, raise (their defaults never do)."""
+    if c.objective != "ppo_clip":
+        for name, value, default in (("dual_clip_c", c.dual_clip_c, None),
+                                     ("delta", c.delta, None),
+                                     ("clip_gradient", c.clip_gradient, "zero")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to objective='ppo_clip' only; "
+                                 f"objective={c.objective!r} would ignore it")
+
+
 def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor,
                 mask: object, advantages: object, old_logprobs: object, ref_logprobs: object,
                 rollout_logprobs: object, ref_model: bool | None = None) -> SideInputs:
     """Check and shape the per-token inputs against ``logits`` ``[B, T, V]`` (``[1, N, V]``
-    when ``flat``; only its shape and device are used). ``ref_model``: None when the caller
-    takes no reference model; else whether its hidden states were given (they replace
-    ``ref_logprobs``)."""
-    mask = _mask(mask, logits, flat)
+    when ``flat``; only its shape and device are used), and refuse combinations that would
+    drop an argument. ``ref_model``: None when the caller takes no reference model; else
+    whether its hidden states were given (they replace ``ref_logprobs``)."""
+    check_config_use(c)
+    expected = tuple(logits.shape[1:2]) if flat else tuple(logits.shape[:2])
+    mask = check_mask(mask, expected, logits).reshape(logits.shape[:2])
     advantages = _advantages(advantages, logits, flat)
     old = float_token_tensor(old_logprobs, "old_logprobs", logits, flat)
     ref = float_token_tensor(ref_logprobs, "ref_logprobs", logits, flat)
     rollout = float_token_tensor(rollout_logprobs, "rollout_logprobs", logits, flat)
+    alternatives = " or ref_hidden / ref_weight" if ref_model is not None else ""
+    if ref is not None and ref_model:
+        raise ValueError("pass ref_logprobs or ref_hidden / ref_weight, not both (the "
+                         "reference log-probs would come from two places)")
     if c.rollout_correction is not None and rollout is None:
         raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.kl_coef != 0 and c.kl_reference == "ref" and ref is None and not ref_model:
-        raise ValueError("kl_coef != 0 with kl_reference='ref' needs ref_logprobs"
-                         + (" or ref_hidden / ref_weight" if ref_model is not None else ""))
-    valid = mask & (targets != IGNORE)
-    targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    check_target_range(targets, logits.shape[-1], IGNORE)
-    return SideInputs(targets, valid, advantages, old, ref, rollout)
-
-
-def _mask(mask: object, logits: Tensor, flat: bool) -> Tensor:
-    expected = tuple(logits.shape[1:2]) if flat else tuple(logits.shape[:2])
-    return check_mask(mask, expected, logits).reshape(logits.shape[:2])
+    if c.rollout_correction is None and rollout is not None:
+        raise ValueError("rollout_logprobs are given but rollout_correction is None, so they "
+                         "would be ignored: set rollout_correction ('token_truncate', "
+                         "'token_mask', 'sequence_truncate', 'sequence_mask') or drop them")
+    has_ref = ref is not None or bool(ref_model)
+    if c.kl_reference == "old" and has_ref:
+        raise ValueError(f"ref_logprobs{alternatives} are given but kl_reference='old' (the "
+                         "KL compares with old_logprobs), so they would be ignored: drop "
+                         "them, or set kl_reference='ref'")
+    if c.kl_coef != 0 and c.kl_reference == "ref" and not has_ref:
+        raise ValueError(
+            f"this loss has a KL penalty to the reference model (kl_coef={c.kl_coef}; the "
+            f"default preset 'grpo' has kl_coef=0.04), so it needs ref_logprobs"
+            f"{alternatives} (the reference model's log-probs of the same tokens). To train "
+            f"without the KL term pass kl_coef=0.0, or a preset without KL (config='dapo', "
+            f"'dr_grpo', 'bnpo', 'ppo', ...)")
+    return SideInputs(targets, mask, advantages, old, ref, rollout)
 
 
 def _advantages(advantages: object, logits: Tensor, flat: bool) -> Tensor:
@@ -331,5 +493,5 @@ def _advantages(advantages: object, logits: Tensor, flat: bool) -> Tensor:
     if advantages.device != logits.device:
         raise ValueError(f"advantages are on {advantages.device} but logits are on "
                          f"{logits.device}")
-    advantages = advantages.float()
+    advantages = advantages.detach().float()
     return advantages.reshape(1, seq_len) if flat else advantages

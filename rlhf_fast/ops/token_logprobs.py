@@ -122,8 +122,10 @@ def token_logprobs(
         gradient is returned in the logits' dtype. Under ``torch.no_grad()`` the logits are
         read exactly once and nothing is saved.
 
-    A target outside ``[0, V)`` (other than ``ignore_index``) raises ``ValueError`` (one host
-    sync; ``RLHF_FAST_CHECK_TARGETS=0`` skips the check and gives NaN for such rows).
+    A target outside ``[0, V)`` (other than ``ignore_index``) is an error, checked on the
+    device without a host sync (``rlhf_fast.validation.device_check``: ``ValueError`` at once
+    on CPU tensors, a device-side assertion on CUDA); ``RLHF_FAST_CHECK_TARGETS=0`` skips the
+    check and gives NaN for such rows.
     NaN or +inf logits in a row make that row's outputs NaN; -inf logits are banned tokens.
     """
     check_logits(logits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import validation
 from .chunks import CHUNK_BYTES, merge_batch, row_chunks
 
 
@@ -72,10 +73,18 @@ def _chunk_stats(x: Tensor, rows: Tensor | None, targets: Tensor, inv_temp: floa
     return logp, entropy, stats
 
 
+def skips_inactive_rows(active: Tensor) -> bool:
+    """Whether inactive rows (ignored targets, zero coefficients) are gathered out of a chunk.
+    The gather's size must be known on the host: free on CPU tensors (the data is there), a
+    host sync per chunk anywhere else, where every row is computed instead (static shapes)
+    and the inactive ones are zeroed (``rlhf_fast.validation.host_reads_are_free``)."""
+    return validation.host_reads_are_free(active)
+
+
 def active_rows(active: Tensor) -> Tensor | None:
-    """None when every row of a chunk is active (use it as is), else the active rows' indices
-    (one host sync per chunk)."""
-    if bool(active.all()):
+    """None when every row of a chunk is to be computed (use it as is), else the active
+    rows' indices (``skips_inactive_rows``)."""
+    if not skips_inactive_rows(active) or bool(active.all()):
         return None
     return active.nonzero().squeeze(-1)
 
@@ -183,8 +192,11 @@ def token_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | Non
         rows = active_rows(active)
         ent = entropy[b, ts] if c_h is not None else None
         if rows is None:
-            out[b, ts] = _chunk_grad(logits[b, ts], None, y, stats[b, ts], c, c_h, ent,
-                                     inv_temp)
+            g = _chunk_grad(logits[b, ts], None, y, stats[b, ts], c, c_h, ent, inv_temp)
+            if not skips_inactive_rows(active):  # inactive rows computed too: zero them
+                g.masked_fill_(~active.unsqueeze(-1), 0.0)
+            out[b, ts] = g
+            del g
             continue
         # Rows with a zero coefficient (masked, clipped) are not read: their gradient is 0.
         if rows.numel() == 0:
