@@ -188,6 +188,7 @@ def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
     # Total: weight * L + (sft weight + rpo_alpha) * NLL = weight * (L + nll_coef * NLL).
     nll = (sft_weight + float(getattr(args, "rpo_alpha", None) or 0.0)) / weight
     kwargs = dict(beta=float(trainer.beta), loss_type=loss_type, average_logprobs=average,
-                  label_smoothing=smoothing, nll_coef=nll,
-                  discopop_tau=float(getattr(args, "discopop_tau", 0.05)))
+                  label_smoothing=smoothing, nll_coef=nll)
+    if loss_type == "discopop":  # the op refuses a temperature that its loss would ignore
+        kwargs["discopop_tau"] = float(getattr(args, "discopop_tau", 0.05))
     return kwargs, weight
