@@ -3,6 +3,10 @@
 None of these carries a gradient: they are the aggregation weights, the entropy-aware
 advantage, the top-entropy mask and the rollout importance weights. The reference and the
 fused op both use them; what the two compute independently is everything differentiable.
+
+Sequences are rows of ``[B, T]`` tensors, or, for packed batches, the spans of a ``[1, N]``
+row given by a ``layout`` (``rlhf_fast.ops.packing``: ``seq_sum`` and ``per_token``); the
+default is the padded layout, and its results are the same to the bit either way.
 """
 
 from __future__ import annotations
@@ -11,18 +15,27 @@ import torch
 from torch import Tensor
 
 from .config import PolicyLossConfig
+from .ops.packing import Layout, Padded
+
+
+def _layout(layout: Layout | None, mask: Tensor) -> Layout:
+    return layout if layout is not None else Padded(mask.shape[0])
 
 
 def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None = None,
-                        max_length: int | None = None) -> Tensor:
-    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype.
+                        max_length: int | None = None, layout: Layout | None = None) -> Tensor:
+    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` (or ``[1, N]`` packed) of 0/1
+    in the working dtype.
 
     ``token_mean``: 1 / sum(m); ``seq_mean_token_mean``: 1 / (L_i * non-empty sequences);
     ``seq_mean_token_sum``: 1 / non-empty sequences; ``seq_mean_token_sum_norm``:
-    1 / (B * max_length), max_length defaulting to T. ``normalizer`` replaces the count.
+    1 / (B * max_length), max_length defaulting to T (a packed batch has no T: it needs
+    ``max_length`` or ``normalizer``). ``normalizer`` replaces the count.
     """
-    lengths = mask.sum(-1, keepdim=True)
-    n_seq = (lengths > 0).sum().clamp(min=1)
+    layout = _layout(layout, mask)
+    seq_lengths = layout.seq_sum(mask)
+    lengths = layout.per_token(seq_lengths)
+    n_seq = (seq_lengths > 0).sum().clamp(min=1)
     norm = normalizer
     if aggregation == "token_mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
@@ -32,16 +45,20 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
         return mask / (norm if norm is not None else n_seq)
     if aggregation != "seq_mean_token_sum_norm":
         raise ValueError(f"unknown aggregation {aggregation!r}")
+    if norm is None and max_length is None and not isinstance(layout, Padded):
+        raise ValueError("aggregation='seq_mean_token_sum_norm' on a packed batch needs "
+                         "max_length (or normalizer): a packed batch has no padded length")
     max_length = max_length if max_length is not None else mask.shape[-1]
-    return mask / (norm if norm is not None else mask.shape[0] * max_length)
+    return mask / (norm if norm is not None else layout.num_sequences * max_length)
 
 
-def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
+def sequence_count(mask: Tensor, config: PolicyLossConfig,
+                   layout: Layout | None = None) -> Tensor:
     """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
     if config.normalizer is not None:
         # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
         return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
-    return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
+    return (_layout(layout, mask).seq_sum(mask) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def entropy_statistics(entropy: Tensor, mask: Tensor, quantile: float | None) -> dict:
@@ -92,17 +109,40 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
     return (entropy >= stats["threshold"]).to(entropy.dtype)
 
 
-def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
-                    config: PolicyLossConfig) -> Tensor:
-    """Truncated importance weights against the inference engine (1 when off)."""
-    if config.rollout_correction is None or rollout is None:
-        return torch.ones_like(old)
-    log_w = old - rollout.to(old.dtype)
-    if config.log_ratio_clamp is not None:
-        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-    if config.rollout_correction.startswith("sequence"):
-        log_w = (log_w * mask).sum(-1, keepdim=True).expand_as(old)
-    w = torch.exp(log_w)
+def _truncated(w: Tensor, config: PolicyLossConfig) -> Tensor:
     if config.rollout_correction.endswith("truncate"):
         return torch.clamp(w, max=config.rollout_cap)
     return torch.where(w <= config.rollout_cap, w, torch.zeros_like(w))
+
+
+def _rollout_log_weights(old: Tensor, rollout: Tensor, config: PolicyLossConfig) -> Tensor:
+    log_w = old - rollout.to(old.dtype)
+    if config.log_ratio_clamp is not None:
+        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    return log_w
+
+
+def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
+                    config: PolicyLossConfig, layout: Layout | None = None) -> Tensor:
+    """Truncated importance weights against the inference engine (1 when off)."""
+    if config.rollout_correction is None or rollout is None:
+        return torch.ones_like(old)
+    if config.rollout_correction.startswith("sequence"):
+        layout = _layout(layout, mask)
+        w = rollout_sequence_weights(old, rollout, mask, config, layout)
+        return layout.per_token(w).expand_as(old)
+    return _truncated(torch.exp(_rollout_log_weights(old, rollout, config)), config)
+
+
+def rollout_sequence_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
+                             config: PolicyLossConfig, layout: Layout | None = None
+                             ) -> Tensor:
+    """Per-sequence ``[S]`` weights of sequence-level rollout correction: the product of the
+    token ratios (the exp of the masked sum of log-ratios), truncated or masked at the cap;
+    1 when there is no sequence-level correction."""
+    layout = _layout(layout, mask)
+    if config.rollout_correction is None or rollout is None \
+            or not config.rollout_correction.startswith("sequence"):
+        return torch.ones(layout.num_sequences, dtype=old.dtype, device=old.device)
+    log_w = layout.seq_sum(_rollout_log_weights(old, rollout, config) * mask)
+    return _truncated(torch.exp(log_w), config)

@@ -8,6 +8,10 @@ reference in ``rlhf_fast.reference.dpo`` uses autograd); everything is ``[2b]`` 
 
 Each token of sequence i gets ``c_t = dL/dlogp(y_i)`` (divided by the length when the
 sequence log-probs are averaged), plus ``-nll_weight / chosen_tokens`` on chosen tokens.
+
+Sequences are the rows of ``[2b, T]``, or the spans of a packed ``[1, N]`` row described by
+a ``layout`` (``rlhf_fast.ops.packing``): the 2b sequences of a packed batch are the b
+chosen ones, then their b rejected partners in the same order, as the padded rows are.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.packing import Layout, Padded
 from .preference_config import PreferenceLossConfig
 
 
@@ -30,20 +35,22 @@ class PairCoefficients:
 
 
 def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
-                    config: PreferenceLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+                    config: PreferenceLossConfig, layout: Layout | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``.
 
-    ``ref``: None, sums ``[2b]`` over the same masked tokens, or per-token ``[2b, T]``. With
-    ``average_logprobs`` both scores are divided by the sequence's token count (an empty
-    sequence scores 0)."""
+    ``ref``: None, sums ``[2b]`` over the same masked tokens, or per token (``[2b, T]``,
+    ``[1, N]`` packed). With ``average_logprobs`` both scores are divided by the sequence's
+    token count (an empty sequence scores 0)."""
+    layout = layout if layout is not None else Padded(logp.shape[0])
     m = valid.double()
-    length = m.sum(-1)
+    length = layout.seq_sum(m)
     scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
-    score = torch.where(valid, logp.double(), 0.0).sum(-1) * scale
+    score = layout.seq_sum(torch.where(valid, logp.double(), 0.0)) * scale
     if not config.uses_reference:
         ref_score = torch.zeros_like(score)
     elif ref.dim() == 2:
-        ref_score = torch.where(valid, ref.double(), 0.0).sum(-1) * scale
+        ref_score = layout.seq_sum(torch.where(valid, ref.double(), 0.0)) * scale
     else:
         ref_score = ref.double() * scale
     return score, ref_score, scale
@@ -135,32 +142,43 @@ def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLos
             torch.where(both, g_l, 0.0))
 
 
+def chosen_token_mask(layout: Layout, like: Tensor) -> Tensor:
+    """Bool, broadcasting against the per-token tensors: the tokens of the first half of the
+    sequences (the chosen ones)."""
+    s = layout.num_sequences
+    return layout.per_token(torch.arange(s, device=like.device) < s // 2)
+
+
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
-                            chosen_tokens: Tensor) -> PairCoefficients:
+                            chosen_tokens: Tensor, layout: Layout | None = None
+                            ) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
-    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs`` and ``chosen_tokens`` (a 0-dim
-    tensor, kept on the device: no host sync) are the whole batch's pair count and
-    chosen-token count (the normalisers of the pair mean and of the NLL), so chunks of pairs
-    add up to the batch's loss and gradient exactly.
+    logp, valid ``[2b, T]`` (chosen rows first), or ``[1, N]`` packed with ``layout``;
+    ``num_pairs`` and ``chosen_tokens`` (a 0-dim tensor, kept on the device: no host sync)
+    are the whole batch's pair count and chosen-token count (the normalisers of the pair
+    mean and of the NLL), so chunks of pairs add up to the batch's loss and gradient exactly.
     """
-    score, ref_score, scale = sequence_scores(logp, valid, ref, config)
+    layout = layout if layout is not None else Padded(logp.shape[0])
+    score, ref_score, scale = sequence_scores(logp, valid, ref, config, layout)
     b = score.shape[0] // 2
     d = score - ref_score
     if config.loss_type == "orpo":
-        loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
+        nonempty = layout.seq_sum(valid.double()) > 0
+        loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], nonempty, config)
     else:
         loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
     pairs_norm = float(max(num_pairs, 1))
     g_seq = torch.cat([g_w, g_l]) * scale / pairs_norm
-    c = g_seq.unsqueeze(-1) * valid.double()
+    c = layout.per_token(g_seq) * valid.double()
     loss = loss_pairs.sum() / pairs_norm
-    nll_sum = -torch.where(valid[:b], logp[:b].double(), 0.0).sum()
+    chosen_valid = valid & chosen_token_mask(layout, valid)
+    nll_sum = -torch.where(chosen_valid, logp.double(), 0.0).sum()
     if config.nll_weight != 0:
         nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
         loss = loss + nll_share * nll_sum
-        c[:b] -= nll_share * valid[:b].double()
+        c = c - nll_share * chosen_valid.double()
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
              "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
              "nll_sum": nll_sum}
