@@ -3,7 +3,8 @@ chunking): the default chunk size, the chunk plan, and the memory it predicts.
 
 Default chunk (``chunk_tokens=None``), from the device's memory, V, H and the dtype:
 
-    budget = clamp(device memory / 128, 32 MiB, 1 GiB)        # LOGITS_BUDGET_*
+    budget = clamp(device memory / 128, 32 MiB, cap)           # LOGITS_BUDGET_*
+             cap = 1 GiB on a GPU, 256 MiB on the CPU
     C      = budget // ((V + 2 H) * s)                         # tokens
     C      = max(128, C rounded down to a multiple of 128), and at most N
 
@@ -11,9 +12,11 @@ with ``s`` the bytes of the dtype: a chunk holds its ``[C, V]`` logits (the grad
 written over them) and its hidden rows and their gradient (``2 H`` per token). Device
 memory is the GPU's total
 memory, or the machine's RAM for CPU tensors: 1 GiB of logits on a 141 GB H200 (C = 3328 at
-V = 151936, H = 4096, bf16), 640 MiB on an 80 GB H100 (C = 2048), 192 MiB on a 24 GiB
-machine (C = 1408 at V = 32768, H = 256, float32). Large enough for the GEMMs to run near
-their peak (M >= 2048 on a GPU), small enough that the chunk is a small part of the memory.
+V = 151936, H = 4096, bf16), 640 MiB on an 80 GB H100 (C = 2048), 188 MiB on this 24 GiB
+development machine (C = 1408 at V = 32768, H = 256, float32). Large enough for the GEMMs
+to run near their peak (M >= 2048 on a GPU), small enough that the chunk is a small part of
+the memory. The CPU's cap is lower: its GEMMs gain nothing past a few hundred rows, and the
+torch backend's sweeps work in cache-sized blocks whatever the chunk.
 
 Everything here is decided from shapes, dtypes and the device's size, never from data: the
 plans are the same under ``torch.compile`` and need no host read.
@@ -31,7 +34,8 @@ LOGITS_BUDGET_FRACTION = 128
 
 LOGITS_BUDGET_MIN = 32 * 2**20
 LOGITS_BUDGET_MAX = 2**30
-"""Bounds of the default chunk's budget, in bytes."""
+LOGITS_BUDGET_MAX_CPU = 256 * 2**20
+"""Bounds of the default chunk's budget, in bytes (the cap on a GPU, and off one)."""
 
 CHUNK_MULTIPLE = 128
 """Default chunks are a multiple of this many tokens (GEMM tiles), and at least this many."""
@@ -53,9 +57,11 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def logits_budget_bytes(device: torch.device) -> int:
-    """Bytes of one chunk by default: ``clamp(memory / 128, 32 MiB, 1 GiB)``."""
+    """Bytes of one chunk by default: ``clamp(memory / 128, 32 MiB, 1 GiB)`` on a GPU, with
+    a 256 MiB cap elsewhere."""
+    cap = LOGITS_BUDGET_MAX if device.type == "cuda" else LOGITS_BUDGET_MAX_CPU
     budget = device_memory_bytes(device) // LOGITS_BUDGET_FRACTION
-    return max(LOGITS_BUDGET_MIN, min(LOGITS_BUDGET_MAX, budget))
+    return max(LOGITS_BUDGET_MIN, min(cap, budget))
 
 
 def chunk_token_bytes(vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
