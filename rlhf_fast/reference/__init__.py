@@ -15,8 +15,9 @@ Modules: ``token_logprobs``, ``policy_loss``, ``dpo`` (the losses); ``aggregatio
 
 from . import advantages, aggregation, entropy, gae, kl, rollout, shaping, value
 from .dpo import dpo_loss, dpo_loss_from_logprobs
-from .policy_loss import policy_loss
+from .policy_loss import policy_loss, policy_loss_from_logprobs
 from .token_logprobs import token_logprobs
 
 __all__ = ["advantages", "aggregation", "dpo_loss", "dpo_loss_from_logprobs", "entropy", "gae",
-           "kl", "policy_loss", "rollout", "shaping", "token_logprobs", "value"]
+           "kl", "policy_loss", "policy_loss_from_logprobs", "rollout", "shaping",
+           "token_logprobs", "value"]

@@ -52,8 +52,30 @@ def policy_loss(
         return loss, logp.squeeze(0), entropy.squeeze(0), metrics
     logp, entropy = token_logprobs(logits, targets, temperature=c.temperature,
                                    return_entropy=True)
+    valid = mask.bool() & (targets != -100)
+    loss, metrics = policy_loss_from_logprobs(
+        logp, entropy, valid, advantages, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, config=config)
+    return loss, logp.detach(), entropy.detach(), metrics
+
+
+def policy_loss_from_logprobs(
+    logp: Tensor,
+    entropy: Tensor,
+    valid: Tensor,
+    advantages: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    config: PolicyLossConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``policy_loss`` from the per-token log-probs and entropies ``[B, T]`` (differentiable
+    in both: dL/dlogp and dL/dH are the coefficients of DESIGN's one-coefficient view) and
+    the bool mask of the tokens that count. Returns (loss, metrics)."""
+    c = config
     dtype = logp.dtype
-    m = (mask.to(dtype)) * (targets != -100).to(dtype)
+    m = valid.to(dtype)
     adv = advantages.to(dtype)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
@@ -126,8 +148,7 @@ def policy_loss(
     if c.entropy_coef != 0:
         loss = loss - c.entropy_coef * agg(entropy_mask * entropy)
 
-    metrics = _metrics(ratio.detach(), adv, m, kl, ent, c)
-    return loss, logp.detach(), ent, metrics
+    return loss, _metrics(ratio.detach(), adv, m, kl, ent, c)
 
 
 def _metrics(ratio, adv, m, kl, ent, c: PolicyLossConfig) -> dict[str, Tensor]:
