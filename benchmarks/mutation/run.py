@@ -68,9 +68,10 @@ MODULES: dict[str, dict] = {
         "tests/test_oracle_config.py", "tests/test_policy_mechanisms.py::TestBadInput",
         "tests/test_policy_paths.py::test_path_choice", *HOST]},
     "rlhf_fast/policy_coefficients.py": {"tests": [
-        "tests/test_oracle_policy.py", *POLICY, *HOST]},
+        "tests/test_oracle_coefficients.py", "tests/test_oracle_policy.py", *POLICY, *HOST]},
     "rlhf_fast/loss_weights.py": {"tests": [
-        "tests/test_oracle_policy.py", "tests/test_oracle_weights.py", *POLICY,
+        "tests/test_oracle_weights.py", "tests/test_oracle_coefficients.py",
+        "tests/test_oracle_policy.py", *POLICY,
         "tests/test_value_kl_shaping.py", *HOST]},
     "rlhf_fast/preference_coefficients.py": {"tests": [
         "tests/test_oracle_preference.py", "tests/test_dpo.py", "tests/test_linear_dpo.py",
