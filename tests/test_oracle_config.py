@@ -1,6 +1,7 @@
 """PolicyLossConfig: every check at its bound (a zero bound is a bound), the presets' published
 hyper-parameters, and which configurations need batch statistics."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from rlhf_fast import PRESETS, PolicyLossConfig
 
 @pytest.mark.parametrize(("field", "value"), [
     ("clip_eps_low", 0.0), ("clip_eps_low", 1.0), ("clip_eps_low", None),
-    ("clip_eps_high", 0.0), ("clip_eps_high", 1e6), ("dual_clip_c", 1.0001),
+    ("clip_eps_high", 0.0), ("clip_eps_high", 1e6), ("clip_eps_high", math.inf),
+    ("dual_clip_c", 1.0001),
     ("delta", 1.2001), ("log_ratio_clamp", 1e-9), ("log_ratio_clamp", None),
     ("kl_clamp", 1e-9), ("normalizer", 1e-9), ("rollout_cap", 1e-9), ("temperature", 1e-9),
     ("sapo_tau_pos", 1e-9), ("sapo_tau_neg", 1e-9), ("max_length", 1), ("kl_coef", -1.0),
@@ -50,6 +52,12 @@ def test_accepted_at_the_bound(field, value):
 def test_rejected_past_the_bound(field, value, message):
     with pytest.raises(ValueError, match=message):
         PolicyLossConfig(**{field: value})
+
+
+def test_frozen():
+    config = PolicyLossConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clip_eps_high = 0.3
 
 
 def test_delta_bound_follows_clip_eps_high():

@@ -98,8 +98,9 @@ MODULES: dict[str, dict] = {
         "tests/test_token_logprobs.py", "-k",
         "not triton and (not test_token_logprobs or out_of_range or ignore_index)"]},
     "kernels/policy_coefficient.py": {"tests": [
-        "tests/test_oracle_fused.py", "tests/test_policy_paths.py",
-        "tests/test_policy_mechanisms.py", *DEVICE], "timeout": 300},
+        "tests/test_oracle_kernel_coefficient.py", "tests/test_oracle_fused.py",
+        "tests/test_policy_paths.py", "tests/test_policy_mechanisms.py", *DEVICE],
+        "timeout": 300},
     "kernels/softmax_stats.py": {"tests": [
         "tests/test_oracle_fused.py", "tests/test_token_logprobs.py",
         "tests/test_policy_paths.py", *DEVICE], "timeout": 300},
