@@ -40,3 +40,18 @@ def test_gmpo_with_token_mean_is_refused():
     p = problem(batch=2, seq_len=3)
     with pytest.raises(ValueError, match="seq_mean_"):
         run_linear(p, PolicyLossConfig.preset("gmpo", aggregation="token_mean"), "torch")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo", "simpo", "ipo"])
+def test_linear_dpo_empty_sequences_across_chunks(loss_type):
+    # Pair 0's chosen and pair 1's rejected sequences are empty; chunks of one pair each
+    # must still use the whole batch's pair count and chosen-token count.
+    from preference_problems import loss_kwargs
+    from test_linear_dpo import compare, pair_problem, run_ours, run_reference
+
+    p = pair_problem(pairs=3, seed=5)
+    p["mask"][0] = False
+    p["mask"][4] = False
+    kwargs = {**loss_kwargs(loss_type), "nll_coef": 0.25}
+    out, grads = run_ours(p, kwargs, "torch", chunk_size=1)
+    compare(out, grads, run_reference(p, kwargs), torch.float32)

@@ -181,3 +181,12 @@ def test_config_rejects(kwargs, error):
 ])
 def test_config_accepts_the_edges(kwargs):
     preference_config(**kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo", "ipo", "nca_pair"])
+def test_one_pair_with_one_chosen_token(loss_type):
+    # One pair, one chosen token: the pair and token normalisers are exactly 1.
+    problem = make_pairs(pairs=1, seq_len=5, seed=21)
+    problem["mask"][0] = False
+    problem["mask"][0, 2] = True
+    check_dpo(problem, {**loss_kwargs(loss_type), "nll_coef": 0.5}, "torch")
