@@ -5,7 +5,10 @@ sequence, first or in the middle, counts for nothing), for every aggregation and
 import pytest
 import torch
 from numerics import assert_grad_close
+from preference_problems import loss_kwargs
 from test_linear import problem, run_linear, run_reference
+from test_linear_dpo import compare, pair_problem, run_ours
+from test_linear_dpo import run_reference as run_dpo_reference
 
 from rlhf_fast import PolicyLossConfig
 
@@ -46,12 +49,9 @@ def test_gmpo_with_token_mean_is_refused():
 def test_linear_dpo_empty_sequences_across_chunks(loss_type):
     # Pair 0's chosen and pair 1's rejected sequences are empty; chunks of one pair each
     # must still use the whole batch's pair count and chosen-token count.
-    from preference_problems import loss_kwargs
-    from test_linear_dpo import compare, pair_problem, run_ours, run_reference
-
     p = pair_problem(pairs=3, seed=5)
     p["mask"][0] = False
     p["mask"][4] = False
     kwargs = {**loss_kwargs(loss_type), "nll_coef": 0.25}
     out, grads = run_ours(p, kwargs, "torch", chunk_size=1)
-    compare(out, grads, run_reference(p, kwargs), torch.float32)
+    compare(out, grads, run_dpo_reference(p, kwargs), torch.float32)
