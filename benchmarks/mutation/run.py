@@ -333,7 +333,8 @@ def main() -> None:
                 if server.poll() is not None:
                     raise SystemExit("the fork server died: results are not valid")
         finally:
-            server.kill()
+            server.terminate()  # the server kills a mutant still running
+            server.wait()
     seconds = time.monotonic() - start
     command = " ".join(["python benchmarks/mutation/run.py", *sys.argv[1:]])
     (out / f"{args.label}.json").write_text(json.dumps(results, indent=1))

@@ -69,6 +69,16 @@ def run_child(args: list[str], write_fd: int) -> None:
     os._exit(code)
 
 
+CHILDREN: set[int] = set()
+"""Forked children still running: killed with the server."""
+
+
+def stop(*_: object) -> None:
+    for pid in CHILDREN:
+        os.kill(pid, signal.SIGKILL)
+    os._exit(143)
+
+
 def run_request(args: list[str], timeout: float) -> tuple[int, str]:
     """(exit status, node id of the first failing test or "")."""
     read_fd, write_fd = os.pipe()
@@ -76,6 +86,7 @@ def run_request(args: list[str], timeout: float) -> tuple[int, str]:
     if pid == 0:
         os.close(read_fd)
         run_child(args, write_fd)
+    CHILDREN.add(pid)
     os.close(write_fd)
     deadline = time.monotonic() + timeout
     while True:
@@ -89,12 +100,14 @@ def run_request(args: list[str], timeout: float) -> tuple[int, str]:
             code = TIMEOUT_EXIT
             break
         time.sleep(0.01)
+    CHILDREN.discard(pid)
     failed = os.read(read_fd, 4096).decode(errors="replace")
     os.close(read_fd)
     return code, failed
 
 
 def serve(path: str) -> None:
+    signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(1)
     if os.path.exists(path):
         os.unlink(path)
