@@ -163,7 +163,7 @@ def write_config(path: Path, module: str, command: str, timeout: float) -> None:
 
 
 def mark_skipped(db_path: Path, copy: Path, module: str, skip_functions: list[str],
-                 sample: int) -> None:
+                 sample: int, only: set[str] | None = None) -> None:
     from cosmic_ray.work_db import use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -176,6 +176,8 @@ def mark_skipped(db_path: Path, copy: Path, module: str, skip_functions: list[st
             key = mutant_key(module, lines[m.start_pos[0] - 1], m.start_pos[1], m.operator_name)
             if reason is None and sample > 1 and zlib.crc32(key.encode()) % sample:
                 reason = f"not in the 1-in-{sample} sample"
+            if reason is None and only is not None and key not in only:
+                reason = "killed in an earlier run"
             if reason:
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
                                                       output=reason))
@@ -218,7 +220,7 @@ def count_module(copy: Path, work: Path, module: str, spec: dict, env: dict,
 
 
 def run_module(copy: Path, work: Path, module: str, spec: dict, client: list[str],
-               env: dict, sample: int) -> list[dict]:
+               env: dict, sample: int, only: set[str] | None) -> list[dict]:
     name = Path(module).stem
     tests = module_tests(copy, spec)
     start = time.monotonic()
@@ -231,7 +233,7 @@ def run_module(copy: Path, work: Path, module: str, spec: dict, client: list[str
     config, db = work / f"{name}.toml", work / f"{name}.sqlite"
     write_config(config, module, command, timeout + 60)
     subprocess.run(["cosmic-ray", "init", str(config), str(db)], cwd=copy, env=env, check=True)
-    mark_skipped(db, copy, module, spec.get("skip_functions", []), sample)
+    mark_skipped(db, copy, module, spec.get("skip_functions", []), sample, only)
     print(f"{module}: baseline {base_s:.1f} s, running mutants", flush=True)
     subprocess.run(["cosmic-ray", "exec", str(config), str(db)], cwd=copy, env=env, check=True)
     return collect(db, copy, module)
@@ -281,6 +283,9 @@ def main() -> None:
                         help="run nothing: merge the results of earlier runs (DIR/LABEL.json; "
                              "a later label's outcome replaces an earlier one's for the same "
                              "mutant) and write the summary as --label")
+    parser.add_argument("--survivors-of", nargs="+", metavar="LABEL",
+                        help="run only the mutants that survived in these earlier runs "
+                             "(merge with --report LABEL... NEW_LABEL afterwards)")
     parser.add_argument("--sample", type=int, default=1,
                         help="run a fixed 1-in-N sample of the mutants (by a hash of each "
                              "mutant's name, the same in every run)")
@@ -304,6 +309,11 @@ def main() -> None:
         (out / f"{args.label}.md").write_text(report)
         print(report)
         return
+    only = None
+    if args.survivors_of:
+        only = {r["key"] for label in args.survivors_of
+                for r in json.loads((out / f"{label}.json").read_text())
+                if r["outcome"] != "killed"}
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rlhf_fast_mutants_") as scratch:
         copy, work = Path(scratch) / "repo", Path(scratch) / "work"
@@ -329,7 +339,9 @@ def main() -> None:
         results = []
         try:
             for module, spec in selected.items():
-                results += run_module(copy, work, module, spec, client, env, args.sample)
+                if only is not None and not any(k.startswith(module + " | ") for k in only):
+                    continue
+                results += run_module(copy, work, module, spec, client, env, args.sample, only)
                 if server.poll() is not None:
                     raise SystemExit("the fork server died: results are not valid")
         finally:
