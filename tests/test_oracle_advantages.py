@@ -170,3 +170,16 @@ def test_gae_input_checks():
         gae(r, torch.zeros(3, 3), r > 0)
     with pytest.raises(ValueError, match="backend must be one of"):
         gae(r, r, r > 0, backend="cuda")
+
+
+@pytest.mark.parametrize(("backend", "triton_runs"), [("torch", False), ("triton", True)])
+def test_gae_backend_dispatch(backend, triton_runs, monkeypatch):
+    from rlhf_fast import gae as gae_module
+
+    calls = []
+    original = gae_module._gae_triton
+    monkeypatch.setattr(gae_module, "_gae_triton",
+                        lambda *a: calls.append(1) or original(*a))
+    r = torch.ones(2, 3)
+    gae(r, r, r > 0, 0.5, 0.5, backend=backend)
+    assert bool(calls) == triton_runs
