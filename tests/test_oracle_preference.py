@@ -190,3 +190,14 @@ def test_one_pair_with_one_chosen_token(loss_type):
     problem["mask"][0] = False
     problem["mask"][0, 2] = True
     check_dpo(problem, {**loss_kwargs(loss_type), "nll_coef": 0.5}, "torch")
+
+
+def test_hinge_at_its_kink_follows_relu():
+    # beta * (D_w - D_l) == 1 exactly: relu(1 - x) at 0, whose derivative torch takes as 0.
+    config = preference_config(loss_type="hinge", beta=0.5)
+    d_w = torch.tensor([-0.5, -0.5, -0.5], dtype=torch.float64)
+    d_l = torch.tensor([-2.5, -2.0, -3.0], dtype=torch.float64)   # x = 1, 0.75, 1.25
+    loss, g_w, g_l = pc.pair_losses(d_w, d_l, config)
+    ref_loss, ref_w, ref_l = autograd_pair(d_w, d_l, config)
+    assert torch.equal(loss, ref_loss) and torch.equal(g_w, ref_w) and torch.equal(g_l, ref_l)
+    assert g_w.tolist() == [0.0, -0.5, 0.0]
