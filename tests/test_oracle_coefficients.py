@@ -46,12 +46,14 @@ ADV_TOKEN = torch.tensor([[1.5, -0.5, 2.0, -1.0, 0.0, 1.0], [-2.0, 0.5, 1.0, 0.7
 ADV_SEQUENCE = torch.tensor([1.5, -0.75, 2.0, -1.25], dtype=torch.float64)
 
 
-def compare(config, *, advantages=ADV_TOKEN, on_policy=False, valid=VALID):
+def compare(config, *, advantages=ADV_TOKEN, on_policy=False, valid=VALID, with_ref=True):
     old = None if on_policy else LOGP - LOG_RATIO
     ref, rollout = LOGP + REF_GAP, LOGP - LOG_RATIO - ROLLOUT_GAP
+    ref = ref if with_ref else None
     coef = policy_coefficients(
         LOGP.float(), ENTROPY.float(), valid, advantages.float(),
-        old.float() if old is not None else None, ref.float(), rollout.float(), config)
+        old.float() if old is not None else None, ref.float() if with_ref else None,
+        rollout.float(), config)
     logp = LOGP.clone().requires_grad_()
     entropy = ENTROPY.clone().requires_grad_()
     loss, metrics = policy_loss_from_logprobs(
@@ -154,6 +156,12 @@ def test_coefficients_against_autograd(name, advantages):
                                   "rollout_token_mask", "aepo"])
 def test_on_policy(name):
     compare(PolicyLossConfig(**CONFIGS[name]), on_policy=True)
+
+
+@pytest.mark.parametrize("name", ["k1_ref", "k3_clamped", "k2_old"])
+def test_kl_without_reference_log_probs(name):
+    # kl_reference="ref" and no ref log-probs: no KL term; kl_reference="old" needs none.
+    compare(PolicyLossConfig(**CONFIGS[name]), with_ref=False)
 
 
 def test_all_masked_and_single_token():
