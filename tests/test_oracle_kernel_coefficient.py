@@ -12,7 +12,7 @@ from test_oracle_coefficients import ADV_TOKEN, CONFIGS, LOG_RATIO, LOGP, REF_GA
 
 from rlhf_fast import PolicyLossConfig
 from rlhf_fast.loss_weights import aggregation_weights, rollout_weights
-from rlhf_fast.ops.policy_loss import CLIP_GRADIENT_CODES, KL_CODES, OBJECTIVE_CODES
+from rlhf_fast.ops.policy_loss import CLIP_GRADIENT_CODES, OBJECTIVE_CODES, _kl_mode
 from rlhf_fast.policy_coefficients import policy_coefficients
 
 
@@ -49,19 +49,29 @@ TOKEN_LEVEL = [name for name, fields in CONFIGS.items()
 @pytest.mark.parametrize("name", TOKEN_LEVEL)
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_device_coefficient_equals_host(name, on_policy):
-    c = PolicyLossConfig(**CONFIGS[name])
+    run(PolicyLossConfig(**CONFIGS[name]), on_policy)
+
+
+@pytest.mark.parametrize("name", ["k1_ref", "k3_clamped", "k2_old"])
+def test_kl_without_reference_log_probs(name):
+    # The launcher's KL switch is off when kl_reference="ref" has no ref log-probs.
+    run(PolicyLossConfig(**CONFIGS[name]), False, with_ref=False)
+
+
+def run(c, on_policy, with_ref=True):
     valid = torch.ones_like(LOGP, dtype=torch.bool)
     logp, adv = LOGP.float(), ADV_TOKEN.float()
     old = logp if on_policy else (LOGP - LOG_RATIO).float()
     ref = (LOGP + REF_GAP).float()
     rollout = (LOGP - LOG_RATIO - ROLLOUT_GAP).float()
     host = policy_coefficients(logp, torch.ones_like(logp), valid, adv,
-                               None if on_policy else old, ref, rollout, c)
+                               None if on_policy else old, ref if with_ref else None,
+                               rollout, c)
     m = valid.float()
     weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
     policy_weight = weight * rollout_weights(old, rollout, m, c)
     out = torch.empty(logp.numel())
-    kl_mode = KL_CODES[c.kl_estimator] if c.kl_coef != 0 else 0
+    kl_mode = _kl_mode(c, ref if with_ref else None)
     coefficient_kernel[(1,)](
         logp.flatten(), adv.flatten(), old.flatten(), ref.flatten(), weight.flatten(),
         policy_weight.flatten().contiguous(), out, logp.numel(),
