@@ -178,3 +178,32 @@ def test_zero_width_clip_at_ratio_one():
     at_one = VALID & (LOG_RATIO == 0)
     assert (coef.c_logp[at_one] != 0).all() or (ADV_TOKEN[at_one] == 0).any()
     assert coef.metrics["clip_frac_high"].item() > 0 and coef.metrics["clip_frac_low"] > 0
+
+
+@pytest.mark.parametrize("name", ["aepo", "aepo_alpha_large", "top_entropy"])
+def test_rows_with_the_batch_entropy_statistics_equal_the_whole_batch(name):
+    # A chunk of rows given the whole batch's entropy statistics (as the fused-linear op
+    # does) gets the whole batch's coefficients for those rows.
+    from rlhf_fast.loss_weights import entropy_statistics
+
+    config = PolicyLossConfig(**CONFIGS[name]).replace(aggregation="token_mean",
+                                                       normalizer=float(VALID.sum()))
+    old, ref, rollout = LOGP - LOG_RATIO, LOGP + REF_GAP, LOGP - LOG_RATIO - ROLLOUT_GAP
+    args = [t.float() for t in (LOGP, ENTROPY)]
+    whole = policy_coefficients(*args, VALID, ADV_TOKEN.float(), old.float(), ref.float(),
+                                rollout.float(), config)
+    stats = entropy_statistics(ENTROPY.float(), VALID.float(), config.top_entropy_quantile)
+    rows = slice(1, 2)
+    part = policy_coefficients(args[0][rows], args[1][rows], VALID[rows],
+                               ADV_TOKEN.float()[rows], old.float()[rows], ref.float()[rows],
+                               rollout.float()[rows], config, entropy_stats=stats)
+    def both(coef, select=slice(None)):
+        c_entropy = coef.c_entropy if coef.c_entropy is not None else coef.c_logp * 0
+        return torch.cat([coef.c_logp[select], c_entropy[select]])
+
+    assert torch.allclose(both(part), both(whole, rows), rtol=1e-6, atol=1e-8)
+    alone = policy_coefficients(args[0][rows], args[1][rows], VALID[rows],
+                                ADV_TOKEN.float()[rows], old.float()[rows], ref.float()[rows],
+                                rollout.float()[rows], config)
+    assert not torch.allclose(both(alone), both(whole, rows), rtol=1e-6, atol=1e-8), \
+        "the rows alone must have other statistics, or the test shows nothing"
