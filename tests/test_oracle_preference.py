@@ -2,6 +2,7 @@
 independent reference formula, at margins of both signs; ORPO's guard for a pair with an
 empty chosen or rejected sequence; sequence scores; the config's checks at their bounds."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from preference_problems import LOSS_TYPES, check_dpo, loss_kwargs, make_pairs
 
 from rlhf_fast import preference_coefficients as pc
-from rlhf_fast.preference_config import preference_config
+from rlhf_fast.preference_config import PreferenceLossConfig, preference_config
 from rlhf_fast.reference import dpo as reference_dpo
 
 # Chosen / rejected scores (log-ratio or mean log-prob) straddling every kink: margins of
@@ -157,6 +158,12 @@ def test_config_defaults_and_derived_fields():
     assert preference_config(loss_type="ipo", average_logprobs=False).average_logprobs is False
     c = preference_config(beta=2, temperature=3, gamma=0, discopop_tau=1)
     assert (c.beta, c.temperature, c.discopop_tau) == (2.0, 3.0, 1.0)
+
+
+def test_config_dataclass_defaults_are_the_checked_defaults():
+    assert PreferenceLossConfig() == preference_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PreferenceLossConfig().beta = 0.2
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
