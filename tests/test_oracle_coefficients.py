@@ -120,6 +120,7 @@ CONFIGS = {
     "k1_value_clamp_only": dict(kl_coef=0.5, kl_estimator="k1", kl_clamp=0.5,
                                 log_ratio_clamp=None),
     "entropy_bonus": dict(entropy_coef=0.25),
+    "coefficients_of_one": dict(entropy_coef=1.0, kl_coef=1.0, kl_estimator="k2"),
     "top_entropy": dict(top_entropy_quantile=0.5, entropy_coef=0.25),
     "top_entropy_tie": dict(top_entropy_quantile=0.75, entropy_coef=0.5, objective="pg"),
     "top_entropy_narrow": dict(top_entropy_quantile=0.125),
