@@ -285,8 +285,9 @@ def main() -> None:
                              "a later label's outcome replaces an earlier one's for the same "
                              "mutant) and write the summary as --label")
     parser.add_argument("--survivors-of", nargs="+", metavar="LABEL",
-                        help="run only the mutants that survived in these earlier runs "
-                             "(merge with --report LABEL... NEW_LABEL afterwards)")
+                        help="run only the mutants that survived in these earlier runs and "
+                             "are not listed as equivalent (merge with --report LABEL... "
+                             "NEW_LABEL afterwards)")
     parser.add_argument("--sample", type=int, default=1,
                         help="run a fixed 1-in-N sample of the mutants (by a hash of each "
                              "mutant's name, the same in every run)")
@@ -314,7 +315,7 @@ def main() -> None:
     if args.survivors_of:
         only = {r["key"] for label in args.survivors_of
                 for r in json.loads((out / f"{label}.json").read_text())
-                if r["outcome"] != "killed"}
+                if r["outcome"] != "killed" and r["key"] not in equivalent}
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rlhf_fast_mutants_") as scratch:
         copy, work = Path(scratch) / "repo", Path(scratch) / "work"
