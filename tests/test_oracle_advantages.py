@@ -183,3 +183,31 @@ def test_gae_backend_dispatch(backend, triton_runs, monkeypatch):
     r = torch.ones(2, 3)
     gae(r, r, r > 0, 0.5, 0.5, backend=backend)
     assert bool(calls) == triton_runs
+
+
+def test_documented_defaults():
+    # group: eps 1e-6, Bessel std, singleton "zero"; returns / REINFORCE++: gamma 1.
+    assert torch.allclose(impl.group_advantages(REWARDS, 4),
+                          ref.group_advantages(REWARDS, 4, eps=1e-6, unbiased=True),
+                          rtol=1e-6, atol=1e-6)
+    assert torch.equal(impl.group_advantages(REWARDS[:2], 1), torch.zeros(2))
+    assert torch.allclose(impl.returns_to_go(TOKEN_REWARDS, TOKEN_MASK),
+                          ref.returns_to_go(TOKEN_REWARDS, TOKEN_MASK, 1.0), atol=1e-6)
+    assert torch.allclose(impl.reinforce_pp_advantages(TOKEN_REWARDS, TOKEN_MASK),
+                          ref.reinforce_pp_advantages(TOKEN_REWARDS, TOKEN_MASK, 1.0),
+                          atol=1e-5)
+    assert torch.allclose(impl.winrate_advantages(REWARDS, 4),
+                          ref.winrate_advantages(REWARDS, 4, temperature=1.0), atol=1e-6)
+    x = VALUES
+    mask = torch.ones_like(x, dtype=torch.bool)
+    assert torch.allclose(impl.masked_whiten(x, mask),
+                          ref.masked_whiten(x, mask, shift_mean=True, unbiased=True, eps=1e-8),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_batch_scale_of_two_rewards(unbiased):
+    r = torch.tensor([1.0, 4.0])
+    got = impl.group_advantages(r, 2, scale="batch", unbiased=unbiased, eps=0.0)
+    assert torch.allclose(got, ref.group_advantages(r, 2, scale="batch", unbiased=unbiased,
+                                                    eps=0.0))
