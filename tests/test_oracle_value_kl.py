@@ -153,3 +153,14 @@ def test_filter_groups_and_dynamic_sampling():
     stuck.add(torch.zeros(6))
     with pytest.raises(RuntimeError, match="no full batch after 1"):
         stuck.add(rewards)
+
+
+def test_value_loss_one_valid_token():
+    # One token whose clipped term is the larger: loss, gradient 0 and clip fraction 1.
+    values = torch.tensor([[2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    old, returns = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 0.0]])
+    mask = torch.tensor([[True, False]])
+    out = value_loss(values, old, returns, mask, clip=0.5)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(0.5 * (0.5 - 3.0) ** 2)
+    assert out.clip_frac.item() == 1.0 and values.grad.abs().sum() == 0
