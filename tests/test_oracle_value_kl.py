@@ -164,3 +164,17 @@ def test_value_loss_one_valid_token():
     out.loss.backward()
     assert out.loss.item() == pytest.approx(0.5 * (0.5 - 3.0) ** 2)
     assert out.clip_frac.item() == 1.0 and values.grad.abs().sum() == 0
+
+
+def test_score_lands_on_a_first_and_only_token():
+    logp, ref = torch.zeros(2, 3), torch.zeros(2, 3)
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    rewards, _ = kl_control.kl_penalized_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask,
+                                                 0.1)
+    assert rewards.tolist() == [[2.0, 0.0, 0.0], [0.0, 0.0, -1.0]]
+
+
+def test_proportional_controller_default_is_one_step():
+    ctl = kl_control.ProportionalKLController(value=0.2, target=0.1, horizon=10.0)
+    assert ctl.update(0.5) == pytest.approx(ref_kl.proportional_kl_update(0.2, 0.5, 0.1, 1,
+                                                                           10.0), rel=1e-12)
