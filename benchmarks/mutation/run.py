@@ -174,7 +174,7 @@ def mark_skipped(db_path: Path, copy: Path, module: str, skip_functions: list[st
         for item in list(db.pending_work_items):
             m = item.mutations[0]
             reason = skip_reason(source, m, skip_functions)
-            key = mutant_key(module, lines[m.start_pos[0] - 1], m.start_pos[1], m.operator_name)
+            key = mutant_key(module, lines, m.start_pos[0], m.start_pos[1], m.operator_name)
             if reason is None and sample > 1 and zlib.crc32(key.encode()) % sample:
                 reason = f"not in the 1-in-{sample} sample"
             if reason is None and only is not None and key not in only:
@@ -201,7 +201,8 @@ def collect(db_path: Path, copy: Path, module: str) -> list[dict]:
             out.append({"module": module, "line_no": m.start_pos[0], "col": m.start_pos[1],
                         "line": line.strip(), "operator": m.operator_name,
                         "function": m.definition_name, "outcome": outcome,
-                        "key": mutant_key(module, line, m.start_pos[1], m.operator_name),
+                        "key": mutant_key(module, lines, m.start_pos[0], m.start_pos[1],
+                                          m.operator_name),
                         "killed_by": killed_by, "diff": result.diff or ""})
     return out
 
@@ -238,6 +239,20 @@ def run_module(copy: Path, work: Path, module: str, spec: dict, client: list[str
     print(f"{module}: baseline {base_s:.1f} s, running mutants", flush=True)
     subprocess.run(["cosmic-ray", "exec", str(config), str(db)], cwd=copy, env=env, check=True)
     return collect(db, copy, module)
+
+
+def load_results(out: Path, labels: list[str]) -> list[dict]:
+    """The mutants of earlier runs, keys recomputed from the checkout's sources (so runs made
+    by an older version of this script, or before edits elsewhere in a module, agree)."""
+    sources: dict[str, list[str]] = {}
+    results = []
+    for label in labels:
+        for r in json.loads((out / f"{label}.json").read_text()):
+            lines = sources.setdefault(r["module"],
+                                       (ROOT / r["module"]).read_text().splitlines())
+            r["key"] = mutant_key(r["module"], lines, r["line_no"], r["col"], r["operator"])
+            results.append(r)
+    return results
 
 
 def summarise(results: list[dict], equivalent: dict[str, str], label: str, seconds: float,
@@ -299,10 +314,7 @@ def main() -> None:
     equivalent = equivalent_keys((ROOT / "docs" / "testing.md").read_text()
                                  if (ROOT / "docs" / "testing.md").exists() else "")
     if args.report:
-        merged: dict[str, dict] = {}
-        for label in args.report:
-            for r in json.loads((out / f"{label}.json").read_text()):
-                merged[r["key"] + f" @{r['line_no']}"] = r
+        merged = {r["key"]: r for r in load_results(out, args.report)}
         results = sorted(merged.values(), key=lambda r: (list(MODULES).index(r["module"]),
                                                          r["line_no"], r["col"]))
         command = " ".join(["python benchmarks/mutation/run.py", *sys.argv[1:]])
@@ -313,8 +325,7 @@ def main() -> None:
         return
     only = None
     if args.survivors_of:
-        only = {r["key"] for label in args.survivors_of
-                for r in json.loads((out / f"{label}.json").read_text())
+        only = {r["key"] for r in load_results(out, args.survivors_of)
                 if r["outcome"] != "killed" and r["key"] not in equivalent}
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rlhf_fast_mutants_") as scratch:

@@ -91,16 +91,20 @@ def skip_reason(source: str, mutation, skip_functions: list[str]) -> str | None:
     return None
 
 
-def mutant_key(module: str, line: str, col: int, operator: str) -> str:
+def mutant_key(module: str, lines: list[str], line_no: int, col: int, operator: str) -> str:
     """A name for a mutant that survives edits elsewhere in its file: the module, the
-    stripped source line, the column within the stripped line and the operator."""
+    stripped source line, the column within the stripped line (with ``#n`` when the same
+    stripped line occurs earlier in the file: the n-th occurrence) and the operator."""
+    line = lines[line_no - 1]
     stripped = line.strip()
     offset = col - (len(line) - len(line.lstrip()))
-    return f"{module} | {stripped} | {offset} | {operator}"
+    occurrence = sum(other.strip() == stripped for other in lines[:line_no - 1])
+    where = f"{offset}#{occurrence + 1}" if occurrence else f"{offset}"
+    return f"{module} | {stripped} | {where} | {operator}"
 
 
 ROW = re.compile(r"^\|\s*`(?P<module>[^`]+)`\s*\|\s*`(?P<line>(?:[^`\\]|\\.)+)`\s*\|\s*"
-                 r"(?P<col>\d+)\s*\|\s*`(?P<operator>[^`]+)`\s*\|")
+                 r"(?P<col>\d+(?:#\d+)?)\s*\|\s*`(?P<operator>[^`]+)`\s*\|")
 
 
 def equivalent_keys(markdown: str) -> dict[str, str]:
