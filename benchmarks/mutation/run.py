@@ -103,10 +103,12 @@ MODULES: dict[str, dict] = {
         "tests/test_policy_paths.py", "tests/test_policy_mechanisms.py", *DEVICE],
         "timeout": 300},
     "kernels/softmax_stats.py": {"tests": [
-        "tests/test_oracle_fused.py", "tests/test_token_logprobs.py",
+        "tests/test_oracle_softmax.py", "tests/test_oracle_fused.py",
+        "tests/test_token_logprobs.py",
         "tests/test_policy_paths.py", *DEVICE], "timeout": 300},
     "kernels/softmax_grad.py": {"tests": [
-        "tests/test_oracle_fused.py", "tests/test_token_logprobs.py",
+        "tests/test_oracle_softmax.py", "tests/test_oracle_fused.py",
+        "tests/test_token_logprobs.py",
         "tests/test_policy_paths.py", *DEVICE], "timeout": 300},
 }
 
