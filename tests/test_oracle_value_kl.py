@@ -178,3 +178,11 @@ def test_proportional_controller_default_is_one_step():
     ctl = kl_control.ProportionalKLController(value=0.2, target=0.1, horizon=10.0)
     assert ctl.update(0.5) == pytest.approx(ref_kl.proportional_kl_update(0.2, 0.5, 0.1, 1,
                                                                            10.0), rel=1e-12)
+
+
+def test_dynamic_sampling_gives_up_after_ten_batches_by_default():
+    sampler = reward_shaping.DynamicSampling(target_groups=1, group_size=2)
+    for _ in range(10):  # DAPO's max_num_gen_batches = 10
+        assert sampler.add(torch.zeros(4)).numel() == 0
+    with pytest.raises(RuntimeError, match="no full batch after 10"):
+        sampler.add(torch.zeros(4))
