@@ -173,6 +173,22 @@ def test_all_masked_and_single_token():
             assert torch.isfinite(coef.c_logp).all()
 
 
+def test_ratio_exactly_at_the_dual_cap_and_delta():
+    # Token [1, 5]: log-ratio 0.75, A < 0. With c and delta equal to its float32 ratio, the
+    # cap and the delta clamp touch without binding (strict inequalities, torch's clamp).
+    tied = float(torch.exp(torch.tensor(0.75)).item())
+    compare(PolicyLossConfig(delta=tied, clip_eps_high=0.5))
+    # At the cap the loss equals -c A: a tie of the min (half the gradient, torch's rule),
+    # which the float64 reference does not see; the clip fraction counts only r > c.
+    coef = policy_coefficients(LOGP.float(), ENTROPY.float(), VALID, ADV_TOKEN.float(),
+                               (LOGP - LOG_RATIO).float(), None, None,
+                               PolicyLossConfig(dual_clip_c=tied))
+    ratio = torch.exp(LOG_RATIO.float())
+    strict = VALID & (ADV_TOKEN < 0) & (ratio > tied)
+    assert VALID[1, 5] and ratio[1, 5] == tied and not strict[1, 5]
+    assert coef.metrics["clip_frac_dual"].item() == pytest.approx(strict.sum() / VALID.sum())
+
+
 def test_zero_width_clip_at_ratio_one():
     # r = 1 exactly with both bounds at 1: a tie with each bound, no clipping, gradient kept.
     coef = compare(PolicyLossConfig(clip_eps_low=0.0, clip_eps_high=0.0))

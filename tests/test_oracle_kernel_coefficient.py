@@ -58,6 +58,12 @@ def test_kl_without_reference_log_probs(name):
     run(PolicyLossConfig(**CONFIGS[name]), False, with_ref=False)
 
 
+def test_ratio_exactly_at_delta_and_the_dual_cap():
+    tied = float(torch.exp(torch.tensor(0.75)).item())  # token [1, 5]'s float32 ratio
+    run(PolicyLossConfig(delta=tied, clip_eps_high=0.5), False)
+    run(PolicyLossConfig(dual_clip_c=tied), False)
+
+
 def run(c, on_policy, with_ref=True):
     valid = torch.ones_like(LOGP, dtype=torch.bool)
     logp, adv = LOGP.float(), ADV_TOKEN.float()
