@@ -25,41 +25,36 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
 def aggregate(values: Tensor, mask: Tensor, aggregation: str, normalizer: float | None = None,
               max_length: int | None = None) -> Tensor:
     """The aggregated scalar of ``values`` ``[B, T]`` over ``mask`` ``[B, T]`` (0/1 or bool),
-    differentiable in ``values``; computed in ``values``' dtype."""
+    differentiable in ``values``; computed in ``values``' dtype, without a host sync."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}")
-    m = mask.to(values.dtype)
-    batch, seq_len = m.shape
+    valid = mask.bool()
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
     # A masked position may hold inf or NaN (an unused log-ratio): select, never multiply.
-    picked = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype))
-    per_sequence_sum = picked.sum(dim=1)
-    lengths = m.sum(dim=1)
-    if aggregation == "token_mean":
-        count = float(m.sum())
-        denominator = normalizer if normalizer is not None else count
-        return picked.sum() / denominator if denominator else picked.sum() * 0
-    if aggregation == "seq_mean_token_sum_norm":
-        length = max_length if max_length is not None else seq_len
-        denominator = normalizer if normalizer is not None else batch * length
-        return picked.sum() / denominator if denominator else picked.sum() * 0
-    total = picked.sum() * 0
-    non_empty = 0
-    for i in range(batch):
-        if float(lengths[i]) == 0:
-            continue
-        non_empty += 1
-        if aggregation == "seq_mean_token_mean":
-            total = total + per_sequence_sum[i] / lengths[i]
-        else:
-            total = total + per_sequence_sum[i]
-    denominator = normalizer if normalizer is not None else non_empty
-    return total / denominator if denominator else total
+    picked = torch.where(valid, values, zero)
+    batch, seq_len = valid.shape
+    if aggregation in ("token_mean", "seq_mean_token_sum_norm"):
+        total = picked.sum()
+        if normalizer is not None:
+            return total / normalizer
+        if aggregation == "seq_mean_token_sum_norm":
+            return total / (batch * (max_length if max_length is not None else seq_len))
+        count = valid.sum().to(values.dtype)
+        return torch.where(count > 0, total / torch.where(count > 0, count, 1), zero)
+    lengths = valid.sum(dim=1).to(values.dtype)
+    non_empty = lengths > 0
+    per_sequence = picked.sum(dim=1)
+    if aggregation == "seq_mean_token_mean":
+        per_sequence = per_sequence / torch.where(non_empty, lengths, 1)
+    return sequence_mean(per_sequence, non_empty, normalizer)
 
 
 def sequence_mean(values: Tensor, non_empty: Tensor, normalizer: float | None = None) -> Tensor:
     """Sum of per-sequence ``values`` ``[B]`` over the non-empty sequences, divided by their
-    number (or by ``normalizer``): GMPO's per-sequence mean."""
-    picked = torch.where(non_empty, values, torch.zeros((), dtype=values.dtype))
-    count = int(non_empty.sum())
-    denominator = normalizer if normalizer is not None else count
-    return picked.sum() / denominator if denominator else picked.sum()
+    number (or by ``normalizer``): the sequence-level mean (and GMPO's)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    total = torch.where(non_empty, values, zero).sum()
+    if normalizer is not None:
+        return total / normalizer
+    count = non_empty.sum().to(values.dtype)
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1), zero)
