@@ -87,6 +87,8 @@ def test_masks():
 def test_targets_at_the_edges_of_the_vocabulary(monkeypatch):
     validation.check_target_range(torch.tensor([0, V - 1, -100]), V, -100)
     validation.check_target_range(torch.zeros(0, dtype=torch.long), V, -100)
+    with pytest.raises(ValueError, match=r"found 1 out of range \(first: 7\)"):
+        validation.check_target_range(torch.tensor([V]), V, -100)  # a single target
     for bad, first in (([0, V, -100], V), ([-1, 3], -1), ([-100, 2], -100)):
         ignore = -100 if bad[-1] != 2 else -7
         with pytest.raises(ValueError, match=rf"found 1 out of range \(first: {first}\)"):
