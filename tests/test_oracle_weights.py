@@ -180,3 +180,24 @@ def test_rollout_log_ratio_clamp():
     off = loss_weights.rollout_weights(old, rollout_logp, torch.ones_like(old),
                                        PolicyLossConfig())
     assert (off == 1).all()
+
+
+@pytest.mark.parametrize("aggregation_name", ["seq_mean_token_mean", "seq_mean_token_sum"])
+def test_a_single_non_empty_sequence_is_the_mean(aggregation_name):
+    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[9.0, 9.0, 9.0], [1.0, 3.0, 9.0]], dtype=torch.float64)
+    w = loss_weights.aggregation_weights(mask, aggregation_name)
+    expected = 2.0 if aggregation_name == "seq_mean_token_mean" else 4.0
+    assert (w * values).sum().item() == pytest.approx(expected, rel=1e-12)
+    assert aggregation.aggregate(values, mask, aggregation_name).item() == \
+        pytest.approx(expected, rel=1e-12)
+
+
+def test_entropy_zscore_of_two_tokens():
+    h = torch.tensor([[0.5, 2.0, 7.0]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    adv = torch.ones_like(h)
+    got = loss_weights.entropy_advantage(adv, h, m, 0.5)
+    std = statistics.stdev([0.5, 2.0])
+    assert torch.allclose(got, 1 + 0.5 * (h - 1.25) / std, rtol=1e-12)
+    assert torch.allclose(entropy.entropy_advantage(adv, h, m, 0.5), got, rtol=1e-12)
