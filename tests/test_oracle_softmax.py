@@ -31,3 +31,24 @@ def test_every_branch_in_one_batch(device, backend):
     for temperature in (1.0, 0.7):
         check_against_reference(logits.to(device), targets.to(device), backend,
                                 temperature=temperature)
+
+
+def test_banned_target_has_minus_inf_logp_and_a_finite_entropy(device, backend):
+    import rlhf_fast
+    from rlhf_fast import reference
+
+    logits, targets = rows()
+    logits[:, 7] = float("-inf")
+    targets[:] = 7
+    x = logits.clone().to(device).requires_grad_()
+    logp, ent = rlhf_fast.token_logprobs(x, targets.to(device), return_entropy=True,
+                                         backend=backend)
+    xr = logits.detach().double().requires_grad_()
+    _, ref_ent = reference.token_logprobs(xr, targets, return_entropy=True)
+    assert (logp == float("-inf")).all()
+    assert torch.allclose(ent.double().cpu(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.linspace(-1, 1, 7)
+    (ent * g.to(device)).sum().backward()
+    (ref_ent * g.double()).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.allclose(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-6)
