@@ -276,6 +276,9 @@ def parallelize(policy: Policy, parallel: DataParallelConfig, *, trainable: bool
     a plain replica; returns None). FSDP2: the decoder layers and the ``HiddenStates`` root
     are ``fully_shard``-ed (parameters become DTensors: build the optimiser afterwards)."""
     strategy = parallel.resolved()
+    if strategy == "ddp" and parallel.param_dtype is not None:
+        raise ValueError(f"param_dtype={parallel.param_dtype!r} is FSDP2 mixed precision, but "
+                         "the strategy resolved to ddp: use strategy='fsdp2'")
     root = HiddenStates(policy.model, policy.backbone)
     device = _device(group)
     if strategy == "ddp":
