@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backend import BACKENDS, resolve_backend
-from .ops.launch import KernelSpec, cdiv
+from .ops.launch import cdiv
 
 BLOCK_B = 32
 """Sequences per program: one warp's worth of independent recurrences."""
@@ -77,12 +77,3 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     if resolve_backend(backend, r) == "triton":
         return _gae_triton(r, v, m, float(gamma), float(lam))
     return _gae_torch(r, v, m, float(gamma), float(lam))
-
-
-def aot_specs() -> list[KernelSpec]:
-    types = {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*fp32",
-             "adv_ptr": "*fp32", "returns_ptr": "*fp32", "n_seq": "i32", "n_steps": "i32",
-             "gamma": "fp32", "lam": "fp32"}
-    pointers = ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "returns_ptr")
-    return [KernelSpec("rlhf_fast.kernels.gae:gae_kernel", types, {"BLOCK_B": BLOCK_B},
-                       pointers, 1)]
