@@ -14,9 +14,13 @@ Two kernels, one per row length:
   gradient are computed from there, the exponentials of the statistics reused for the
   gradient: exactly one read and one write of the logits.
 - ``token_policy_loss_kernel`` (long rows): a stats sweep, then a gradient sweep that reads the
-  row again backwards, starting with the end that the first read has just brought into L2;
-  the second read and the writes carry evict-first hints so that they do not push the rows
-  of the other programs out of L2.
+  row again backwards, starting with the end that the first read has just brought into L2.
+  The second read and the writes carry evict-first hints so that they do not push the rows
+  of the other programs out of L2. Why backwards: a forward second read would hit L2 for
+  every column or for none (each column waits half a row's time between its reads), a
+  backward one degrades gracefully when the rows in flight over-commit L2; the L2 model's
+  worst case over the plausible capacities and store policies is better backwards
+  (benchmarks/NOTES.md).
 
 Inputs per row (float32): adv, old (HAS_OLD; else on-policy, old = logp), ref (KL to the
 reference), weight (aggregation weight w), policy_weight (w x rollout weight).

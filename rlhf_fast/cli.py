@@ -4,6 +4,7 @@
                     [--markdown PATH]
     rlhf-fast report [--readme README.md] RESULTS.json ...
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
+    rlhf-fast isa   [--arch 90 --arch 80] [--vocab V ...] [--dtype bf16 ...] [--json PATH] [--check]
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--reps", type=int, help="timed calls per case (CUDA 20, CPU 3)")
     sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 and report spills",
                    add_help=False)
+    sub.add_parser("isa", help="what each row kernel costs on an SM, read from its SASS "
+                               "(no GPU): instr/elem, MUFU, widths, registers, model estimate",
+                   add_help=False)
     r = sub.add_parser("report", help="regenerate the README's performance section")
     r.add_argument("results", nargs="+", help="benchmark JSON reports")
     r.add_argument("--readme", default="README.md")
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "aot":
         from .aot import main as aot_main
         return aot_main(rest)
+    if args.command == "isa":
+        from .isa.report import main as isa_main
+        return isa_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "report":

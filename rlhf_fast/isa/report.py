@@ -2,6 +2,7 @@
 
     rlhf-fast isa [--arch 90 --arch 80] [--vocab 151936 ...] [--dtype bf16 ...] [--json PATH]
                   [--kernel SUBSTRING] [--check]
+    rlhf-fast isa --readme README.md --from benchmarks/isa/sm90.json
 
 Records the specialisations the public ops launch (``capture.py``), compiles each for the
 target with ``triton.compile``, reads the SASS (``sass.py``) and prints, per kernel, vocabulary
@@ -10,7 +11,8 @@ integer ops (on data; and forming addresses), registers, spills, programs per SM
 flight per SM, and the model's binding limit and fraction of the HBM floor on each GPU of the
 target (``model.py``; its constants are printed after the table and written to the JSON).
 ``--check`` exits with status 1 when an sm_90 kernel breaks the budget (``budget.py``) or any
-kernel spills. The interpreter must be off (``TRITON_INTERPRET`` unset).
+kernel spills; ``--readme`` regenerates README.md's table from a saved report (``readme.py``).
+The interpreter must be off (``TRITON_INTERPRET`` unset).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import sys
 from dataclasses import asdict
 
-DEFAULT_VOCABS = (151936, 128256, 50257, 32000)
+DEFAULT_VOCABS = (151936, 128256, 50257, 32000, 8192)
 DEFAULT_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -173,7 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a kernel breaks the budget or spills")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--readme", help="rewrite this README's table from --from's report")
+    parser.add_argument("--from", dest="source", help="a saved report (JSON)")
     args = parser.parse_args(argv)
+    if args.readme:
+        from .readme import update_readme
+
+        if not args.source:
+            parser.error("--readme needs --from REPORT.json")
+        changed = update_readme(args.readme, args.source)
+        print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+        return 0
     from ..backend import triton_interpreted
 
     if triton_interpreted():
