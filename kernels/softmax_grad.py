@@ -1,7 +1,7 @@
 """Gradient sweep: dL/dlogits of a row from its statistics and two per-token coefficients.
 
-With z = logits / temperature, p = softmax(z), c = dL/dlogp_y and c_H = dL/dH
-(DESIGN.md section 3):
+With z = logits / temperature, p = softmax(z), c = dL/dlogp_y and c_H = dL/dH (every loss
+reduces to these two per-token coefficients):
 
     dL/dlogits_j = ( c * (1[j == y] - p_j)  -  c_H * p_j * (log p_j + H) ) / temperature
 

@@ -1,6 +1,7 @@
 """The compiles the ISA tests share: started once per test session, in parallel subprocesses
 (the interpreter that conftest.py turns on cannot compile kernels), read by any test."""
 
+import atexit
 import json
 import os
 import subprocess
@@ -34,6 +35,14 @@ def _start_all() -> None:
         proc = subprocess.Popen([sys.executable, "-m", *args, "--json", str(out)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         _started[name] = (proc, out)
+
+
+@atexit.register
+def _stop_unread() -> None:
+    """A session that needed only some runs does not leave the others running."""
+    for proc, _out in _started.values():
+        if proc.poll() is None:
+            proc.terminate()
 
 
 def result(name: str) -> object:

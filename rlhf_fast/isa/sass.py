@@ -25,10 +25,10 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _INSTRUCTION = re.compile(
     r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
-# Pipes of sm_80 / sm_90 (CUDA C Programming Guide, "Arithmetic Instructions" throughput table;
-# per SM per clock): fp32 add/mul/fma 128 on sm_90 (64 on sm_80 for FFMA... see model.PIPES);
-# compare/min/max/select, integer add, logic and shift 64; IMAD 64 (it shares the FMA pipe);
-# MUFU (ex2, lg2, rcp, rsq) and conversions 16; shuffles 32.
+# Pipes of sm_80 / sm_90 (CUDA C Programming Guide, "Arithmetic Instructions" throughput table);
+# their per-SM throughputs are in ``model.Gpu``: FP32 add / mul / fma; ALU (compare, select,
+# min / max, integer add, logic, shift); IMAD; XU (MUFU: ex2, lg2, rcp, rsq; conversions);
+# shuffles.
 FP32_OPS = {"FFMA", "FMUL", "FADD", "FFMA32I", "FMUL32I", "FADD32I", "HFMA2", "HMUL2", "HADD2",
             "FMUL2", "FADD2", "FFMA2"}
 IMAD_OPS = {"IMAD", "IMUL"}

@@ -1,11 +1,12 @@
-"""The two row sweeps every op is built from, on either backend (DESIGN.md section 3).
+"""The two row sweeps every op is built from, on either backend.
 
 - ``stats_sweep``: one read of each row -> logp, entropy and the per-row statistics;
 - ``grad_sweep``: one read and one write of each row -> dL/dlogits from the per-token
   coefficients ``c = dL/dlogp`` and ``c_H = dL/dH``, optionally over the logits themselves.
 
-Triton launchers here (device code in ``kernels/token_logprobs.py``); the torch backend in
-``rlhf_fast/torch_backend/token_logprobs.py``. ``backend`` is resolved per call.
+Triton launchers here (device code in ``kernels/token_logprobs.py``, launch shapes in
+``launch.py``); the torch backend in ``rlhf_fast/torch_backend/token_logprobs.py``.
+``backend`` is resolved per call.
 """
 
 from __future__ import annotations
