@@ -38,6 +38,9 @@ def test_every_row_kernel_was_analysed_at_the_budget_vocabularies():
         kinds = {r["kind"] for r in rows(report, vocab=vocab)}
         assert {"stats", "grad", "fused"} <= kinds, (vocab, kinds)
         for r in rows(report, vocab=vocab):
+            if r["kind"] == "other":  # GAE and the gradient rescale: no row sweep to classify
+                assert r["kernel"] in ("gae_kernel", "scale_rows_kernel"), r["kernel"]
+                continue
             roles = [lp["role"] for lp in r["loops"]]
             expected = {"stats": ["stats"], "grad": ["gradient"],
                         "fused": ["stats", "gradient"]}[r["kind"]]

@@ -6,7 +6,7 @@ reference: rows held in registers (V <= 8192) or streamed, rows peeled to a 16-b
 import pytest
 import torch
 from numerics import assert_grad_close
-from policy_problems import check_policy, make_problem
+from policy_problems import check_policy, make_problem, policy_inputs
 from test_policy_paths import run
 from test_token_logprobs import check_against_reference, make_logits, make_targets
 
@@ -106,13 +106,13 @@ def test_inplace_odd_vocab(device, n_cols):
                            device=device, spread=0.4, per_token_adv=True)
     config = PolicyLossConfig.preset("grpo", entropy_coef=0.02)
     _, expected, _ = check_policy(problem, config, "triton")
-    x = problem["logits"].clone()
-    rlhf_fast.policy_loss(x.requires_grad_(), problem["targets"], problem["advantages"],
-                          problem["mask"], old_logprobs=problem["old_logprobs"],
-                          ref_logprobs=problem["ref_logprobs"],
-                          rollout_logprobs=problem["rollout_logprobs"], config=config,
-                          backend="triton", inplace=True).loss.backward()
+    leaf = problem["logits"].clone().requires_grad_()
+    x = leaf.clone()  # a non-leaf, as a model's logits are: it may be overwritten
+    rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"],
+                          problem["mask"], config=config, backend="triton", inplace=True,
+                          **policy_inputs(problem, config)).loss.backward()
     assert_grad_close(x.detach(), expected, torch.float32)
+    assert_grad_close(leaf.grad, expected, torch.float32)
 
 
 @pytest.mark.parametrize("n_cols", [CUT - 3, CUT + 3])
