@@ -187,8 +187,8 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     one_pass = write_grad and len(plan.chunks) > 0 and (
         len(plan.chunks) == 1 or kind is None or (kind == "sequence" and plan.whole_sequences))
     if one_pass:
-        # Whole-batch weights, each chunk its slice (docs/architecture.md, Fused-linear
-        # chunking): the chunks add up to the unchunked loss and gradient.
+        # Whole-batch weights, each chunk its slice: the chunks add up to the unchunked
+        # loss and gradient (docs/architecture.md, Fused-linear chunking).
         weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length, layout)
         rollout_w = rollout_weights(old, rollout, m, c, layout).contiguous() \
             if rollout is not None and old is not None else None
