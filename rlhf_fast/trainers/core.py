@@ -22,8 +22,9 @@ Seams for the trainers that build on this one:
   ``attention_mask``;
 - statistics: ``self.statistics`` (``BatchStatistics``), the one place for normalisers,
   gathered advantage inputs and logged means (a distributed subclass all-reduces);
-- the loss: ``loss_config_for(mini_batch)`` and ``backward(mini_batch)``; a critic adds its
-  value loss there;
+- the loss: ``loss_config_for(mini_batch)``, ``micro_batch_losses(micro, config)`` (a critic
+  adds its value loss there) and ``backward(mini_batch)``; ``apply_gradients`` (a second
+  optimiser steps there) and ``stop_update`` (a KL bound ends the epoch loop);
 - checkpoint state: ``extra_state`` / ``load_extra_state`` (KL controllers, counters);
 - metrics: the keys in ``metrics.py``, algorithm keys under the algorithm's name.
 """
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..config import PolicyLossConfig
+from ..ops.policy_loss import PolicyLossOutput
 from .batch import RolloutBatch, Segment, Trajectory
 from .checkpoint import (
     MODEL_DIR,
@@ -288,6 +290,14 @@ class Trainer:
         normalizer = self.statistics.normalizer(mini_batch.loss_mask, self.loss_config)
         return self.loss_config.replace(normalizer=normalizer)
 
+    def micro_batch_losses(self, micro: RolloutBatch, config: PolicyLossConfig
+                           ) -> tuple[PolicyLossOutput, Tensor | None]:
+        """The policy loss of one micro-batch and a term added to it before backward (None:
+        nothing; a critic returns its weighted value loss)."""
+        c = self.config
+        return micro_batch_loss(self.policy, micro, config, mode=c.loss_impl,
+                                backend=c.backend), None
+
     def backward(self, mini_batch: RolloutBatch) -> dict[str, float]:
         """Accumulate the mini-batch's gradient micro-batch by micro-batch; returns its loss
         and token-weighted policy metrics."""
@@ -296,9 +306,8 @@ class Trainer:
         losses, parts = [], []
         with self._model_mode(train=c.gradient_checkpointing):
             for micro in mini_batch.split(c.micro):
-                out = micro_batch_loss(self.policy, micro, config, mode=c.loss_impl,
-                                       backend=c.backend)
-                out.loss.backward()
+                out, extra = self.micro_batch_losses(micro, config)
+                (out.loss if extra is None else out.loss + extra).backward()
                 losses.append(out.loss.detach().double())
                 parts.append(out.metrics)
         stats = self.statistics
@@ -313,22 +322,39 @@ class Trainer:
         metrics["policy/ratio_min"] = -float(stats.all_reduce_max(-ratio_min))
         return metrics
 
-    def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
-        """zero_grad, ``backward``, clip, AdamW step, LR schedule step."""
+    def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float] | None:
+        """zero_grad, ``backward``, then (unless ``stop_update`` says so: None) clip, AdamW
+        step, LR schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(mini_batch)
+        if self.stop_update(metrics):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stopped_metrics = metrics
+            return None
+        metrics.update(self.apply_gradients())
+        return metrics
+
+    def apply_gradients(self) -> dict[str, float]:
+        """Clip the accumulated gradients, AdamW step, LR schedule step; returns the norm and
+        the learning rate."""
         max_norm = self.config.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.parameters,
                                               max_norm if max_norm is not None else math.inf)
-        metrics["policy/grad_norm"] = float(norm)
-        metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics = {"policy/grad_norm": float(norm),
+                   "policy/lr": self.optimizer.param_groups[0]["lr"]}
         self.optimizer.step()
         self.scheduler.step()
         return metrics
 
+    def stop_update(self, metrics: dict[str, float]) -> bool:
+        """Hook, after a mini-batch's backward and before its optimiser step: True drops
+        that step and ends the update's epoch loop (a KL bound, TRPO-style)."""
+        return False
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """``epochs`` passes of mini-batch optimiser steps over the rollout batch; metrics
-        are means over the optimiser steps (the LR: the last one's)."""
+        """``epochs`` passes of mini-batch optimiser steps over the rollout batch (fewer
+        when ``stop_update`` ends them); metrics are means over the optimiser steps taken
+        (the LR: the last one's)."""
         c = self.config
         steps = []
         for _ in range(c.epochs):
@@ -336,7 +362,16 @@ class Trainer:
             order = (torch.randperm(batch.size, generator=self.shuffle_rng) if shuffle
                      else torch.arange(batch.size))
             for s in range(0, batch.size, c.mini):
-                steps.append(self.optimizer_step(batch.select(order[s:s + c.mini])))
+                metrics = self.optimizer_step(batch.select(order[s:s + c.mini]))
+                if metrics is None:
+                    break
+                steps.append(metrics)
+            else:
+                continue
+            break
+        if not steps:      # stopped before the first step: its metrics, nothing applied
+            steps = [{**self.stopped_metrics, "policy/grad_norm": 0.0,
+                      "policy/lr": self.optimizer.param_groups[0]["lr"]}]
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics["policy/lr"] = steps[-1]["policy/lr"]
         return metrics
@@ -386,6 +421,11 @@ class Trainer:
 
     # --- evaluation, training loop, checkpoints -------------------------------------------
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether ``evaluate`` has something to measure (held-out prompts here)."""
+        return self.eval_prompts is not None
+
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str | Mapping] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts, scored by every reward function
@@ -412,7 +452,7 @@ class Trainer:
         log = MetricsLog(self.out_dir, total=steps, progress=self.progress,
                          start=self.step_count)
         try:
-            if self.step_count == 0 and self.eval_prompts is not None:
+            if self.step_count == 0 and self.evaluates:
                 log.log({"step": 0, **self.evaluate()})
             while self.step_count < steps:
                 metrics = self.step()
