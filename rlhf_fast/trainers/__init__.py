@@ -9,7 +9,9 @@ paper's objective to code line by line:
 - ``dapo.py``: DAPO (clip-higher, dynamic sampling, token-level loss, overlong penalty);
 - ``gspo.py``: GSPO, GSPO-token, GMPO (sequence-level ratios);
 - ``cispo.py``: CISPO, SAPO (bounded importance weights);
-- ``reinforce.py``: REINFORCE++, REINFORCE++-baseline, RLOO (KL in the reward).
+- ``reinforce.py``: REINFORCE++, REINFORCE++-baseline, RLOO (KL in the reward);
+- ``ppo.py`` (+ ``critic.py``): PPO with a critic (four models), PPO-penalty, TRPO-style;
+- ``dpo.py`` (+ ``pairs.py``): DPO and the preference losses, offline or online.
 
 ``registry.ALGORITHMS`` names them all (``rlhf-fast train ALGO``).
 
@@ -35,20 +37,25 @@ from .batch import RolloutBatch, Segment, Trajectory
 from .cispo import CISPOConfig, CISPOTrainer
 from .config import TrainerConfig
 from .core import Trainer
+from .critic import Critic
 from .dapo import DAPOConfig, DAPOTrainer
+from .dpo import DPOConfig, DPOTrainer
 from .generation import Completion, Generator, HFGenerator, SamplingParams
 from .grpo import GRPOConfig, GRPOTrainer
 from .gspo import GSPOConfig, GSPOTrainer
+from .pairs import PairBatch, arithmetic_pairs, load_pairs
 from .policy import Policy, ReferencePolicy
+from .ppo import PPOConfig, PPOTrainer
 from .registry import ALGORITHMS, make_config, make_trainer
 from .reinforce import ReinforceConfig, ReinforceTrainer
 from .rewards import RewardModel
 from .statistics import BatchStatistics
 
 __all__ = [
-    "ALGORITHMS", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion",
-    "DAPOConfig", "DAPOTrainer", "GRPOConfig", "GRPOTrainer", "GSPOConfig", "GSPOTrainer",
-    "Generator", "HFGenerator", "Policy", "ReferencePolicy", "ReinforceConfig",
-    "ReinforceTrainer", "RewardModel", "RolloutBatch", "SamplingParams", "Segment",
-    "Trainer", "TrainerConfig", "Trajectory", "make_config", "make_trainer",
+    "ALGORITHMS", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion", "Critic",
+    "DAPOConfig", "DAPOTrainer", "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer",
+    "GSPOConfig", "GSPOTrainer", "Generator", "HFGenerator", "PPOConfig", "PPOTrainer",
+    "PairBatch", "Policy", "ReferencePolicy", "ReinforceConfig", "ReinforceTrainer",
+    "RewardModel", "RolloutBatch", "SamplingParams", "Segment", "Trainer", "TrainerConfig",
+    "Trajectory", "arithmetic_pairs", "load_pairs", "make_config", "make_trainer",
 ]

@@ -28,7 +28,8 @@ KL control (``kl_controller``): ``fixed``, ``adaptive`` (the PPO paper's rule: h
 the measured KL < target / 1.5, double it above 1.5 * target) or ``proportional`` (Ziegler et
 al.). It steers the loss's penalty towards the old policy when the loss has one (PPO-penalty,
 TRPO: measured after the update, ``ppo/kl_old``), else the reference KL's beta (measured on
-the rollout, or by the loss in ``kl_placement="loss"``). Its state is checkpointed.
+the rollout, ``ppo/kl_ref``, or by the loss in ``kl_placement="loss"``). Measured KLs are
+token means of the k3 estimator (non-negative, unbiased). Its state is checkpointed.
 
 Presets (registry names): ``ppo`` (clip 0.2, KL to the reference in the reward, beta 0.05
 fixed); ``ppo_penalty`` (the PPO paper's KL-penalty objective: rho A - beta KL(old || pi),
@@ -39,7 +40,7 @@ mini-batch has already moved more than ``kl_stop`` = 0.015 from pi_old, as Stabl
 
 Deviations: TRPO proper takes one natural-gradient step with a line search; here the
 penalty form plus the early stop stands for it (the paper's own practical variant). The
-measured KLs are token means of the sampled k3 estimator, not full-vocabulary KLs.
+measured KLs are sampled estimates, not full-vocabulary KLs.
 """
 
 from __future__ import annotations
@@ -265,7 +266,9 @@ class PPOTrainer(Trainer):
         zeros = torch.zeros(mask.shape)
         old = batch.old_logprobs if batch.old_logprobs is not None else batch.sampler_logprobs
         ref = batch.ref_logprobs
-        kl = token_kl(old, ref, c.reference_estimator) * mask if ref is not None else zeros
+        # Measured (controller, metrics) with k3: non-negative and unbiased, whatever the
+        # penalty's estimator (k1's token mean can come out negative).
+        kl = token_kl(old, ref, "k3") * mask if ref is not None else zeros
         # r_t = -beta KL_t on every token (reward placement), + R on the last valid token
         beta = self.reference_beta if c.kl_placement == "reward" and ref is not None else 0.0
         rewards, _ = kl_penalized_rewards(batch.rewards, old, ref if ref is not None else old,
@@ -277,7 +280,7 @@ class PPOTrainer(Trainer):
             advantages = stats.local(masked_whiten(stats.gather(advantages),
                                                    stats.gather(mask)))
         batch.advantages, batch.returns = advantages, returns
-        self.rollout_kl = stats.mean(kl[mask])                # token mean of KL(old || ref)
+        self.rollout_kl = stats.mean(kl[mask])             # token mean of KL(old || ref)
         self.rollout_kl_sequence = stats.mean(kl.sum(-1))
 
     # --- 4. update: actor + critic per micro-batch -----------------------------------------
