@@ -38,8 +38,9 @@ PPO (``ppo.py``) adds:
   values; ``critic/return_mean``;
 - ``ppo/kl_coef``: the controlled beta used this step; ``ppo/kl_measured``: the KL the
   controller saw; ``ppo/kl_ref``, ``ppo/kl_ref_sequence``: KL(old || ref) of the rollout per
-  token and per sequence (k3, whatever the penalty's estimator); ``ppo/kl_old``: KL(old || pi) after the update (PPO-penalty,
-  TRPO); ``ppo/approx_kl``: KL(old || pi) in the mini-batches' forward passes (k3);
+  token and per sequence (k3, whatever the penalty's estimator); ``ppo/kl_old``: KL(old ||
+  pi) after the update (PPO-penalty, TRPO); ``ppo/approx_kl``: KL(old || pi) in the
+  mini-batches' forward passes (k3);
   ``ppo/optimizer_steps``, ``ppo/early_stop``: steps taken, and 1 when ``kl_stop`` ended
   the epochs early.
 
