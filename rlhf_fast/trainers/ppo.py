@@ -334,8 +334,9 @@ class PPOTrainer(Trainer):
             metrics = super().backward(mini_batch)
         stats, parts = self.statistics, self.critic_parts
         counts = torch.stack([p["tokens"] for p in parts])
+        # Each rank's micro-batch losses share the global normaliser times world_scale.
         metrics["critic/value_loss"] = float(stats.all_reduce_sum(
-            torch.stack([p["value_loss"] for p in parts]).sum()))
+            torch.stack([p["value_loss"] for p in parts]).sum())) * stats.world_scale
         for key in ("clip_frac", "value_mean"):
             metrics[f"critic/{key}"] = stats.mean(torch.stack([p[key] for p in parts]), counts)
         metrics["ppo/approx_kl"] = stats.mean(torch.stack([p["approx_kl"] for p in parts]),
