@@ -273,13 +273,15 @@ class PPOTrainer(Trainer):
         beta = self.reference_beta if c.kl_placement == "reward" and ref is not None else 0.0
         rewards, _ = kl_penalized_rewards(batch.rewards, old, ref if ref is not None else old,
                                           mask, beta, estimator=c.reference_estimator)
-        # A_t = sum_l (gamma lam)^l d_{t+l},  R_t = A_t + V_t  (masked tokens transparent)
-        advantages, returns = gae(rewards, batch.values, mask, c.gamma, c.lam,
-                                  backend=c.backend)
+        # A_t = sum_l (gamma lam)^l d_{t+l},  R_t = A_t + V_t  (masked tokens transparent),
+        # on the policy's device (the Triton kernel on CUDA)
+        device = self.policy.weight.device
+        advantages, returns = gae(rewards.to(device), batch.values.to(device),
+                                  mask.to(device), c.gamma, c.lam, backend=c.backend)
         if c.whiten_advantages:
             advantages = stats.local(masked_whiten(stats.gather(advantages),
-                                                   stats.gather(mask)))
-        batch.advantages, batch.returns = advantages, returns
+                                                   stats.gather(mask.to(device))))
+        batch.advantages, batch.returns = advantages.cpu(), returns.cpu()
         self.rollout_kl = stats.mean(kl[mask])             # token mean of KL(old || ref)
         self.rollout_kl_sequence = stats.mean(kl.sum(-1))
 
