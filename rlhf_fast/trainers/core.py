@@ -25,7 +25,8 @@ Seams for the trainers that build on this one:
 - the loss: ``loss_config_for(mini_batch)``, ``micro_batch_losses(micro, config)`` (a critic
   adds its value loss there) and ``backward(mini_batch)``; ``apply_gradients`` (a second
   optimiser steps there) and ``stop_update`` (a KL bound ends the epoch loop);
-- checkpoint state: ``extra_state`` / ``load_extra_state`` (KL controllers, counters);
+- checkpoint state: ``extra_state`` / ``load_extra_state`` (KL controllers, counters),
+  ``save_files`` / ``load_files`` (files beside the model: a critic's weights);
 - metrics: the keys in ``metrics.py``, algorithm keys under the algorithm's name.
 """
 
@@ -103,6 +104,12 @@ class Trainer:
     is_main_process: bool = True
     """Whether this process writes the metrics log, the curves and the progress bar (under
     torchrun: rank 0 only; every rank still calls ``save``)."""
+
+    rank: int = 0
+    """This process's data-parallel rank (0 outside torchrun)."""
+
+    world_size: int = 1
+    """Data-parallel processes (1 outside torchrun); a ``DataParallelTrainer`` sets both."""
 
     def __init__(self, model, tokenizer, prompts, reward_functions,
                  config: TrainerConfig | None = None, *, eval_prompts=None,
@@ -505,7 +512,15 @@ class Trainer:
                     "rng": rng_state(self.prompt_rng, self.shuffle_rng),
                     "algorithm": self.extra_state(), "config": repr(self.config)},
                    path / STATE_FILE)
+        self.save_files(path)
         return path
+
+    def save_files(self, path: Path) -> None:
+        """Hook: files an algorithm adds to a checkpoint directory (a critic's weights),
+        written by the main process after the model and ``trainer_state.pt``."""
+
+    def load_files(self, path: Path) -> None:
+        """Hook: restore ``save_files`` (every process)."""
 
     def load(self, path: str | Path) -> None:
         """Restore a ``save``: weights, optimiser, schedule, step, RNGs, algorithm state."""
@@ -519,6 +534,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.prompt_rng, self.shuffle_rng)
         self.load_extra_state(state["algorithm"])
+        self.load_files(path)
 
     class _Mode:
         def __init__(self, model, train: bool):

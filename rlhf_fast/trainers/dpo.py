@@ -249,16 +249,25 @@ class DPOTrainer(Trainer):
             take = min(c.batch_size - len(picked), len(self.pair_order) - self.pair_cursor)
             picked += self.pair_order[self.pair_cursor:self.pair_cursor + take].tolist()
             self.pair_cursor += take
+        # Data-parallel: every rank draws the same global pairs and keeps its share.
+        share = c.batch_size // self.world_size
+        picked = picked[self.rank * share:(self.rank + 1) * share]
         return PairBatch.collate([self.tokenized[i] for i in picked], picked, pad_id=self.pad_id)
 
     def sample_pairs(self) -> PairBatch:
         """Online: ``group_size`` samples per prompt; in each group whose rewards differ,
-        the highest-scored completion is chosen and the lowest rejected."""
-        c = self.config
-        want, pairs, rewards, rounds = c.prompts_per_step, [], [], 0
-        while len(pairs) < want:
+        the highest-scored completion is chosen and the lowest rejected. Data-parallel: each
+        rank samples its share of the prompts and wants its share of the pairs; every rank
+        samples as many rounds as the one that needs most."""
+        c, stats = self.config, self.statistics
+        want, pairs, rewards, rounds = c.prompts_per_step // self.world_size, [], [], 0
+
+        def fewest() -> int:          # the fewest pairs any rank holds
+            return -int(stats.all_reduce_max(torch.tensor(-len(pairs), dtype=torch.int64)))
+
+        while fewest() < want:
             if rounds == c.max_generation_batches:
-                raise RuntimeError(f"online DPO found {len(pairs)} of {want} pairs in "
+                raise RuntimeError(f"online DPO found {fewest()} of {want} pairs in "
                                    f"{rounds} sampling rounds: every group's rewards tied "
                                    "(raise group_size or temperature, or check the reward)")
             rounds += 1

@@ -349,8 +349,26 @@ class PPOTrainer(Trainer):
         bound = self.config.kl_stop
         return bound is not None and metrics["ppo/approx_kl"] > bound
 
+    def reduce_critic_gradients(self) -> None:
+        """Data-parallel: average the critic's accumulated gradients over the ranks (DDP /
+        FSDP2 wrap the policy only; the critic is a replica on every rank), in one
+        all-reduce. Each rank's value loss carries ``1 / world_scale`` as the actor's does,
+        so the average is the global batch's gradient. Nothing on one process."""
+        stats = self.statistics
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in self.critic_parameters]
+        flat = stats.all_reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+        flat = flat * stats.world_scale
+        offset = 0
+        for p, g in zip(self.critic_parameters, grads, strict=True):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
     def apply_gradients(self) -> dict[str, float]:
         metrics = super().apply_gradients()
+        self.reduce_critic_gradients()
         max_norm = self.config.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(
             self.critic_parameters, max_norm if max_norm is not None else float("inf"))
@@ -365,7 +383,8 @@ class PPOTrainer(Trainer):
         c = self.config
         self.optimizer_steps = 0
         metrics = super().update(batch)
-        planned = c.epochs * (batch.size // c.mini + (batch.size % c.mini > 0))
+        mini = self.local_mini_batch_size
+        planned = c.epochs * (batch.size // mini + (batch.size % mini > 0))
         metrics["ppo/optimizer_steps"] = float(self.optimizer_steps)
         metrics["ppo/early_stop"] = float(self.optimizer_steps < planned)
         if c.penalizes_old:
@@ -424,13 +443,10 @@ class PPOTrainer(Trainer):
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.critic_scheduler.load_state_dict(state["critic_scheduler"])
 
-    def save(self, path: str | Path) -> Path:
-        """The core's checkpoint plus ``critic.safetensors`` (the value head, and the
-        critic's backbone when separate)."""
-        path = super().save(path)
-        self.critic.save(path / CRITIC_FILE)
-        return path
+    def save_files(self, path: Path) -> None:
+        """``critic.safetensors`` next to the core's checkpoint (the value head, and the
+        critic's backbone when separate; single-process or data-parallel)."""
+        self.critic.save(Path(path) / CRITIC_FILE)
 
-    def load(self, path: str | Path) -> None:
-        super().load(path)
+    def load_files(self, path: Path) -> None:
         self.critic.load(Path(path) / CRITIC_FILE)
