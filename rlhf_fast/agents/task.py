@@ -224,11 +224,17 @@ class ShopTask:
 
     def demonstration_batch(self, tokenizer, rng: random.Random,
                             config: WarmupConfig) -> dict[str, torch.Tensor]:
-        """The warm-up's batch: demonstrations teacher-forced, with the inserted results
-        (from ``<result>`` to ``</result>``) out of the loss, as in a rollout."""
+        """The warm-up's batch: ``config.batch_size`` demonstrations (``masked_batch``)."""
         examples = self.train_prompts(config.batch_size, seed=rng.randrange(2**31))
-        batch = supervised_batch(tokenizer, examples,
+        return self.masked_batch(tokenizer, examples,
                                  [self.demonstration(ex, rng) for ex in examples])
+
+    @staticmethod
+    def masked_batch(tokenizer, examples: list[dict],
+                     completions: list[str]) -> dict[str, torch.Tensor]:
+        """``supervised_batch`` of ``prompt + completion + <eos>`` with the inserted results
+        (from ``<result>`` to ``</result>``) out of the labels, as a rollout masks them."""
+        batch = supervised_batch(tokenizer, examples, completions)
         ids = batch["input_ids"]
         opened = ids == tokenizer.convert_tokens_to_ids(RESULT_OPEN)
         closed = ids == tokenizer.convert_tokens_to_ids(RESULT_CLOSE)

@@ -147,7 +147,8 @@ class HFGenerator:
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None,
+            # top_k=0, not None: None falls back to Hugging Face's default of 50.
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
             output_scores=not greedy, return_dict_in_generate=True)
         stopping = StoppingCriteriaList()
