@@ -436,3 +436,77 @@ def test_rollout_arguments_are_checked():
         engine(NoEntropy(lambda p: 1)).run(prompts(1), 2, SAMPLING, initial=[1],
                                            rule=BranchingRule(),
                                            rng=torch.Generator().manual_seed(0))
+
+
+# --- the shop task -----------------------------------------------------------------------------
+
+def test_shop_prompts_answers_and_held_out_split():
+    task = get_agent_task("shop")
+    train = task.train_prompts(400, seed=3)
+    assert train == task.train_prompts(400, seed=3) != task.train_prompts(400, seed=4)
+    evals = task.eval_prompts()
+    assert evals == task.eval_prompts() and len(evals) == task.eval_size
+    assert not {e["prompt"] for e in evals} & {e["prompt"] for e in train}
+    assert {e["kind"] for e in train} == {"python", "search"}
+    for ex in train[:100] + evals[:100]:
+        if ex["kind"] == "python":
+            a, b = ex["prompt"][:-1].split("*")
+            assert int(ex["answer"]) == int(a) * int(b) and 32 <= int(a) <= 99
+        else:
+            assert packaged_knowledge().search(ex["prompt"][:-1]).endswith(ex["answer"])
+        assert len(ex["answer"]) == 4 and len(ex["prompt"]) == 6
+
+
+def test_shop_rewards():
+    task = get_agent_task("shop")
+    fns = task.reward_functions
+    completions = ["<python>37*48</python><result>1776</result>1776",   # right, tool
+                   "1776",                                              # right, no tool
+                   "<python>37*48</python><result>1776</result>1777",   # wrong answer
+                   "<python>37*48</python><result>1776</result><result>9</result>9",  # made up
+                   "<python>37*48</python><result>1776</result>17x6",   # not a number
+                   "<python>37*48</python><result>1776</result>1776"]   # right, truncated
+    answers = ["1776"] * 6
+    finished = [True, True, True, True, True, False]
+    assert fns["correct"][0](completions=completions, answer=answers) == \
+        [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert fns["format"][0](completions=completions, finished=finished) == \
+        [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert fns["format"][1] == 0.1 and task.accuracy_reward == "correct"
+    with pytest.raises(ValueError, match="kinds must be"):
+        type(task)(kinds=("chess",))
+
+
+def test_shop_tokenizer_and_warm_up_batch(tmp_path):
+    """Every tag is one token; the tokenizer reloads as saved even next to a Qwen2 config
+    (transformers would give it Qwen2's byte-level pre-tokenizer, which drops spaces);
+    warm-up labels skip the inserted results."""
+    import random
+
+    from transformers import Qwen2Config
+
+    from rlhf_fast.tasks.tiny import WarmupConfig
+    from rlhf_fast.tasks.tokenizer import load_tokenizer
+
+    task = get_agent_task("shop")
+    tok = task.tokenizer()
+    text = "<search>apple</search><result>apple costs 2354</result>2354"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) - sum(len(t) - 1 for t in task.toolbox().tags
+                                       for _ in range(text.count(t)))
+    tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1, num_key_value_heads=1).save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.decode(ids) == text and again.padding_side == "left"
+    batch = task.demonstration_batch(tok, random.Random(0), WarmupConfig(batch_size=16))
+    open_id, close_id = tok.convert_tokens_to_ids(["<result>", "</result>"])
+    for row, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        inside = False
+        for token, label in zip(row.tolist(), labels.tolist(), strict=True):
+            inside = inside or token == open_id
+            assert (label == -100) if inside else True
+            if token == close_id:
+                inside = False
+        assert labels[-1] == tok.eos_token_id

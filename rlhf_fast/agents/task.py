@@ -1,19 +1,17 @@
 """``shop``: an embedded agentic task where the tools help, with verifiable rewards.
 
-Three kinds of prompt, drawn uniformly:
+Two kinds of prompt, drawn uniformly:
 
 - ``37*48=``: a product of two two-digit numbers, too hard for the tiny model's head; the
   calculator has it: ``<python>37*48</python><result>1776</result>1776<eos>``;
 - ``apple=``: the price of a good, which only the knowledge base knows:
-  ``<search>apple</search><result>apple costs 42</result>42<eos>``;
-- ``apple*56=``: 56 of them, two tool calls: search the price, then multiply
-  (``...<result>apple costs 42</result><python>42*56</python><result>2352</result>2352<eos>``).
+  ``<search>apple</search><result>apple costs 2354</result>2354<eos>``.
 
-Widths are fixed on purpose: goods have four letters, prices and factors lie in [32, 99], so
-every product has four digits. Each copy the model makes (the prompt's operands or good into
-the call, a result into the next call or the answer) is then at a fixed offset, which a
-three-layer model learns within its short warm-up; copying at variable offsets takes it far
-longer.
+Widths are fixed on purpose: goods have five letters like the products' ``37*48``, factors
+lie in [32, 99] and prices in [1000, 9999], so every answer has four digits. The two copies
+the model makes (the prompt's operands or good into the call, the result's number into the
+answer) are then the same for both tools and at fixed offsets, which a three-layer model
+learns within its short warm-up (copying at variable offsets takes it far longer).
 
 Rewards (TRL's convention, one float per completion):
 
@@ -28,10 +26,11 @@ come from a pool disjoint from the training prompts (a fixed hash of the prompt 
 
 The tiny model's warm-up (``demonstration_batch``) teacher-forces whole trajectories with the
 results masked out of the loss, as a rollout inserts them. The demonstrations are imperfect
-on purpose: each tool call is skipped with probability ``guess_fraction`` and the writer
-guesses the value instead (a wrong number of the right size, then carried on consistently).
-So the warmed-up model knows the format but calls a tool only about half the time, and RL
-with the exact-match reward has something to teach: call the tool.
+on purpose: the writer skips the calculator in ``guess_calculation`` of them and the search
+in ``guess_lookup``, writing a guess (a wrong number of the right size) instead. The
+warmed-up model knows the format and copies well, and its greedy answers use the tools, but
+sampled at temperature 1 it calls a tool about two times in three: RL with the exact-match
+reward teaches it to call the tool every time.
 """
 
 from __future__ import annotations
@@ -73,8 +72,7 @@ class ShopTask:
     """Registry name (``rlhf-fast train arpo --task NAME``)."""
 
     kinds: tuple[str, ...] = ("python", "search")
-    """Prompt kinds to draw from: ``python`` (``37*48=``), ``search`` (``apple=``),
-    ``both`` (``apple*56=``, two calls: the tiny model needs a much longer warm-up for it)."""
+    """Prompt kinds to draw from: ``python`` (``37*48=``), ``search`` (``apple=``)."""
 
     eval_size: int = 200
     """Held-out prompts in ``eval_prompts``."""
@@ -90,8 +88,8 @@ class ShopTask:
     """Warm-up: share of searches the demonstrations skip, guessing the price."""
 
     max_new_tokens: int = 48
-    """Length budget of a completion (generated and inserted tokens): the longest
-    demonstration has 39."""
+    """Length budget of a completion (generated and inserted tokens): a demonstration has
+    at most 30 (``<search>apple</search><result>apple costs 2354</result>2354<eos>``)."""
 
     accuracy_reward: str = "correct"
     """The reward whose mean is the task's accuracy."""
@@ -101,8 +99,8 @@ class ShopTask:
     """The tiny model's warm-up on this task (``warmed_up_tiny_model`` reads it)."""
 
     def __post_init__(self) -> None:
-        if not self.kinds or set(self.kinds) - {"python", "search", "both"}:
-            raise ValueError(f"kinds must be a non-empty subset of python, search, both; got "
+        if not self.kinds or set(self.kinds) - {"python", "search"}:
+            raise ValueError(f"kinds must be a non-empty subset of (python, search), got "
                              f"{self.kinds}")
         for name in ("guess_calculation", "guess_lookup"):
             if not 0 <= getattr(self, name) <= 1:
@@ -134,17 +132,15 @@ class ShopTask:
 
     # --- prompts ------------------------------------------------------------------------
 
-    def example(self, kind: str, a: int | str, b: int | None) -> dict:
-        """``{"prompt", "answer", "kind"}``: ``a*b`` (python), the price of good ``a``
-        (search, ``b`` None) or ``b`` of them (both)."""
+    def example(self, kind: str, a: int | str, b: int | None = None) -> dict:
+        """``{"prompt", "answer", "kind"}``: ``a*b`` (python) or the price of good ``a``
+        (search)."""
         if kind == "python":
             return {"prompt": f"{a}*{b}=", "answer": str(a * b), "kind": kind}
-        price = self.price(a)
-        if kind == "search":
-            return {"prompt": f"{a}=", "answer": str(price), "kind": kind}
-        return {"prompt": f"{a}*{b}=", "answer": str(price * b), "kind": kind}
+        return {"prompt": f"{a}=", "answer": str(self.price(a)), "kind": kind}
 
     def price(self, good: str) -> int:
+        """The knowledge base's price of ``good``."""
         return int(self.knowledge.lookup(good).text.rsplit(" ", 1)[-1])
 
     def _draw(self, rng: random.Random, from_held_out: bool) -> dict:
@@ -189,8 +185,8 @@ class ShopTask:
     # --- warm-up demonstrations ---------------------------------------------------------
 
     def demonstration(self, example: dict, rng: random.Random) -> str:
-        """A whole trajectory (results included) for ``example``; each call is skipped with
-        probability ``guess_fraction``, its value guessed."""
+        """A whole trajectory (results included) for ``example``; the call is skipped with
+        probability ``guess_calculation`` / ``guess_lookup`` and its value guessed."""
         def guess(true: int) -> int:
             digits = len(str(true))
             low = 10 ** (digits - 1) if digits > 1 else 0
@@ -213,13 +209,8 @@ class ShopTask:
         if example["kind"] == "python":
             x, y = (int(v) for v in prompt.split("*"))
             text, value = python(x, y)
-        elif example["kind"] == "search":
-            text, value = search(prompt)
         else:
-            good, count = prompt.split("*")
-            text, price = search(good)
-            more, value = python(price, int(count))
-            text += more
+            text, value = search(prompt)
         return f"{text}{value}"
 
     def demonstration_batch(self, tokenizer, rng: random.Random,

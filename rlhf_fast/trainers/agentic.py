@@ -52,7 +52,8 @@ trajectories), ``agent/distinct_per_prompt`` (distinct completions among a promp
 ``agent/global_samples`` (root samples started first, per prompt), ``agent/branch_decisions``
 (per prompt), ``agent/consecutive_max`` (the largest consecutive-branching-round counter of
 the step; AEPO's penalty grows with it). Evaluation adds ``eval/tool_calls`` and
-``eval/tool_errors``.
+``eval/tool_errors`` (greedy) and ``eval/sampled_reward``, ``eval/sampled_accuracy``,
+``eval/sampled_tool_calls`` (``eval_samples`` per prompt at the training temperature).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from ..agents.rollout import BranchingRule, RolloutTree, ToolRollout
 from ..agents.tools import Tool, ToolBox, default_toolbox
 from ..config import PolicyLossConfig
 from .batch import RolloutBatch, Trajectory
+from .core import prompt_rows
 from .generation import SamplingParams
 from .grpo import GRPOConfig, GRPOTrainer
 
@@ -99,6 +101,10 @@ class ARPOConfig(GRPOConfig):
     max_tool_calls: int = 3
     """Tool calls executed per trajectory (ARPO's reasoning scripts: 3)."""
 
+    eval_samples: int = 1
+    """Evaluation also samples this many completions of each held-out prompt at the
+    training temperature (``eval/sampled_*``); 0: greedy only."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.initial_rollouts is not None and not 1 <= self.initial_rollouts <= \
@@ -108,8 +114,9 @@ class ARPOConfig(GRPOConfig):
         if not 0 <= self.branch_probability <= 1:
             raise ValueError(f"branch_probability must lie in [0, 1], got "
                              f"{self.branch_probability}")
-        if self.max_tool_calls < 0:
-            raise ValueError(f"max_tool_calls must be >= 0, got {self.max_tool_calls}")
+        if self.max_tool_calls < 0 or self.eval_samples < 0:
+            raise ValueError(f"max_tool_calls and eval_samples must be >= 0, got "
+                             f"{self.max_tool_calls}, {self.eval_samples}")
         BranchingRule(self.beam_size, self.branch_probability, self.entropy_weight,
                       self.entropy_tokens)
 
@@ -260,15 +267,37 @@ class ARPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str | Mapping] | None = None) -> dict[str, float]:
         """The core's evaluation (greedy, multi-turn with tools, no branching) plus
-        ``eval/tool_calls`` and ``eval/tool_errors`` per trajectory."""
+        ``eval/tool_calls`` and ``eval/tool_errors`` per trajectory; with ``eval_samples``,
+        the same prompts sampled as in training (``eval/sampled_reward``,
+        ``eval/sampled_accuracy``, ``eval/sampled_tool_calls``), from a generator seeded
+        the same at every evaluation and apart from the training's."""
         out = super().evaluate(prompts)
-        if out and self.last_tree is not None:
-            rows = self.last_tree.rows()
-            out["eval/tool_calls"] = self.statistics.mean(
-                torch.tensor([float(t.tool_calls) for t in rows]))
-            out["eval/tool_errors"] = self.statistics.mean(
-                torch.tensor([float(t.tool_errors) for t in rows]))
+        if not out:
+            return out
+        out.update(self._tool_metrics("eval", self.last_tree))
+        c = self.config
+        if c.eval_samples:
+            rows = prompt_rows(prompts) if prompts is not None else self.eval_prompts
+            device = self.policy.weight.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(c.seed + 3)
+                batch = self.rollout(range(len(rows)), rows, group_size=c.eval_samples,
+                                     sampling=c.sampling)
+            batch.rewards = self.weighted_rewards(batch)
+            out["eval/sampled_reward"] = self.statistics.mean(batch.rewards)
+            if self.accuracy_reward is not None:
+                out["eval/sampled_accuracy"] = self.statistics.mean(
+                    batch.reward_terms[self.accuracy_reward])
+            out["eval/sampled_tool_calls"] = self._tool_metrics("eval", self.last_tree)[
+                "eval/tool_calls"]
         return out
+
+    def _tool_metrics(self, prefix: str, tree: RolloutTree) -> dict[str, float]:
+        rows = tree.rows()
+        return {f"{prefix}/tool_calls": self.statistics.mean(
+                    torch.tensor([float(t.tool_calls) for t in rows])),
+                f"{prefix}/tool_errors": self.statistics.mean(
+                    torch.tensor([float(t.tool_errors) for t in rows]))}
 
     # --- checkpoint ---------------------------------------------------------------------
 

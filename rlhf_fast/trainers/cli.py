@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if evals and "eval/accuracy" in evals[0]:
         summary["accuracy_before"] = evals[0]["eval/accuracy"]
         summary["accuracy_after"] = evals[-1]["eval/accuracy"]
+    if evals and "eval/sampled_accuracy" in evals[0]:
+        summary["sampled_accuracy_before"] = evals[0]["eval/sampled_accuracy"]
+        summary["sampled_accuracy_after"] = evals[-1]["eval/sampled_accuracy"]
     steps = [h for h in history if "reward/mean" in h]
     if agentic and steps:   # rollout trees: the first and last steps, and means over all
         summary["reward_first_step"] = steps[0]["reward/mean"]
@@ -142,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if "accuracy_after" in summary:
         print(f"held-out accuracy {summary['accuracy_before']:.3f} -> "
               f"{summary['accuracy_after']:.3f}", end="; ")
+    if "sampled_accuracy_after" in summary:
+        print(f"sampled {summary['sampled_accuracy_before']:.3f} -> "
+              f"{summary['sampled_accuracy_after']:.3f}", end="; ")
     print(f"{trainer.step_count} steps in {elapsed:.1f} s; metrics {out / 'metrics.jsonl'}, "
           f"curves {out / 'curves.png'}, checkpoint {out / f'checkpoint-{trainer.step_count}'}")
     return 0

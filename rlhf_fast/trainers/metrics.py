@@ -44,8 +44,8 @@ PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("policy/k
 """Shown on the progress bar (key, label)."""
 
 PLOT_KEYS = ("reward/mean", "eval/accuracy", "policy/kl", "policy/entropy",
-             "policy/clip_frac_high", "rollout/completion_length", "agent/tool_calls",
-             "agent/branches_per_prompt", "agent/distinct_per_prompt")
+             "policy/clip_frac_high", "rollout/completion_length", "eval/sampled_accuracy",
+             "agent/tool_calls", "agent/branches_per_prompt", "agent/distinct_per_prompt")
 """Panels of the PNG."""
 
 
