@@ -54,15 +54,20 @@ def make_problem(batch=3, seq_len=6, n_cols=64, dtype=torch.float32, seed=0, spr
     return {k: v.to(device) for k, v in p.items()}
 
 
+def policy_inputs(problem, config, *, use_old=True, use_rollout=True):
+    """The per-token side inputs ``config`` reads. The op refuses inputs the config would
+    ignore: a reference with a KL to the old policy, rollout log-probs without rollout
+    correction."""
+    return dict(old_logprobs=problem["old_logprobs"] if use_old else None,
+                ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
+                rollout_logprobs=problem["rollout_logprobs"]
+                if use_rollout and config.rollout_correction is not None else None)
+
+
 def check_policy(problem, config, backend, *, use_old=True, use_rollout=True, grad_scale=1.0):
     """Fused op vs float64 reference on the same values."""
     dtype = problem["logits"].dtype
-    # The op refuses inputs the config would ignore: a reference with a KL to the old
-    # policy, rollout log-probs without rollout correction.
-    inputs = dict(old_logprobs=problem["old_logprobs"] if use_old else None,
-                  ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
-                  rollout_logprobs=problem["rollout_logprobs"]
-                  if use_rollout and config.rollout_correction is not None else None)
+    inputs = policy_inputs(problem, config, use_old=use_old, use_rollout=use_rollout)
     x = problem["logits"].clone().requires_grad_()
     out = rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"], problem["mask"],
                                 config=config, backend=backend, **inputs)

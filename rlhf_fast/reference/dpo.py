@@ -1,5 +1,11 @@
 """Reference preference losses: log_softmax over the whole logits, the per-pair formulas as
-written in the papers / TRL, autograd for gradients (float64 in the tests)."""
+written in the papers / TRL, autograd for gradients (float64 in the tests).
+
+Only the raw fields of ``PreferenceLossConfig`` are read; what they imply is spelled out
+here from the formulas (``PreferenceLossConfig``'s docstring), not taken from the config's
+helper properties: EXO's epsilon is 1e-3 when ``label_smoothing`` is 0; ORPO adds its NLL
+term with weight 1 on top of ``nll_coef``; SimPO and ORPO read no reference model.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,26 @@ from torch import Tensor
 from ..preference_config import PreferenceLossConfig
 from .token_logprobs import token_logprobs
 
+EXO_EPSILON = 1e-3
+"""EXO's epsilon when no label smoothing is given (log 0 would be -inf)."""
+
+
+def _smoothing(config: PreferenceLossConfig) -> float:
+    if config.loss_type == "exo_pair" and config.label_smoothing == 0:
+        return EXO_EPSILON
+    return config.label_smoothing
+
+
+def _nll_weight(config: PreferenceLossConfig) -> float:
+    return config.nll_coef + (1.0 if config.loss_type == "orpo" else 0.0)
+
+
+def _uses_reference(config: PreferenceLossConfig) -> bool:
+    return not config.reference_free and config.loss_type not in ("simpo", "orpo")
+
 
 def _pair_loss(w: Tensor, lo: Tensor, config: PreferenceLossConfig) -> Tensor:
-    beta, eps, kind = config.beta, config.smoothing, config.loss_type
+    beta, eps, kind = config.beta, _smoothing(config), config.loss_type
     logits = w - lo
     if kind == "sigmoid":
         return (-(1 - eps) * F.logsigmoid(beta * logits)
@@ -82,7 +105,7 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
     length = m.sum(-1)
     policy = (logp * m).sum(-1)
     ref = torch.zeros_like(policy)
-    if config.uses_reference:
+    if _uses_reference(config):
         ref = ref_logprobs.to(logp.dtype)
         ref = torch.where(valid, ref, 0).sum(-1) if ref.dim() == 2 else ref
     if config.average_logprobs:
@@ -98,8 +121,8 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
         losses = _pair_loss(d[:b], d[b:], config)
     loss = losses.mean() if b > 0 else losses.sum()
     nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
-    if config.nll_weight != 0:
-        loss = loss + config.nll_weight * nll
+    if _nll_weight(config) != 0:
+        loss = loss + _nll_weight(config) * nll
     r_w, r_l = config.beta * d[:b].detach(), config.beta * d[b:].detach()
 
     def mean(x: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Reference policy losses: the plain formulas on ``[B, T]`` log-probs, autograd for gradients.
 
 Every stop-gradient is a ``.detach()``, every clip a ``torch.where`` or ``clamp``: this file is
-what the fused op's hand-derived coefficients are tested against (in float64).
+what the fused op's hand-derived coefficients are tested against (in float64). It shares no
+code with the implementation: aggregation, entropy statistics, rollout weights and KL
+estimators come from the sibling reference modules, written from the formulas.
 """
 
 from __future__ import annotations
@@ -10,37 +12,15 @@ import torch
 from torch import Tensor
 
 from ..config import PolicyLossConfig
-from ..loss_weights import (
-    aggregation_weights,
-    entropy_advantage,
-    rollout_weights,
-    sequence_count,
-    top_entropy_mask,
-)
+from .aggregation import aggregate, sequence_mean
+from .entropy import entropy_advantage, top_entropy_mask
+from .kl import kl_estimate
+from .rollout import rollout_weights
 from .token_logprobs import token_logprobs
 
 
 def _clamp(x: Tensor, bound: float | None) -> Tensor:
     return x if bound is None else x.clamp(-bound, bound)
-
-
-def kl_estimate(logp: Tensor, old: Tensor, ref: Tensor | None, config: PolicyLossConfig):
-    """Per-token KL estimator (differentiable in logp), or None when there is no KL term."""
-    if config.kl_reference == "ref":
-        if ref is None:
-            return None
-        log_x = ref - logp
-    else:
-        log_x = logp - old
-    if config.kl_clamp is not None:
-        log_x = _clamp(log_x, config.log_ratio_clamp)
-    if config.kl_estimator == "k1":
-        k = -log_x
-    elif config.kl_estimator == "k2":
-        k = 0.5 * log_x**2
-    else:
-        k = torch.exp(log_x) - 1 - log_x
-    return _clamp(k, config.kl_clamp)
 
 
 def policy_loss(
@@ -72,8 +52,30 @@ def policy_loss(
         return loss, logp.squeeze(0), entropy.squeeze(0), metrics
     logp, entropy = token_logprobs(logits, targets, temperature=c.temperature,
                                    return_entropy=True)
+    valid = mask.bool() & (targets != -100)
+    loss, metrics = policy_loss_from_logprobs(
+        logp, entropy, valid, advantages, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, config=config)
+    return loss, logp.detach(), entropy.detach(), metrics
+
+
+def policy_loss_from_logprobs(
+    logp: Tensor,
+    entropy: Tensor,
+    valid: Tensor,
+    advantages: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    config: PolicyLossConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``policy_loss`` from the per-token log-probs and entropies ``[B, T]`` (differentiable
+    in both: dL/dlogp and dL/dH are the coefficients of DESIGN's one-coefficient view) and
+    the bool mask of the tokens that count. Returns (loss, metrics)."""
+    c = config
     dtype = logp.dtype
-    m = (mask.to(dtype)) * (targets != -100).to(dtype)
+    m = valid.to(dtype)
     adv = advantages.to(dtype)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
@@ -97,7 +99,9 @@ def policy_loss(
 
     is_weight = rollout_weights(old.detach(), rollout_logprobs, m, c)
 
-    weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
+    def agg(values: Tensor) -> Tensor:
+        return aggregate(values, m, c.aggregation, c.normalizer, c.max_length)
+
     hi_const = 1.0 + c.clip_eps_high
     lo_const = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else None
 
@@ -108,8 +112,7 @@ def policy_loss(
         seq_ratio = torch.exp((log_ratio_c * m).sum(-1) / safe_lengths)
         mean_adv = (adv * m).sum(-1) / safe_lengths
         seq_loss = -mean_adv * seq_ratio * is_weight[:, 0]
-        pg_loss = (seq_loss * (lengths > 0).to(dtype)).sum() / sequence_count(m, c)
-        per_token = None
+        pg_loss = sequence_mean(seq_loss, lengths > 0, c.normalizer)
     else:
         if c.objective == "pg":
             per_token = -ratio * adv
@@ -136,17 +139,16 @@ def policy_loss(
             if c.dual_clip_c is not None:
                 capped = torch.minimum(per_token, -c.dual_clip_c * adv)
                 per_token = torch.where(adv < 0, capped, per_token)
-        pg_loss = (weights * per_token * is_weight * entropy_mask).sum()
+        pg_loss = agg(per_token * is_weight * entropy_mask)
 
     loss = pg_loss
     kl = kl_estimate(logp, old, ref_logprobs.to(dtype) if ref_logprobs is not None else None, c)
     if kl is not None and c.kl_coef != 0:
-        loss = loss + c.kl_coef * (weights * kl).sum()
+        loss = loss + c.kl_coef * agg(kl)
     if c.entropy_coef != 0:
-        loss = loss - c.entropy_coef * (weights * entropy_mask * entropy).sum()
+        loss = loss - c.entropy_coef * agg(entropy_mask * entropy)
 
-    metrics = _metrics(ratio.detach(), adv, m, kl, ent, c)
-    return loss, logp.detach(), ent, metrics
+    return loss, _metrics(ratio.detach(), adv, m, kl, ent, c)
 
 
 def _metrics(ratio, adv, m, kl, ent, c: PolicyLossConfig) -> dict[str, Tensor]:
