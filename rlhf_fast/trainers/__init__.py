@@ -12,8 +12,10 @@ paper's objective to code line by line:
 - ``reinforce.py``: REINFORCE++, REINFORCE++-baseline, RLOO (KL in the reward);
 - ``ppo.py`` (+ ``critic.py``): PPO with a critic (four models), PPO-penalty, TRPO-style;
 - ``dpo.py`` (+ ``pairs.py``): DPO and the preference losses, offline or online.
+- ``agentic.py``: ARPO, AEPO (multi-turn rollouts with tools, entropy-guided rollout trees).
 
-``registry.ALGORITHMS`` names them all (``rlhf-fast train ALGO``).
+``registry.ALGORITHMS`` and ``registry.AGENTIC_ALGORITHMS`` name them all (``rlhf-fast train
+ALGO``).
 
 Where later trainers plug in (documented in each module):
 
@@ -33,6 +35,7 @@ Where later trainers plug in (documented in each module):
 - metrics: the keys listed in ``metrics.py``.
 """
 
+from .agentic import AEPOConfig, AEPOTrainer, ARPOConfig, ARPOTrainer
 from .batch import RolloutBatch, Segment, Trajectory
 from .cispo import CISPOConfig, CISPOTrainer
 from .config import TrainerConfig
@@ -46,13 +49,14 @@ from .gspo import GSPOConfig, GSPOTrainer
 from .pairs import PairBatch, arithmetic_pairs, load_pairs
 from .policy import Policy, ReferencePolicy
 from .ppo import PPOConfig, PPOTrainer
-from .registry import ALGORITHMS, make_config, make_trainer
+from .registry import AGENTIC_ALGORITHMS, ALGORITHMS, make_config, make_trainer
 from .reinforce import ReinforceConfig, ReinforceTrainer
 from .rewards import RewardModel
 from .statistics import BatchStatistics
 
 __all__ = [
-    "ALGORITHMS", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion", "Critic",
+    "AGENTIC_ALGORITHMS", "ALGORITHMS", "AEPOConfig", "AEPOTrainer", "ARPOConfig",
+    "ARPOTrainer", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion", "Critic",
     "DAPOConfig", "DAPOTrainer", "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer",
     "GSPOConfig", "GSPOTrainer", "Generator", "HFGenerator", "PPOConfig", "PPOTrainer",
     "PairBatch", "Policy", "ReferencePolicy", "ReinforceConfig", "ReinforceTrainer",
