@@ -58,7 +58,8 @@ def assert_same(actual, expected, tol, name):
 
 VALUE_CASES = ["token_logprobs_float32", "token_logprobs_bfloat16",
                "token_logprobs_no_entropy_given_offset", "out_of_range_unchecked",
-               "policy_ppo_kl_entropy", "policy_gspo", "dpo_sigmoid_nll",
+               "token_logprobs_ignore_index_0", "policy_ppo_kl_entropy", "policy_gspo",
+               "policy_inplace", "dpo_sigmoid_nll",
                "linear_token_logprobs", "linear_policy_loss", "linear_dpo_simpo"]
 
 
@@ -147,3 +148,17 @@ def test_linear_bytes(results, case):
         hidden = record["backward"] if "backward" in record else record["forward"]
         assert [c for c in hidden if c[1] == record["hidden_bytes"]] == \
             [("all_reduce", record["hidden_bytes"])], layout
+
+
+def test_argument_errors():
+    """Checked before any data is read or any collective runs (no process group needed)."""
+    from rlhf_fast import policy_loss, token_logprobs
+
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    with pytest.raises(ValueError, match=r"vocab_offset .* needs process_group"):
+        token_logprobs(logits, targets, vocab_offset=3)
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed"):
+        token_logprobs(logits, targets, process_group="tp")
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed"):
+        policy_loss(logits, targets, torch.ones(2), torch.ones(2, 3, dtype=torch.bool),
+                    config="dapo", process_group=0)

@@ -192,6 +192,37 @@ def run_cases(group, rank: int, world: int, traffic: Traffic, backend: str) -> d
         values={"logp": (lp_s, lp)}, grads={"logits": (part.grad, full.grad[..., cols])},
         forward=forward, rows=10, with_entropy=False, dtype=torch.float32)
 
+    # ignore_index=0 while targets sit on the first column of a slice (local column 0).
+    logits, targets = special_logits(2, 5, torch.float32, seed=13)
+    targets[1, 3] = 0
+    targets[0, 2], targets[0, 3] = 6, 3
+    full = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(full, targets, ignore_index=0, return_entropy=True,
+                             backend=backend)
+    (lp.nan_to_num() + ent.nan_to_num()).sum().backward()
+    part = sharded(logits)
+    lp_s, ent_s = token_logprobs(part, targets, ignore_index=0, return_entropy=True,
+                                 backend=backend, process_group=group)
+    (lp_s.nan_to_num() + ent_s.nan_to_num()).sum().backward()
+    out["token_logprobs_ignore_index_0"] = dict(
+        values={"logp": (lp_s, lp), "entropy": (ent_s, ent)},
+        grads={"logits": (part.grad, full.grad[..., cols])})
+
+    # policy_loss writing its gradient over the (non-leaf) logits slice.
+    logits = torch.randn(3, 6, V, generator=torch.Generator().manual_seed(14))
+    targets = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(15))
+    side = policy_inputs(3, 6, seed=16)
+    full = logits.clone().requires_grad_()
+    ref = policy_loss(full, targets, backend=backend, config="ppo", **side)
+    ref.loss.backward()
+    part = sharded(logits)
+    res = policy_loss(part * 1.0, targets, backend=backend, config="ppo", inplace=True,
+                      process_group=group, **side)
+    res.loss.backward()
+    out["policy_inplace"] = dict(
+        values={"loss": (res.loss, ref.loss), "logprobs": (res.logprobs, ref.logprobs)},
+        grads={"logits": (part.grad, full.grad[..., cols])})
+
     # Out-of-range targets: an error on every rank; with the check off, NaN rows.
     logits, targets = special_logits(2, 5, torch.float32, seed=4)
     targets[1, 0] = V

@@ -94,7 +94,8 @@ def grad_sweep(c_logp: Optional[Tensor], c_entropy: Optional[Tensor], logits: Te
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     backend, shard = split_backend(backend)
     if shard is not None:  # this rank's slice: stats from the sharded stats sweep
-        targets = sharded_grad_targets(targets, shard, logits.shape[-1], ignore_index)
+        targets, ignore_index = sharded_grad_targets(targets, shard, logits.shape[-1],
+                                                     ignore_index)
     if resolve_backend(backend, logits) == "torch":
         return torch_impl.token_logprobs_backward(c_logp, c_entropy, logits, targets, entropy,
                                                   stats, temperature, ignore_index, out=out)

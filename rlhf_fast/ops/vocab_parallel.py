@@ -159,20 +159,27 @@ def all_reduce_hidden_grad(grad: Tensor, backend: str) -> None:
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=shard.group)
 
 
-def _stand_in(n_local: int, ignore_index: int) -> int:
-    """The local column the sweeps treat as the target on ranks that do not hold it."""
-    return 0 if ignore_index != 0 else n_local - 1
+STAND_IN = 0
+"""The local column the sweeps treat as the target on the ranks that do not hold it."""
+
+
+def local_ignore_index(ignore_index: int) -> int:
+    """The ``ignore_index`` of this rank's sweeps: a negative one, which no local column can
+    equal (a full-vocabulary ``ignore_index`` of 3 must not ignore local column 3)."""
+    return ignore_index if ignore_index < 0 else -1
 
 
 def local_targets(targets: Tensor, shard: VocabShard, n_local: int,
                   ignore_index: int) -> tuple[Tensor, Tensor]:
     """(targets for this rank's sweeps, bool ``owned``): the local column where this rank
-    holds the target, the stand-in column where it does not, ``ignore_index`` kept."""
+    holds the target, ``STAND_IN`` where it does not, ``local_ignore_index`` where the
+    target is ``ignore_index``."""
     local = targets - shard.offset
     ignored = targets == ignore_index
     owned = (local >= 0) & (local < n_local) & ~ignored
-    moved = torch.where(owned, local, torch.full_like(local, _stand_in(n_local, ignore_index)))
-    return torch.where(ignored, targets, moved), owned
+    moved = torch.where(owned, local, torch.full_like(local, STAND_IN))
+    return torch.where(ignored, torch.full_like(local, local_ignore_index(ignore_index)),
+                       moved), owned
 
 
 def _column(logits: Tensor, columns: Tensor) -> Tensor:
@@ -194,8 +201,8 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
     # Triton's stats hold the raw logits' max, the torch backend's the scaled one.
     unit = inv_temp if resolve_backend(backend, logits) == "triton" else 1.0
     sweep_targets, owned = local_targets(targets, shard, n_local, ignore_index)
-    _, entropy_r, stats_r = local_sweep(logits, sweep_targets, temperature, ignore_index,
-                                        with_entropy, backend)
+    _, entropy_r, stats_r = local_sweep(logits, sweep_targets, temperature,
+                                        local_ignore_index(ignore_index), with_entropy, backend)
     ignored = targets == ignore_index
     row_max, log_s, q = stats_r.unbind(-1)
     safe = torch.where(ignored, torch.zeros_like(sweep_targets), sweep_targets)
@@ -243,7 +250,8 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
 
 
 def sharded_grad_targets(targets: Tensor, shard: VocabShard, n_local: int,
-                         ignore_index: int) -> Tensor:
-    """The targets this rank's gradient sweep reads, with the stats of
+                         ignore_index: int) -> tuple[Tensor, int]:
+    """(targets, ignore_index) of this rank's gradient sweep, with the stats of
     ``sharded_stats_sweep``."""
-    return local_targets(targets, shard, n_local, ignore_index)[0]
+    return (local_targets(targets, shard, n_local, ignore_index)[0],
+            local_ignore_index(ignore_index))
