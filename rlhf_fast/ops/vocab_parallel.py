@@ -33,12 +33,13 @@ Backward: nothing is communicated. The gradient sweep of each rank's slice needs
 ranks that do not hold the target, the stand-in column is given ``q = -p`` of that column,
 so the sweep's target term ``c * q`` writes the plain ``-c * p`` there.
 
-Bytes communicated per row and forward: 4 (MAX) + 16 (SUM), or 4 + 20 with the entropy
+Bytes communicated per row and forward (all-reduce payloads; a ring all-reduce puts
+2 (P - 1) / P times that on each link): 4 (MAX) + 16 (SUM), or 4 + 20 with the entropy
 (policy losses always compute it): 20 or 24 bytes, whatever V and P; ``[N, V]`` data never
-moves. The shard's offset is all-gathered once per (group, slice width) and cached, unless
-given (``vocab_offset``). The fused-linear ops also all-reduce dL/dhidden (``[N, D]`` in the
-hidden dtype), the sum over the slices of ``dL/dlogits_r @ W_r``, as a column-parallel
-``lm_head`` does in its backward.
+moves (``tests/test_vocab_parallel.py`` counts them). The shard's offset is all-gathered once
+per (group, slice width) and cached, unless given (``vocab_offset``). The fused-linear ops
+also all-reduce dL/dhidden (``[N, D]`` in the hidden dtype), the sum over the slices of
+``dL/dlogits_r @ W_r``, as a column-parallel ``lm_head`` does in its backward.
 
 The group travels into the custom ops inside the ``backend`` string
 (``"auto@vocab:<group name>:<offset>:<chunk width>"``, ``shard_backend``), so they keep their
@@ -199,19 +200,25 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
     n_local = logits.shape[-1]
     inv_temp = 1.0 / temperature
     # Triton's stats hold the raw logits' max, the torch backend's the scaled one.
-    unit = inv_temp if resolve_backend(backend, logits) == "triton" else 1.0
+    raw_max = resolve_backend(backend, logits) == "triton"
     sweep_targets, owned = local_targets(targets, shard, n_local, ignore_index)
     _, entropy_r, stats_r = local_sweep(logits, sweep_targets, temperature,
                                         local_ignore_index(ignore_index), with_entropy, backend)
     ignored = targets == ignore_index
     row_max, log_s, q = stats_r.unbind(-1)
-    safe = torch.where(ignored, torch.zeros_like(sweep_targets), sweep_targets)
-    x_y = torch.where(owned, _column(logits, safe), 0.0)
+    # The target's logit on its owner, the stand-in column's elsewhere.
+    picked = _column(logits, torch.where(ignored, STAND_IN, sweep_targets))
+    x_y = torch.where(owned, picked, 0.0)
 
     big = torch.where(torch.isnan(row_max), float("-inf"), row_max)
     dist.all_reduce(big, op=dist.ReduceOp.MAX, group=shard.group)
+
+    def below_max(x: Tensor) -> Tensor:
+        """z - M of raw logits ``x`` (exactly 0 at the maximum)."""
+        return (x - big) * inv_temp if raw_max else x * inv_temp - big
+
     empty = (row_max == float("-inf")) | (log_s == float("-inf"))   # a fully banned slice
-    d_r = (row_max - big) * unit
+    d_r = (row_max - big) * (inv_temp if raw_max else 1.0)
     mass = torch.where(empty, 0.0, torch.exp(d_r + log_s))
     parts = [mass, torch.where(owned, mass * q, mass), x_y, owned.float()]
     if with_entropy:
@@ -226,14 +233,12 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
         device_check(~bad.any(), lambda: (
             f"targets must lie in [0, V) or equal ignore_index={ignore_index}, where V is the "
             f"sum of the ranks' vocabulary slices: some targets lie in no rank's slice"))
-    d_y = (x_y - big) * inv_temp if unit != 1.0 else x_y * inv_temp - big
+    d_y = below_max(x_y)
     log_total = torch.log1p(excl + torch.expm1(d_y))
     logp = d_y - log_total
     q_global = excl / total
     # The stand-in column on ranks without the target: q = -p makes c * q = -c * p.
-    stand_in = _column(logits, safe)
-    d_stand_in = (stand_in - big) * inv_temp if unit != 1.0 else stand_in * inv_temp - big
-    q_global = torch.where(owned, q_global, -torch.exp(d_stand_in - log_total))
+    q_global = torch.where(owned, q_global, -torch.exp(below_max(picked) - log_total))
     stats = torch.stack([big, log_total, q_global], dim=-1)
 
     nan = torch.full_like(logp, float("nan"))
