@@ -94,9 +94,16 @@ def slice_layout(group: dist.ProcessGroup, n_local: int,
                  device: torch.device) -> tuple[int, int]:
     """(this rank's first column, the widest slice): the slice widths, all-gathered once per
     (group, width) and cached (a group's slices are fixed for the life of the process; pass
-    ``vocab_offset`` explicitly otherwise)."""
+    ``vocab_offset`` explicitly otherwise). Under ``torch.compile`` the cached layout is a
+    constant of the graph; the gather itself must have run eagerly (or pass
+    ``vocab_offset``)."""
     key = (group.group_name, n_local)
     if key not in _LAYOUTS:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "process_group under torch.compile: the vocabulary slices' layout is gathered "
+                "on the first call, which must run eagerly (call the op once outside the "
+                "compiled function), or pass vocab_offset= (then nothing is gathered)")
         if dist.get_backend(group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         width = torch.tensor([n_local], dtype=torch.int64, device=device)
