@@ -118,8 +118,14 @@ class Policy:
         hidden = self.hidden_states(batch.input_ids.to(device),
                                     batch.attention_mask.to(device),
                                     batch.position_ids.to(device))
-        p, t = batch.prompt_width, batch.targets.shape[1]
-        return hidden[:, p - 1:p + t - 1]
+        return completion_columns(hidden, batch)
+
+
+def completion_columns(hidden: Tensor, batch) -> Tensor:
+    """``[B, T, H]`` of full-row states ``[B, P + T, H]``: the columns ``P - 1 ... P + T - 2``,
+    whose states score (or, for a critic, value the state before) ``batch.targets``."""
+    p, t = batch.prompt_width, batch.targets.shape[1]
+    return hidden[:, p - 1:p + t - 1]
 
 
 class ReferencePolicy:

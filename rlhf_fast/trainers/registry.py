@@ -10,8 +10,10 @@ from .cispo import CISPOTrainer
 from .config import TrainerConfig
 from .core import Trainer
 from .dapo import DAPOTrainer
+from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .gspo import GSPOTrainer
+from .ppo import PPOTrainer
 from .reinforce import ReinforceTrainer
 
 
@@ -33,6 +35,11 @@ ALGORITHMS: dict[str, tuple[type[Trainer], dict]] = {
     "reinforce_pp_baseline": (ReinforceTrainer, {"estimator": "reinforce_pp_baseline"}),
     "rloo": (ReinforceTrainer, {"estimator": "rloo",
                                 "loss": _preset("ppo", aggregation="seq_mean_token_sum")}),
+    "ppo": (PPOTrainer, {}),
+    "ppo_penalty": (PPOTrainer, {"loss": _preset("ppo_penalty"), "kl_controller": "adaptive"}),
+    "trpo": (PPOTrainer, {"loss": _preset("ppo_penalty"), "kl_controller": "adaptive",
+                          "kl_stop": 0.015}),
+    "dpo": (DPOTrainer, {}),
 }
 """Name -> (trainer class, fields of its config that differ from the class defaults)."""
 
