@@ -2,37 +2,51 @@
 
 Row ``n`` of the flattened ``[N, V]`` problem lives at ``logits + b * stride_b + t * stride_t``
 with ``b = n // seq_len``, ``t = n % seq_len``: a ``[B, T, V]`` slice of a longer sequence
-(``logits[:, :-1]``) is read in place, without a copy. Row offsets are 64-bit. The column
-stride must be 1. ``seq_len`` is not specialised, so a new sequence length never recompiles.
+(``logits[:, :-1]``) is read in place, without a copy. Row offsets are 64-bit, everything
+inside a row 32-bit. The column stride must be 1. ``seq_len`` is not specialised, so a new
+sequence length never recompiles. One program (``THREADS = 32 * num_warps`` threads) per row,
+grid ``(N,)``; each row is cut into 16-byte vectors as ``row_tiles.py`` describes.
 
-Forward (grid ``(N,)``): one read of each row. Writes logp ``[N]``, entropy ``[N]`` (when
-WITH_ENTROPY) and the per-row statistics ``stats[N, 3] = (m, log_s, 1 - p_y)`` that the
-backward needs. Rows whose target equals ``ignore_index`` are not read and get zeros; a
-target outside ``[0, V)`` gives NaN (the host checks targets before launching, this is the
-defined result when that check is disabled).
+Forward: one read of each row. Writes logp ``[N]``, entropy ``[N]`` (when WITH_ENTROPY) and
+the per-row statistics ``stats[N, 3] = (M, log_s, 1 - p_y)`` that the backward needs (M: max
+of the raw logits, log_s: log of sum exp((x - M) / temperature)). Rows whose target equals
+``ignore_index`` are not read and get zeros; a target outside ``[0, V)`` gives NaN (the host
+checks targets before launching, this is the defined result when that check is disabled).
 
-Backward (grid ``(N, cdiv(V, BLOCK_V))``): one read of the logits and one write of the
-gradient per block; ignored rows and rows whose coefficients are both zero are not read and
-get zeros. The gradient has its own batch / row strides, so it can be written over the
-logits themselves (each block is read before it is overwritten, by the same program).
+Backward: one read of the logits and one write of the gradient per row; ignored rows and
+rows whose coefficients are both zero are not read and get zeros. The gradient has its own
+batch / row strides, so it can be written over the logits themselves (each tile is read
+before it is overwritten, by the same threads; the target's logit is read first).
 """
 
 import triton
 import triton.language as tl
 
-from .softmax_grad import softmax_grad_block
-from .softmax_stats import row_softmax_stats
+from .softmax_grad import fill_row, sweep_row_grad, target_grad
+from .softmax_stats import (
+    LN2,
+    LOG2E,
+    finish_row_stats,
+    load_row,
+    row_stats_in_registers,
+    sweep_row_stats,
+)
 
 
 @triton.jit(do_not_specialize=["seq_len"])
 def token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, entropy_ptr, stats_ptr,
     n_cols, seq_len, stride_b, stride_t, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, ON_CHIP: tl.constexpr, UNROLL: tl.constexpr,
+    THREADS: tl.constexpr, VEC: tl.constexpr,
 ):
+    """ON_CHIP: the row is loaded whole (``UNROLL * THREADS * VEC >= n_cols``) and its
+    statistics computed in registers, exactly as the fused policy kernel does for the same
+    launch (bit-identical results); else the row is swept two tiles per trip (UNROLL is then
+    unused)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
-    row_ptr = logits_ptr + b * stride_b + (row - b * seq_len) * stride_t
+    row_offset = b * stride_b + (row - b * seq_len) * stride_t
     target = tl.load(targets_ptr + row)
 
     m = 0.0
@@ -42,10 +56,17 @@ def token_logprobs_fwd_kernel(
     entropy = 0.0
     if target != ignore_index:
         if (target >= 0) & (target < n_cols):
-            # In range: an int32 target keeps the column comparisons 32-bit.
-            m, log_s, logp, q, entropy = row_softmax_stats(
-                row_ptr, n_cols, target.to(tl.int32), inv_temp, BLOCK_V
-            )
+            k = inv_temp * LOG2E
+            if ON_CHIP:
+                x, x_edge, _, _, _, _ = load_row(logits_ptr, row_offset, n_cols, UNROLL,
+                                                 THREADS, VEC)
+                m, s, r, t, _, _, _, _ = row_stats_in_registers(x, x_edge, k, WITH_ENTROPY)
+            else:
+                m, s, r, t = sweep_row_stats(logits_ptr, row_offset, n_cols, k, WITH_ENTROPY,
+                                             THREADS, VEC, "")
+            x_y = tl.load(logits_ptr + row_offset + target).to(tl.float32)
+            log2_s, logp, q, entropy = finish_row_stats(m, s, r, t, x_y, k)
+            log_s = log2_s * LN2
         else:
             m = float("nan")
             log_s = float("nan")
@@ -66,19 +87,19 @@ def token_logprobs_bwd_kernel(
     grad_logits_ptr, logits_ptr, targets_ptr, stats_ptr, entropy_ptr,
     grad_logp_ptr, grad_entropy_ptr,
     n_cols, seq_len, stride_b, stride_t, out_stride_b, out_stride_t, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    SAME_ALIGNMENT: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_row = cols < n_cols
     b = row // seq_len
     t = row - b * seq_len
-    out_ptrs = grad_logits_ptr + b * out_stride_b + t * out_stride_t + cols
+    row_offset = b * stride_b + t * stride_t
+    grad_offset = b * out_stride_b + t * out_stride_t
     target = tl.load(targets_ptr + row)
 
-    c_logp = 0.0
+    c = 0.0
     if HAS_GRAD_LOGP:
-        c_logp = tl.load(grad_logp_ptr + row)
+        c = tl.load(grad_logp_ptr + row)
     c_entropy = 0.0
     entropy = 0.0
     if HAS_GRAD_ENTROPY:
@@ -86,17 +107,24 @@ def token_logprobs_bwd_kernel(
         entropy = tl.load(entropy_ptr + row)
 
     # NaN coefficients compare unequal to 0 and so take the full path: NaN propagates.
-    if (target != ignore_index) & ((c_logp != 0.0) | (c_entropy != 0.0)):
-        row_ptr = logits_ptr + b * stride_b + t * stride_t
-        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
-        m = tl.load(stats_ptr + row * 3)
-        log_s = tl.load(stats_ptr + row * 3 + 1)
-        q = tl.load(stats_ptr + row * 3 + 2)
-        # An out-of-range target has NaN stats, so its (wrapped) int32 column is harmless.
-        g = softmax_grad_block(
-            z, cols, target.to(tl.int32), m, log_s, q, entropy, c_logp, c_entropy, inv_temp,
-            HAS_GRAD_ENTROPY,
-        )
-        tl.store(out_ptrs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+    if (target == ignore_index) | ((c == 0.0) & (c_entropy == 0.0)):
+        fill_row(grad_logits_ptr, grad_offset, n_cols, 0.0, THREADS, VEC)
+    elif (target < 0) | (target >= n_cols):
+        fill_row(grad_logits_ptr, grad_offset, n_cols, float("nan"), THREADS, VEC)
     else:
-        tl.store(out_ptrs, tl.zeros([BLOCK_V], grad_logits_ptr.dtype.element_ty), mask=in_row)
+        m = tl.load(stats_ptr + row * 3)
+        log2_s = tl.load(stats_ptr + row * 3 + 1) * LOG2E
+        q = tl.load(stats_ptr + row * 3 + 2)
+        k = inv_temp * LOG2E
+        # Read before the sweep: the gradient may overwrite the logits.
+        x_y = tl.load(logits_ptr + row_offset + target).to(tl.float32)
+        coef_a = -(c + c_entropy * entropy) * inv_temp
+        coef_b = -c_entropy * LN2 * inv_temp
+        sweep_row_grad(logits_ptr, grad_logits_ptr, row_offset, grad_offset, n_cols, k, m,
+                       log2_s, coef_a, coef_b, HAS_GRAD_ENTROPY, False, SAME_ALIGNMENT,
+                       THREADS, VEC, True)
+        # The loop wrote the target column as any other; its own value goes after it.
+        tl.debug_barrier()
+        g_y = target_grad(x_y, m, k, log2_s, q, entropy, c, c_entropy, inv_temp)
+        tl.store(grad_logits_ptr + grad_offset + target,
+                 g_y.to(grad_logits_ptr.dtype.element_ty))

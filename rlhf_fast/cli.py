@@ -7,6 +7,8 @@
     rlhf-fast aot   [--arch 80 --arch 90] [--json PATH]
     rlhf-fast train ALGO [--model tiny|PATH] [--task NAME] [--steps N] [--out DIR]
                     [--loss fused|reference] ...   (rlhf_fast.trainers.cli)
+    rlhf-fast isa   [--arch 90 --arch 80] [--vocab V ...] [--dtype bf16 ...] [--json PATH]
+                    [--check]
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA 20, CPU 3)")
     sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 and report register "
                                "spills (options: rlhf-fast aot --help)", add_help=False)
+    sub.add_parser("isa", help="what each row kernel costs on an SM, read from its SASS "
+                               "(no GPU): instr/elem, MUFU, widths, registers, model estimate "
+                               "(options: rlhf-fast isa --help)", add_help=False)
     r = sub.add_parser("report", help="regenerate the README's performance section",
                        description="Rewrite the README's performance section from "
                                    "committed benchmark reports.")
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "aot":
         from .aot import main as aot_main
         return aot_main(rest)
+    if args.command == "isa":
+        from .isa.report import main as isa_main
+        return isa_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "report":

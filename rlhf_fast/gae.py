@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .backend import BACKENDS, resolve_backend
-from .ops.launch import KernelSpec, cdiv
+from .ops.launch import cdiv
 
 BLOCK_B = 32
 """Sequences per program: one warp's worth of independent recurrences."""
@@ -91,11 +91,3 @@ def gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: flo
 def _gae_fake(rewards, values, mask, gamma, lam, backend):
     return torch.empty_like(rewards), torch.empty_like(rewards)
 
-
-def aot_specs() -> list[KernelSpec]:
-    types = {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*fp32",
-             "adv_ptr": "*fp32", "returns_ptr": "*fp32", "n_seq": "i32", "n_steps": "i32",
-             "gamma": "fp32", "lam": "fp32"}
-    pointers = ("rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr", "returns_ptr")
-    return [KernelSpec("rlhf_fast.kernels.gae:gae_kernel", types, {"BLOCK_B": BLOCK_B},
-                       pointers, 1)]

@@ -55,19 +55,24 @@ def make_problem(batch=3, seq_len=6, n_cols=64, dtype=torch.float32, seed=0, spr
     return {k: v.to(device) for k, v in p.items()}
 
 
+def policy_inputs(problem, config, *, use_old=True, use_rollout=True):
+    """The per-token side inputs ``config`` reads. The op refuses inputs the config would
+    ignore: a reference with a KL to the old policy, rollout log-probs without rollout
+    correction or off-policy sequence mask."""
+    reads_rollout = (config.rollout_correction is not None
+                     or config.off_policy_mask_threshold is not None)
+    return dict(old_logprobs=problem["old_logprobs"] if use_old else None,
+                ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
+                rollout_logprobs=problem["rollout_logprobs"]
+                if use_rollout and reads_rollout else None)
+
+
 def check_policy(problem, config, backend, *, use_old=True, use_rollout=True, grad_scale=1.0,
                  seed=None):
     """Fused op vs float64 reference on the same values. ``seed``: the global generators are
     seeded with it before the op and again before the reference (Clip-Cov's random draw)."""
     dtype = problem["logits"].dtype
-    # The op refuses inputs the config would ignore: a reference with a KL to the old
-    # policy, rollout log-probs without rollout correction.
-    inputs = dict(old_logprobs=problem["old_logprobs"] if use_old else None,
-                  ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
-                  rollout_logprobs=problem["rollout_logprobs"]
-                  if use_rollout and (config.rollout_correction is not None
-                                      or config.off_policy_mask_threshold is not None)
-                  else None)
+    inputs = policy_inputs(problem, config, use_old=use_old, use_rollout=use_rollout)
     x = problem["logits"].clone().requires_grad_()
     if seed is not None:
         torch.manual_seed(seed)

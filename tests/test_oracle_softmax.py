@@ -6,9 +6,11 @@ tail block, a temperature. Values and gradients of both outputs against the refe
 import torch
 from test_token_logprobs import check_against_reference
 
-from rlhf_fast.ops.launch import MAX_BLOCK_V
+from rlhf_fast.ops.launch import ON_CHIP_MAX_COLUMNS
 
-V = MAX_BLOCK_V + 37
+BLOCK = ON_CHIP_MAX_COLUMNS
+"""Just above it the rows stream (the on-chip path holds at most this many columns)."""
+V = BLOCK + 37
 
 
 def rows():
@@ -22,7 +24,7 @@ def rows():
     logits[4] = float("-inf")                 # all but the target banned
     logits[4, targets[4]] = 0.5
     logits[5, V - 1] += 30.0                  # the maximum sits in the ragged tail
-    logits[6, :MAX_BLOCK_V] -= 20.0           # the first block far below the tail
+    logits[6, :BLOCK] -= 20.0                 # the bulk far below the tail
     return logits, targets
 
 

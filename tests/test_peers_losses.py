@@ -114,7 +114,7 @@ def op_and_peer(p, config, peer_loss_of_logp, **inputs):
     assert err <= 1e-5, f"gradient rel err {err:.2e}"
 
 
-def VerlPolicyLoss(**fields):  # noqa: N802 (verl's class, imported late)
+def verl_policy_loss(**fields):
     from verl.workers.config import PolicyLossConfig as VerlConfig
     return VerlConfig(**fields)
 
@@ -143,7 +143,7 @@ def test_verl_dppo(name):
 def test_verl_kl_cov():
     p = problem()
     c = PolicyLossConfig(**CASES["kl_cov"])
-    verl_config = actor(clip_ratio=0.2, policy_loss=VerlPolicyLoss(
+    verl_config = actor(clip_ratio=0.2, policy_loss=verl_policy_loss(
         loss_mode="kl_cov", kl_cov_ratio=0.2, ppo_kl_coef=0.5))
 
     def peer(logp):
@@ -160,7 +160,7 @@ def test_verl_clip_cov_whole_pool():
     p = problem()
     c = PolicyLossConfig(cov_selection="clip_cov", cov_ratio=1.0, cov_lower=0.0,
                          cov_upper=5.0, log_ratio_clamp=None)
-    verl_config = actor(clip_ratio=0.2, policy_loss=VerlPolicyLoss(
+    verl_config = actor(clip_ratio=0.2, policy_loss=verl_policy_loss(
         loss_mode="clip_cov", clip_cov_ratio=1.0, clip_cov_lb=0.0, clip_cov_ub=5.0))
 
     def peer(logp):

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import validation
 from ..validation import device_check
-from .launch import KernelSpec
 
 SCALE_BLOCK = 1024
 """Columns per block of the rescale kernel (8 bf16 a thread at 4 warps)."""
@@ -62,16 +61,6 @@ def scale_rows_(g: Tensor, factor: Tensor) -> bool:
         scale_rows_kernel[grid](g, factor.reshape(1), n_rows, seq_len, n_cols, stride_b,
                                 stride_t, BLOCK=SCALE_BLOCK, num_warps=4)
     return True
-
-
-def aot_specs() -> list[KernelSpec]:
-    """The rescale kernel for each gradient dtype (for ``rlhf_fast.aot``)."""
-    types = {"factor_ptr": "*fp32", "n_rows": "i32", "seq_len": "i32", "n_cols": "i32",
-             "stride_b": "i64", "stride_t": "i64"}
-    return [KernelSpec("rlhf_fast.kernels.grad_scale:scale_rows_kernel",
-                       {"x_ptr": f"*{dtype}", **types}, {"BLOCK": SCALE_BLOCK},
-                       ("x_ptr", "n_cols", "stride_b", "stride_t"), 4)
-            for dtype in ("fp32", "bf16", "fp16")]
 
 
 def scale_by_grad_output(ctx, grads: tuple[Tensor | None, ...], grad_output: Tensor | None

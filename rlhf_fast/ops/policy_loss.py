@@ -45,7 +45,7 @@ from ..validation import (
 )
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
-from .launch import MAX_BLOCK_V, KernelSpec, row_block_config
+from .launch import FUSED_MAX_REGISTERS, row_launch, same_alignment
 from .row_sweeps import grad_sweep, stats_sweep
 
 IGNORE = -100
@@ -90,7 +90,7 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
                         loss_scale: float | Tensor = 1.0):
     """One launch: logp, entropy ``[B, T]`` and dL/dlogits (into ``out`` when given), the
     gradient multiplied by ``loss_scale`` (folded into the aggregation weights)."""
-    from ..kernels.policy_loss import token_policy_loss_kernel
+    from ..kernels.policy_loss import token_policy_loss_kernel, token_policy_loss_onchip_kernel
 
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -112,8 +112,9 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
     adv = advantages.unsqueeze(-1).expand(batch, seq_len) if advantages.dim() == 1 \
         else advantages
     kl_mode = _kl_mode(c, ref)
-    block, num_warps = row_block_config(n_cols)
-    token_policy_loss_kernel[(batch * seq_len,)](
+    launch = row_launch(n_cols, logits.dtype)
+    kernel = token_policy_loss_onchip_kernel if launch.on_chip else token_policy_loss_kernel
+    kernel[(batch * seq_len,)](
         logits, targets.contiguous(), grad, logp, entropy,
         adv.contiguous(), old.contiguous() if old is not None else logp,
         ref.contiguous() if ref is not None else logp, weight, policy_weight,
@@ -122,50 +123,16 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
         c.clip_eps_low or 0.0, c.clip_eps_high, c.dual_clip_c or 0.0, c.delta or 0.0,
         c.log_ratio_clamp or 0.0, c.kl_coef, c.kl_clamp or 0.0, c.entropy_coef,
         c.sapo_tau_pos, c.sapo_tau_neg,
-        BLOCK_V=block, OBJECTIVE=OBJECTIVE_CODES[c.objective],
+        OBJECTIVE=OBJECTIVE_CODES[c.objective],
         CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip_gradient],
         HAS_LOW=c.clip_eps_low is not None, HAS_DUAL=c.dual_clip_c is not None,
         HAS_DELTA=c.delta is not None, HAS_CLAMP=c.log_ratio_clamp is not None,
         HAS_OLD=old is not None, KL_MODE=kl_mode, KL_FROM_OLD=c.kl_reference == "old",
         HAS_KL_CLAMP=c.kl_clamp is not None, HAS_ENTROPY_COEF=c.entropy_coef != 0,
-        num_warps=num_warps,
+        SAME_ALIGNMENT=same_alignment(logits, grad, launch.vec), num_warps=launch.num_warps,
+        maxnreg=None if launch.on_chip else FUSED_MAX_REGISTERS, **launch.constexprs,
     )
     return logp, entropy, grad
-
-
-def aot_specs() -> list[KernelSpec]:
-    """The fused kernel's heaviest variants (all switches on) and one per objective."""
-    block, num_warps = row_block_config(MAX_BLOCK_V)
-    runtime = {"n_cols": "i32", "seq_len": "i32", "stride_b": "i64", "stride_t": "i32",
-               "out_stride_b": "i64", "out_stride_t": "i32", "inv_temp": "fp32",
-               "ignore_index": "i32", **{k: "fp32" for k in (
-                   "clip_low", "clip_high", "dual_c", "delta", "log_ratio_clamp", "kl_coef",
-                   "kl_clamp", "entropy_coef", "tau_pos", "tau_neg")}}
-    aligned = ("n_cols", "stride_b", "stride_t", "out_stride_b", "out_stride_t")
-    variants = [
-        dict(OBJECTIVE=1, CLIP_GRADIENT=1, HAS_LOW=True, HAS_DUAL=True, HAS_DELTA=True,
-             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=3, KL_FROM_OLD=False, HAS_KL_CLAMP=True,
-             HAS_ENTROPY_COEF=True),
-        dict(OBJECTIVE=3, CLIP_GRADIENT=0, HAS_LOW=False, HAS_DUAL=False, HAS_DELTA=False,
-             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=0, KL_FROM_OLD=False, HAS_KL_CLAMP=False,
-             HAS_ENTROPY_COEF=False),
-        dict(OBJECTIVE=2, CLIP_GRADIENT=0, HAS_LOW=True, HAS_DUAL=False, HAS_DELTA=False,
-             HAS_CLAMP=True, HAS_OLD=True, KL_MODE=1, KL_FROM_OLD=True, HAS_KL_CLAMP=False,
-             HAS_ENTROPY_COEF=True),
-        dict(OBJECTIVE=0, CLIP_GRADIENT=0, HAS_LOW=True, HAS_DUAL=False, HAS_DELTA=False,
-             HAS_CLAMP=False, HAS_OLD=False, KL_MODE=0, KL_FROM_OLD=False, HAS_KL_CLAMP=False,
-             HAS_ENTROPY_COEF=False),
-    ]
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        ptrs = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "grad_ptr": f"*{dtype}",
-                **{k: "*fp32" for k in ("logp_ptr", "entropy_ptr", "adv_ptr", "old_ptr",
-                                        "ref_ptr", "weight_ptr", "policy_weight_ptr")}}
-        for switches in variants:
-            specs.append(KernelSpec(
-                "rlhf_fast.kernels.policy_loss:token_policy_loss_kernel", {**ptrs, **runtime},
-                {"BLOCK_V": block, **switches}, (*ptrs, *aligned), num_warps))
-    return specs
 
 
 class PolicyLossOutput(NamedTuple):

@@ -5,8 +5,9 @@ coefficient per token).
 - ``grad_sweep``: one read and one write of each row -> dL/dlogits from the per-token
   coefficients ``c = dL/dlogp`` and ``c_H = dL/dH``, optionally over the logits themselves.
 
-Triton launchers here (device code in ``kernels/token_logprobs.py``); the torch backend in
-``rlhf_fast/torch_backend/token_logprobs.py``. ``backend`` is resolved per call.
+Triton launchers here (device code in ``kernels/token_logprobs.py``, launch shapes in
+``launch.py``); the torch backend in ``rlhf_fast/torch_backend/token_logprobs.py``.
+``backend`` is resolved per call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ..torch_backend import token_logprobs as torch_impl
-from .launch import MAX_BLOCK_V, KernelSpec, cdiv, row_block_config
+from .launch import grad_launch, row_launch, same_alignment
 
 
 def _unit_column_stride(logits: Tensor) -> Tensor:
@@ -29,7 +30,9 @@ def _unit_column_stride(logits: Tensor) -> Tensor:
 def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
                 with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """logits ``[B, T, V]``, targets ``[B, T]`` -> (logp ``[B, T]``, entropy ``[B, T]`` or
-    ``[0]``, stats ``[B, T, 3]`` = (m, log_s, 1 - p_y)), all float32."""
+    ``[0]``, stats ``[B, T, 3]``), all float32. ``stats`` are what ``grad_sweep`` of the same
+    backend needs, in that backend's units (Triton: the raw logits' max, the log-sum-exp
+    below it and 1 - p_y)."""
     if resolve_backend(backend, logits) == "torch":
         return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
                                                  with_entropy)
@@ -44,11 +47,12 @@ def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_inde
     n_rows = batch * seq_len
     if n_rows == 0:
         return logp, entropy, stats
-    block, num_warps = row_block_config(n_cols)
+    launch = row_launch(n_cols, logits.dtype)
     token_logprobs_fwd_kernel[(n_rows,)](
         logits, targets, logp, entropy if with_entropy else logp, stats,
         n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
-        BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=num_warps,
+        WITH_ENTROPY=with_entropy, ON_CHIP=launch.on_chip, UNROLL=launch.unroll,
+        THREADS=launch.threads, VEC=launch.vec, num_warps=launch.num_warps,
     )
     return logp, entropy, stats
 
@@ -79,42 +83,15 @@ def grad_sweep(c_logp: Optional[Tensor], c_entropy: Optional[Tensor], logits: Te
         return out
     c_logp = c_logp.contiguous() if c_logp is not None else None
     c_entropy = c_entropy.contiguous() if c_entropy is not None else None
-    block, num_warps = row_block_config(n_cols)
-    token_logprobs_bwd_kernel[(n_rows, cdiv(n_cols, block))](
+    launch = grad_launch(n_cols, logits.dtype)
+    token_logprobs_bwd_kernel[(n_rows,)](
         out, logits, targets.contiguous(), stats, entropy,
         c_logp if c_logp is not None else stats,
         c_entropy if c_entropy is not None else stats,
         n_cols, seq_len, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         1.0 / temperature, ignore_index,
-        BLOCK_V=block, HAS_GRAD_LOGP=c_logp is not None,
-        HAS_GRAD_ENTROPY=c_entropy is not None, num_warps=num_warps,
+        HAS_GRAD_LOGP=c_logp is not None, HAS_GRAD_ENTROPY=c_entropy is not None,
+        SAME_ALIGNMENT=same_alignment(logits, out, launch.vec), num_warps=launch.num_warps,
+        **launch.constexprs,
     )
     return out
-
-
-def aot_specs() -> list[KernelSpec]:
-    """The variants launches produce at the largest block (the register-heaviest ones)."""
-    block, num_warps = row_block_config(MAX_BLOCK_V)
-    shape = {"n_cols": "i32", "seq_len": "i32", "stride_b": "i64", "stride_t": "i32",
-             "inv_temp": "fp32", "ignore_index": "i32"}
-    aligned = ("n_cols", "stride_b", "stride_t")
-    module = "rlhf_fast.kernels.token_logprobs"
-    specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
-        fwd_ptrs = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "logp_ptr": "*fp32",
-                    "entropy_ptr": "*fp32", "stats_ptr": "*fp32"}
-        for with_entropy in (True, False):
-            specs.append(KernelSpec(
-                f"{module}:token_logprobs_fwd_kernel", {**fwd_ptrs, **shape},
-                {"BLOCK_V": block, "WITH_ENTROPY": with_entropy},
-                (*fwd_ptrs, *aligned), num_warps))
-        bwd_ptrs = {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}",
-                    "targets_ptr": "*i64", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
-                    "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32"}
-        out_shape = {**shape, "out_stride_b": "i64", "out_stride_t": "i32"}
-        for has_logp, has_entropy in ((True, True), (True, False), (False, True)):
-            specs.append(KernelSpec(
-                f"{module}:token_logprobs_bwd_kernel", {**bwd_ptrs, **out_shape},
-                {"BLOCK_V": block, "HAS_GRAD_LOGP": has_logp, "HAS_GRAD_ENTROPY": has_entropy},
-                (*bwd_ptrs, *aligned, "out_stride_b", "out_stride_t"), num_warps))
-    return specs

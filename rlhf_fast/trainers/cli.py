@@ -60,20 +60,53 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", help="where the tiny model's warm-up is cached (default: "
                                        "the system temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--data-parallel", default="auto", choices=["auto", "ddp", "fsdp2"],
+                   help="under torchrun (torchrun --nproc-per-node N -m rlhf_fast.cli train "
+                        "...): ddp replicates the model, fsdp2 shards it (fully_shard); "
+                        "auto: fsdp2 on CUDA, ddp on the CPU")
+    p.add_argument("--param-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="fsdp2 mixed precision: the dtype parameters compute in (gradients "
+                        "reduce in float32)")
     for flag, (_, kind, text) in OPTIONS.items():
         p.add_argument(flag, type=kind, help=text)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..tasks import get_task, warmed_up_tiny_model
-    from .policy import load_causal_lm
-    from .registry import algorithm, make_config
-    from .rewards import RewardModel
+    from ..tasks import get_task
+    from .registry import algorithm
 
     cls, _ = algorithm(args.algorithm)
     task = get_task(args.task)
+    # Under torchrun (WORLD_SIZE set): one process per rank, the data-parallel trainer.
+    distributed = "WORLD_SIZE" in os.environ
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        from .distributed import DataParallelConfig, data_parallel, init_distributed
+
+        init_distributed()
+        rank = dist.get_rank()
+        parallel = DataParallelConfig(strategy=args.data_parallel, param_dtype=args.param_dtype)
+        cls = data_parallel(cls)
+    elif args.param_dtype is not None or args.data_parallel != "auto":
+        raise SystemExit("--data-parallel / --param-dtype need torchrun: torchrun "
+                         "--nproc-per-node N -m rlhf_fast.cli train ...")
+    try:
+        return _run(args, cls, task, rank, parallel if distributed else None)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _run(args, cls, task, rank: int, parallel) -> int:
+    import torch
+
+    from ..tasks import warmed_up_tiny_model
+    from .policy import load_causal_lm
+    from .registry import make_config
+    from .rewards import RewardModel
+
     tiny = args.model == "tiny"
     if args.threads or (tiny and not torch.cuda.is_available()):
         torch.set_num_threads(args.threads or 1)
@@ -90,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.algorithm}-{task.name}")
     if tiny:
         cache = args.cache_dir or os.path.join(tempfile.gettempdir(), "rlhf_fast_warmup")
+        if parallel is not None:       # rank 0 warms up (once), the others load its cache
+            import torch.distributed as dist
+
+            if rank == 0:
+                warmed_up_tiny_model(task, cache)
+            dist.barrier()
         model, tokenizer = warmed_up_tiny_model(task, cache)
         if torch.cuda.is_available():
             model = model.cuda()
@@ -101,10 +140,11 @@ def run(args: argparse.Namespace) -> int:
     rewards = task.reward_functions
     if args.reward_model:
         rewards = {"reward_model": RewardModel(args.reward_model)}
+    extra = {"parallel": parallel} if parallel is not None else {}
     trainer = cls(model, tokenizer, task.train_prompts(10_000, seed=config.seed),
                   rewards, config, eval_prompts=task.eval_prompts(),
                   accuracy_reward=task.accuracy_reward if not args.reward_model else None,
-                  out_dir=out, progress=not args.no_progress)
+                  out_dir=out, progress=not args.no_progress, **extra)
     if args.resume:
         trainer.load(args.resume)
     start = time.perf_counter()
@@ -117,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
     if evals and "eval/accuracy" in evals[0]:
         summary["accuracy_before"] = evals[0]["eval/accuracy"]
         summary["accuracy_after"] = evals[-1]["eval/accuracy"]
+    if rank != 0:
+        return 0
+    if parallel is not None:
+        summary["world_size"] = trainer.world_size
+        summary["data_parallel"] = parallel.resolved()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if "accuracy_after" in summary:
         print(f"held-out accuracy {summary['accuracy_before']:.3f} -> "

@@ -98,6 +98,10 @@ class Trainer:
 
     config_class: type[TrainerConfig] = TrainerConfig
 
+    is_main_process: bool = True
+    """Whether this process writes the metrics log, the curves and the progress bar (under
+    torchrun: rank 0 only; every rank still calls ``save``)."""
+
     def __init__(self, model, tokenizer, prompts, reward_functions,
                  config: TrainerConfig | None = None, *, eval_prompts=None,
                  accuracy_reward: str | None = None, reference_model=None,
@@ -282,6 +286,12 @@ class Trainer:
 
     # --- 4. update --------------------------------------------------------------------------
 
+    @property
+    def local_mini_batch_size(self) -> int:
+        """Rows of one optimiser step held by this process (``mini_batch_size``; a
+        data-parallel trainer: its rank's share)."""
+        return self.config.mini
+
     def loss_config_for(self, mini_batch: RolloutBatch) -> PolicyLossConfig:
         """The loss with its normaliser taken over the whole mini-batch (every micro-batch,
         every rank): micro-batch losses then add up to the mini-batch loss."""
@@ -303,7 +313,9 @@ class Trainer:
                 parts.append(out.metrics)
         stats = self.statistics
         counts = torch.stack([p["token_count"].double().cpu() for p in parts])
-        metrics = {"policy/loss": float(stats.all_reduce_sum(torch.stack(losses).sum()))}
+        # Each rank's loss carries the 1 / world_scale that cancels DDP's gradient averaging.
+        metrics = {"policy/loss": float(stats.all_reduce_sum(torch.stack(losses).sum()))
+                   * stats.world_scale}
         for key in POLICY_METRICS:
             values = torch.stack([p[key].double().cpu() for p in parts])
             metrics[f"policy/{key.removesuffix('_mean')}"] = stats.mean(values, counts)
@@ -317,26 +329,32 @@ class Trainer:
         """zero_grad, ``backward``, clip, AdamW step, LR schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(mini_batch)
-        max_norm = self.config.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters,
-                                              max_norm if max_norm is not None else math.inf)
-        metrics["policy/grad_norm"] = float(norm)
+        metrics["policy/grad_norm"] = self.clip_gradients()
         metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         return metrics
 
+    def clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``max_grad_norm``; returns the norm before
+        clipping (a sharded trainer overrides it to reduce the norm over shards)."""
+        max_norm = self.config.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters,
+                                              max_norm if max_norm is not None else math.inf)
+        return float(norm)
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """``epochs`` passes of mini-batch optimiser steps over the rollout batch; metrics
         are means over the optimiser steps (the LR: the last one's)."""
         c = self.config
+        mini = self.local_mini_batch_size
         steps = []
         for _ in range(c.epochs):
-            shuffle = c.shuffle and (c.epochs > 1 or c.mini < batch.size)
+            shuffle = c.shuffle and (c.epochs > 1 or mini < batch.size)
             order = (torch.randperm(batch.size, generator=self.shuffle_rng) if shuffle
                      else torch.arange(batch.size))
-            for s in range(0, batch.size, c.mini):
-                steps.append(self.optimizer_step(batch.select(order[s:s + c.mini])))
+            for s in range(0, batch.size, mini):
+                steps.append(self.optimizer_step(batch.select(order[s:s + mini])))
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics["policy/lr"] = steps[-1]["policy/lr"]
         return metrics
@@ -409,7 +427,8 @@ class Trainer:
         the start, every ``eval_every`` steps and at the end; returns the logged history."""
         c = self.config
         steps = steps if steps is not None else c.steps
-        log = MetricsLog(self.out_dir, total=steps, progress=self.progress,
+        log_dir = self.out_dir if self.is_main_process else None
+        log = MetricsLog(log_dir, total=steps, progress=self.progress and self.is_main_process,
                          start=self.step_count)
         try:
             if self.step_count == 0 and self.eval_prompts is not None:
@@ -425,8 +444,8 @@ class Trainer:
                     self.save(self.out_dir / f"checkpoint-{n}")
         finally:
             log.close()
-        if self.out_dir is not None and log.history:
-            log.plot(self.out_dir / "curves.png")
+        if log_dir is not None and log.history:
+            log.plot(log_dir / "curves.png")
         return log.history
 
     def extra_state(self) -> dict:

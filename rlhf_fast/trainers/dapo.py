@@ -96,9 +96,14 @@ class DAPOTrainer(GRPOTrainer):
             self.score(batch)
             metric = (batch.rewards if c.filter_metric == "reward"
                       else batch.reward_terms[c.filter_metric])
+            # The filter and the count of kept groups span every rank's groups (gather:
+            # rank order, the single-process order); each rank keeps its own kept rows.
+            metric = self.statistics.gather(metric)                           # [B_global]
             groups = sampler.add(metric)                                      # [kept groups]
             rows = (groups[:, None] * c.group_size + torch.arange(c.group_size)).flatten()
-            kept.append(batch.select(rows))
+            keep = torch.zeros(metric.numel(), dtype=torch.bool)
+            keep[rows] = True
+            kept.append(batch.select(self.statistics.local(keep).nonzero().flatten()))
         self.sampling_stats = {"dapo/generation_batches": float(sampler.batches),
                                "dapo/dropped_groups": float(sampler.dropped)}
         return RolloutBatch.cat(kept)

@@ -63,6 +63,14 @@ class BatchStatistics:
             count = self.all_reduce_sum((loss_mask.sum(-1) > 0).sum().double())
         return max(float(count), 1.0) * self.world_scale
 
+    def count_normalizer(self, count: int | float | Tensor) -> float:
+        """The denominator of a mean over items counted on every rank (pairs, prompts),
+        times ``world_scale``: for a loss that is a plain mean over this rank's ``n`` items
+        (``dpo_loss``), ``loss_scale = n / count_normalizer(local count)`` makes the summed
+        gradients over micro-batches and ranks the global mean's."""
+        total = self.all_reduce_sum(torch.as_tensor(count, dtype=torch.float64).reshape(()))
+        return max(float(total), 1.0) * self.world_scale
+
     def mean(self, values: Tensor, weights: Tensor | None = None) -> float:
         """Weighted mean of ``values`` over the global batch (plain mean without weights)."""
         values = values.detach().double()
