@@ -1,13 +1,15 @@
 """Reference advantage estimators and whitening, as plain loops over groups and tokens.
 
 Rewards of a group of G responses to one prompt are contiguous (group g is
-``rewards[g*G:(g+1)*G]``). With mean and std taken over the group (``std`` with Bessel's
+``rewards[g*G:(g+1)*G]``), or, with ``group_ids``, the samples of equal id form a group
+(any order, any sizes). With mean and std taken over the group (``std`` with Bessel's
 correction when ``unbiased``, else the population std):
 
     group (GRPO)   (R_i - mean_g) / (std_g + eps);  scale="batch": std over all rewards;
                    scale="none" (Dr. GRPO): R_i - mean_g.  A group of one: 0
-                   (singleton="zero") or R / (1 + eps) (singleton="raw", verl's mean 0, std 1)
-    RLOO           R_i - mean_{j != i} R_j;  a group of one: 0
+                   (singleton="zero") or R / (1 + eps) (singleton="raw", verl's mean 0, std 1;
+                   R with scale="none")
+    RLOO           R_i - mean_{j != i} R_j;  a group of one: 0 (singleton="zero") or R ("raw")
     win rate       mean_{j != i} sigmoid((R_i - R_j) / temperature) - 1/2;  a group of one: 0
     whitening      (x - mean) / sqrt(var + eps) over the masked-in positions (Bessel's var
                    when ``unbiased``); shift_mean=False adds the mean back (rescale only);
@@ -15,8 +17,8 @@ correction when ``unbiased``, else the population std):
                    (the mean is not removed when shift_mean=False); none: all 0
     returns        G_t = r_t + gamma * G_{t+1} over each sequence's valid tokens (masked
                    positions are skipped and get 0)
-    REINFORCE++    whitened returns;  with baseline: R_i - mean_g on every valid token,
-                   whitened over the batch
+    REINFORCE++    whitened returns;  with baseline: R_i - mean_g on every valid token
+                   (a group of one: 0, or R with singleton="raw"), whitened over the batch
 
 Everything is computed in float64 Python and returned as float32 tensors.
 """
@@ -29,9 +31,12 @@ import torch
 from torch import Tensor
 
 
-def _groups(rewards: Tensor, group_size: int) -> list[list[float]]:
-    values = rewards.double().flatten().tolist()
-    return [values[g:g + group_size] for g in range(0, len(values), group_size)]
+def _members(rewards: Tensor, group_size: int | None, group_ids: Tensor | None
+             ) -> list[list[int]]:
+    """For each sample, the indices of the samples of its group (itself included)."""
+    n = rewards.numel()
+    ids = group_ids.tolist() if group_ids is not None else [i // group_size for i in range(n)]
+    return [[j for j in range(n) if ids[j] == ids[i]] for i in range(n)]
 
 
 def _std(values: list[float], unbiased: bool) -> float:
@@ -41,44 +46,51 @@ def _std(values: list[float], unbiased: bool) -> float:
     return math.sqrt(squares / (n - 1 if unbiased else n))
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group",
-                     eps: float = 1e-6, unbiased: bool = True,
-                     singleton: str = "zero") -> Tensor:
-    """GRPO's group-relative advantage, ``[num_groups * G]``."""
-    groups = _groups(rewards, group_size)
-    flat = [r for group in groups for r in group]
+def group_advantages(rewards: Tensor, group_size: int | None, *, scale: str = "group",
+                     eps: float = 1e-6, unbiased: bool = True, singleton: str = "zero",
+                     group_ids: Tensor | None = None) -> Tensor:
+    """GRPO's group-relative advantage, ``[N]``."""
+    flat = rewards.double().flatten().tolist()
     out = []
-    for group in groups:
-        if group_size == 1:
-            out += [group[0] / (1 + eps) if singleton == "raw" else 0.0]
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        r = flat[i]
+        group = [flat[j] for j in members]
+        if len(group) == 1:
+            raw = r if scale == "none" else r / (1 + eps)
+            out.append(raw if singleton == "raw" else 0.0)
             continue
-        mean = sum(group) / group_size
+        mean = sum(group) / len(group)
         if scale == "none":
-            out += [r - mean for r in group]
+            out.append(r - mean)
             continue
         std = _std(group if scale == "group" else flat, unbiased) if len(flat) > 1 else 0.0
-        out += [(r - mean) / (std + eps) for r in group]
+        out.append((r - mean) / (std + eps))
     return torch.tensor(out, dtype=torch.float32)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """Leave-one-out baseline, ``[num_groups * G]``."""
+def rloo_advantages(rewards: Tensor, group_size: int | None, *, singleton: str = "zero",
+                    group_ids: Tensor | None = None) -> Tensor:
+    """Leave-one-out baseline, ``[N]``."""
+    flat = rewards.double().flatten().tolist()
     out = []
-    for group in _groups(rewards, group_size):
-        for i, r in enumerate(group):
-            others = group[:i] + group[i + 1:]
-            out.append(r - sum(others) / len(others) if others else 0.0)
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        others = [flat[j] for j in members if j != i]
+        if others:
+            out.append(flat[i] - sum(others) / len(others))
+        else:
+            out.append(flat[i] if singleton == "raw" else 0.0)
     return torch.tensor(out, dtype=torch.float32)
 
 
-def winrate_advantages(rewards: Tensor, group_size: int, *, temperature: float = 1.0) -> Tensor:
-    """Centred win probability against the rest of the group, ``[num_groups * G]``."""
+def winrate_advantages(rewards: Tensor, group_size: int | None, *, temperature: float = 1.0,
+                       group_ids: Tensor | None = None) -> Tensor:
+    """Centred win probability against the rest of the group, ``[N]``."""
+    flat = rewards.double().flatten().tolist()
     out = []
-    for group in _groups(rewards, group_size):
-        for i, r in enumerate(group):
-            wins = [1 / (1 + math.exp(-(r - other) / temperature))
-                    for j, other in enumerate(group) if j != i]
-            out.append(sum(wins) / len(wins) - 0.5 if wins else 0.0)
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        wins = [1 / (1 + math.exp(-(flat[i] - flat[j]) / temperature))
+                for j in members if j != i]
+        out.append(sum(wins) / len(wins) - 0.5 if wins else 0.0)
     return torch.tensor(out, dtype=torch.float32)
 
 
@@ -119,14 +131,18 @@ def returns_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Te
 
 
 def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0,
-                            eps: float = 1e-8) -> Tensor:
+                            eps: float = 1e-8, *, unbiased: bool = True) -> Tensor:
     """REINFORCE++: returns-to-go whitened over all valid tokens."""
-    return masked_whiten(returns_to_go(token_rewards, mask, gamma), mask, eps=eps)
+    return masked_whiten(returns_to_go(token_rewards, mask, gamma), mask, eps=eps,
+                         unbiased=unbiased)
 
 
-def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int, mask: Tensor,
-                                     eps: float = 1e-8) -> Tensor:
-    """REINFORCE++ with the group-mean baseline, ``[num_groups * G, T]``."""
-    centred = group_advantages(rewards, group_size, scale="none")
+def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int | None, mask: Tensor,
+                                     eps: float = 1e-8, *, unbiased: bool = True,
+                                     singleton: str = "zero",
+                                     group_ids: Tensor | None = None) -> Tensor:
+    """REINFORCE++ with the group-mean baseline, ``[N, T]``."""
+    centred = group_advantages(rewards, group_size, scale="none", singleton=singleton,
+                               group_ids=group_ids)
     per_token = centred[:, None].expand(mask.shape).contiguous()
-    return masked_whiten(per_token, mask, eps=eps)
+    return masked_whiten(per_token, mask, eps=eps, unbiased=unbiased)
