@@ -213,3 +213,101 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int | None, ma
                                group_ids=group_ids)
     per_token = centred.unsqueeze(-1).expand(mask.shape).to(torch.float32)
     return masked_whiten(per_token, mask, eps=eps, unbiased=unbiased)
+
+
+def _group_stats(rewards: Tensor, group_size: int | None, group_ids: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(rewards ``[N]`` float32, ``same`` ``[N, N]``, group sizes ``[N]``) for contiguous
+    groups of ``group_size`` or for ``group_ids``."""
+    if group_ids is None:
+        r = _groups(rewards, group_size).reshape(-1)
+        ids = torch.arange(r.numel(), device=r.device) // group_size
+        same = (ids[:, None] == ids[None, :]).float()
+        return r, same, same.sum(-1)
+    return _same_group(rewards, group_size, group_ids)
+
+
+def remax_advantages(token_rewards: Tensor, baselines: Tensor, mask: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """ReMax (verl ``remax``): (advantages, returns) ``[B, T]``, returns the undiscounted
+    returns-to-go over valid tokens and advantages ``G_t - b`` with ``b`` ``[B]`` the reward
+    of the greedy rollout; 0 at masked positions."""
+    if baselines.shape != token_rewards.shape[:1]:
+        raise ValueError(f"baselines must have shape [B] = {tuple(token_rewards.shape[:1])}, "
+                         f"got {tuple(baselines.shape)}")
+    returns = returns_to_go(token_rewards, mask)
+    m = mask.to(torch.float32)
+    return returns - baselines.float()[:, None] * m, returns
+
+
+def opo_advantages(rewards: Tensor, lengths: Tensor, group_size: int | None = None, *,
+                   group_ids: Tensor | None = None) -> Tensor:
+    """OPO (verl ``opo``): ``R_i - sum_g(L_j R_j) / sum_g L_j``, the length-weighted group
+    baseline, with ``lengths`` ``[N]`` the response lengths (valid tokens). A group of one
+    keeps its raw score (verl's baseline 0). ``[N]``."""
+    r, same, n = _group_stats(rewards, group_size, group_ids)
+    length = lengths.to(r.dtype)
+    baseline = same @ (length * r) / (same @ length).clamp(min=1e-30)
+    return torch.where(n == 1, r, r - baseline)
+
+
+def gpg_advantages(rewards: Tensor, group_size: int | None = None, *, f_norm: float = 1.0,
+                   group_ids: Tensor | None = None) -> Tensor:
+    """GPG (verl ``gpg``): ``alpha * (R - mean_g) / f_norm`` with ``alpha = N / max(#{R != 0},
+    1)``; a group of one keeps ``alpha * R / f_norm`` (verl's mean 0). ``[N]``."""
+    r, same, n = _group_stats(rewards, group_size, group_ids)
+    alpha = r.numel() / (r != 0).sum().clamp(min=1).to(r.dtype)
+    mean = torch.where(n == 1, torch.zeros_like(r), same @ r / n)
+    return alpha * (r - mean) / f_norm
+
+
+def passk_advantages(rewards: Tensor, group_size: int | None = None, *, scale: str = "group",
+                     eps: float = 1e-6, group_ids: Tensor | None = None) -> Tensor:
+    """Pass@k GRPO (verl ``grpo_passk``): in each group only the best sample (the earliest on
+    ties) gets ``r_max - r_second``, divided by ``std_g + eps`` (Bessel) with
+    ``scale="group"``, not with ``"none"``; every other sample, and a group of one, gets 0.
+    ``[N]``."""
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    r, same, n = _group_stats(rewards, group_size, group_ids)
+    inside = same > 0
+    neg_inf = torch.full_like(same, float("-inf"))
+    best = torch.where(inside, r[None, :], neg_inf).amax(-1)
+    index = torch.arange(r.numel(), device=r.device)
+    at_best = inside & (r[None, :] == best[:, None])
+    first_best = torch.where(at_best, index[None, :], r.numel()).amin(-1)
+    is_best = first_best == index
+    others = inside & (index[None, :] != first_best[:, None])
+    second = torch.where(others, r[None, :], neg_inf).amax(-1)
+    gap = best - second
+    if scale == "group":
+        mean = same @ r / n
+        squares = (same * (r[None, :] - mean[:, None]) ** 2).sum(-1)
+        gap = gap / (torch.sqrt(squares / (n - 1).clamp(min=1)) + eps)
+    return torch.where(is_best & (n > 1), gap, torch.zeros_like(r))
+
+
+def gdpo_advantages(components: Tensor, group_size: int | None = None, *,
+                    weights: Tensor | None = None, eps: float = 1e-6, final_eps: float = 1e-4,
+                    singleton: str = "zero", mask: Tensor | None = None,
+                    group_ids: Tensor | None = None) -> Tensor:
+    """GDPO: each reward component ``components[:, k]`` (``[N, K]``) normalised in its group,
+    ``(r_k - mean_g) / (std_g + eps)`` (Bessel), summed with ``weights`` ``[K]`` (ones by
+    default), then normalised over the batch. Without ``mask`` (TRL's
+    ``multi_objective_aggregation="normalize_then_sum"``: eps = final_eps = 1e-4):
+    ``(A - mean) / (std + final_eps)`` -> ``[N]``. With ``mask`` ``[N, T]`` (verl's ``gdpo``:
+    eps 1e-6, singleton "raw"): ``masked_whiten`` of A on every valid token -> ``[N, T]``."""
+    if components.dim() != 2:
+        raise ValueError(f"components must be [N, K] (one column per reward function), got "
+                         f"shape {tuple(components.shape)}")
+    k = components.shape[1]
+    w = torch.ones(k, device=components.device) if weights is None else weights.float()
+    if tuple(w.shape) != (k,):
+        raise ValueError(f"weights must have shape [{k}], got {tuple(w.shape)}")
+    total = sum(w[j] * group_advantages(components[:, j].contiguous(), group_size, eps=eps,
+                                        singleton=singleton, group_ids=group_ids)
+                for j in range(k))
+    if mask is not None:
+        return masked_whiten(total[:, None].expand(mask.shape).contiguous(), mask)
+    std = total.std() if total.numel() > 1 else torch.zeros((), device=total.device)
+    return (total - total.mean()) / (std + final_eps)

@@ -81,6 +81,57 @@ def test_group_ids_errors():
         adv.rloo_advantages(REWARDS, None, singleton="keep", group_ids=IDS)
 
 
+LENGTHS = MASK.sum(-1)
+COMPONENTS = torch.stack([REWARDS, torch.tensor([0.0, 1, 1, 0, 1, 0, 0, 1, 1, 0]),
+                          torch.linspace(-1, 2, 10) ** 2], dim=1)
+
+
+def test_new_estimators_against_reference():
+    ref = reference.advantages
+    for kw in (dict(group_ids=IDS), dict(group_size=5)):
+        size = kw.get("group_size")
+        ids = kw.get("group_ids")
+        close(adv.opo_advantages(REWARDS, LENGTHS, size, group_ids=ids),
+              ref.opo_advantages(REWARDS, LENGTHS, size, group_ids=ids))
+        close(adv.gpg_advantages(REWARDS, size, f_norm=0.5, group_ids=ids),
+              ref.gpg_advantages(REWARDS, size, f_norm=0.5, group_ids=ids))
+        for scale in ("group", "none"):
+            ours = adv.passk_advantages(REWARDS, size, scale=scale, group_ids=ids)
+            close(ours, ref.passk_advantages(REWARDS, size, scale=scale, group_ids=ids))
+            assert (ours != 0).sum() >= 2
+        weights = torch.tensor([1.0, 0.5, 2.0])
+        for mask in (None, MASK):
+            close(adv.gdpo_advantages(COMPONENTS, size, weights=weights, mask=mask,
+                                      group_ids=ids),
+                  ref.gdpo_advantages(COMPONENTS, size, weights=weights, mask=mask,
+                                      group_ids=ids))
+    token_rewards = torch.randn(MASK.shape, generator=torch.Generator().manual_seed(2))
+    baselines = torch.randn(10, generator=torch.Generator().manual_seed(3))
+    for ours, theirs in zip(adv.remax_advantages(token_rewards, baselines, MASK),
+                            ref.remax_advantages(token_rewards, baselines, MASK), strict=True):
+        close(ours, theirs)
+
+
+def test_passk_ties_pick_the_earliest():
+    r = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    assert adv.passk_advantages(r, 4, scale="none").tolist() == [0.0, 0.0, 0.0, 0.0]
+    r = torch.tensor([1.0, 3.0, 2.0, 3.5])
+    assert adv.passk_advantages(r, 4, scale="none").tolist() == [0.0, 0.0, 0.0, 0.5]
+
+
+def test_gdpo_trl_normalize_then_sum():
+    # TRL 1.16 GRPOTrainer, multi_objective_aggregation="normalize_then_sum", as written there
+    # (contiguous groups of num_generations; nanstd is Bessel's).
+    num_generations, weights = 5, torch.tensor([1.0, 0.5, 2.0])
+    grouped = COMPONENTS.view(-1, num_generations, 3)
+    mean_k = grouped.mean(dim=1, keepdim=True)
+    std_k = grouped.std(dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, 3)
+    rewards = (reward_k * weights.unsqueeze(0)).sum(dim=1)
+    trl = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    close(adv.gdpo_advantages(COMPONENTS, num_generations, weights=weights, eps=1e-4), trl)
+
+
 # --- verl's estimators on a uid index --------------------------------------------------------
 
 verl_core = pytest.importorskip(
@@ -155,3 +206,43 @@ def test_gae_zeroed_gaps(backend, gamma, lam):
     assert torch.allclose(skipped[0, :2], a[0, :2], atol=1e-5) == (gamma * lam == 1)
     with pytest.raises(ValueError, match="masked_gaps"):
         gae(rewards, values, mask, masked_gaps="carry")
+
+
+def test_verl_remax_opo_gpg_passk():
+    token_rewards, mask, index = verl_inputs()
+    baselines = torch.randn(10, generator=torch.Generator().manual_seed(4))
+    theirs = verl_core.compute_remax_outcome_advantage(token_rewards, baselines, mask)
+    for ours, peer in zip(adv.remax_advantages(token_rewards, baselines, MASK), theirs,
+                          strict=True):
+        close(ours, peer * mask)
+    theirs, _ = verl_core.compute_opo_outcome_advantage(token_rewards, mask, index)
+    close(adv.opo_advantages(REWARDS, LENGTHS, group_ids=IDS)[:, None] * mask, theirs)
+    theirs, _ = verl_core.compute_gpg_outcome_advantage(token_rewards, mask, index, f_norm=0.5)
+    close(adv.gpg_advantages(REWARDS, f_norm=0.5, group_ids=IDS)[:, None] * mask, theirs)
+    keep = IDS != 5                       # verl's pass@k refuses a group of one
+    for norm in (True, False):
+        theirs, _ = verl_core.compute_grpo_passk_outcome_advantage(
+            token_rewards[keep], mask[keep], index[keep.numpy()],
+            config={"norm_adv_by_std_in_grpo": norm})
+        ours = adv.passk_advantages(REWARDS[keep], scale="group" if norm else "none",
+                                    group_ids=IDS[keep])
+        close(ours[:, None] * mask[keep], theirs)
+
+
+def test_verl_gdpo():
+    _, mask, index = verl_inputs()
+    weights = [1.0, 0.5, 2.0]
+    last = MASK.sum(-1) - 1
+    token_rewards = torch.zeros(MASK.shape)
+    token_rewards[torch.arange(10), last] = COMPONENTS.sum(-1)
+    prompts = torch.zeros(10, 3, dtype=torch.long)
+    batch = {"prompts": prompts,
+             "attention_mask": torch.cat([torch.ones(10, 3), mask], dim=1).long()}
+    non_tensor = {f"r{k}": COMPONENTS[:, k].numpy() for k in range(3)}
+    config = {"gdpo_reward_keys": ["r0", "r1", "r2"], "gdpo_reward_weights": weights,
+              "norm_adv_by_std_in_grpo": True}
+    theirs, _ = verl_core.compute_gdpo_outcome_advantage(
+        token_rewards, mask, index, config=config, non_tensor_batch=non_tensor, batch=batch)
+    ours = adv.gdpo_advantages(COMPONENTS, weights=torch.tensor(weights), singleton="raw",
+                               mask=MASK, group_ids=IDS)
+    close(ours, theirs)

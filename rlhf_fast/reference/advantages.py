@@ -19,6 +19,14 @@ correction when ``unbiased``, else the population std):
                    positions are skipped and get 0)
     REINFORCE++    whitened returns;  with baseline: R_i - mean_g on every valid token
                    (a group of one: 0, or R with singleton="raw"), whitened over the batch
+    ReMax          G_t - b (b: the greedy rollout's reward), G the returns (gamma 1)
+    OPO            R_i - sum_g L_j R_j / sum_g L_j (L: response lengths); a group of one: R
+    GPG            alpha (R_i - mean_g) / f_norm, alpha = N / max(#{R != 0}, 1); a group
+                   of one: alpha R / f_norm
+    pass@k         the group's best sample (earliest on ties): (r_max - r_2nd) [/ (std_g +
+                   eps)]; the others and a group of one: 0
+    GDPO           sum_k w_k (group advantage of component k), then (A - mean) / (std +
+                   final_eps) over the batch, or whitened over the valid tokens (mask)
 
 Everything is computed in float64 Python and returned as float32 tensors.
 """
@@ -146,3 +154,76 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int | None, ma
                                group_ids=group_ids)
     per_token = centred[:, None].expand(mask.shape).contiguous()
     return masked_whiten(per_token, mask, eps=eps, unbiased=unbiased)
+
+
+def remax_advantages(token_rewards: Tensor, baselines: Tensor, mask: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) ``[B, T]``, 0 at masked positions."""
+    returns = returns_to_go(token_rewards, mask, 1.0).double()
+    advantages = returns.clone()
+    for b in range(returns.shape[0]):
+        for t in range(returns.shape[1]):
+            if mask[b, t]:
+                advantages[b, t] -= float(baselines[b])
+    return advantages.float(), returns.float()
+
+
+def opo_advantages(rewards: Tensor, lengths: Tensor, group_size: int | None = None, *,
+                   group_ids: Tensor | None = None) -> Tensor:
+    flat, lens = rewards.double().tolist(), lengths.double().tolist()
+    out = []
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        if len(members) == 1:
+            out.append(flat[i])
+            continue
+        baseline = sum(lens[j] * flat[j] for j in members) / sum(lens[j] for j in members)
+        out.append(flat[i] - baseline)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def gpg_advantages(rewards: Tensor, group_size: int | None = None, *, f_norm: float = 1.0,
+                   group_ids: Tensor | None = None) -> Tensor:
+    flat = rewards.double().tolist()
+    alpha = len(flat) / max(sum(1 for r in flat if r != 0), 1)
+    out = []
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        mean = sum(flat[j] for j in members) / len(members) if len(members) > 1 else 0.0
+        out.append(alpha * (flat[i] - mean) / f_norm)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def passk_advantages(rewards: Tensor, group_size: int | None = None, *, scale: str = "group",
+                     eps: float = 1e-6, group_ids: Tensor | None = None) -> Tensor:
+    flat = rewards.double().tolist()
+    out = []
+    for i, members in enumerate(_members(rewards, group_size, group_ids)):
+        if len(members) == 1:
+            out.append(0.0)
+            continue
+        group = [flat[j] for j in members]
+        best = max(group)
+        first = next(j for j in members if flat[j] == best)
+        if i != first:
+            out.append(0.0)
+            continue
+        gap = best - max(flat[j] for j in members if j != first)
+        out.append(gap / (_std(group, True) + eps) if scale == "group" else gap)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def gdpo_advantages(components: Tensor, group_size: int | None = None, *,
+                    weights: Tensor | None = None, eps: float = 1e-6, final_eps: float = 1e-4,
+                    singleton: str = "zero", mask: Tensor | None = None,
+                    group_ids: Tensor | None = None) -> Tensor:
+    k = components.shape[1]
+    w = [1.0] * k if weights is None else weights.double().tolist()
+    per_k = [group_advantages(components[:, j], group_size, eps=eps, singleton=singleton,
+                              group_ids=group_ids).double() for j in range(k)]
+    total = [sum(w[j] * float(per_k[j][i]) for j in range(k))
+             for i in range(components.shape[0])]
+    if mask is not None:
+        per_token = torch.tensor(total, dtype=torch.float64)[:, None].expand(mask.shape)
+        return masked_whiten(per_token.contiguous(), mask)
+    mean = sum(total) / len(total)
+    std = _std(total, True) if len(total) > 1 else 0.0
+    return torch.tensor([(a - mean) / (std + final_eps) for a in total], dtype=torch.float32)
