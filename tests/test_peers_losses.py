@@ -94,6 +94,39 @@ def test_bad_combinations_are_refused():
         PolicyLossConfig(objective="dppo_tv", clip_eps_low=None)
 
 
+def trl_adaptive_entropy(coef, entropies, target=0.2, delta=0.005, low=0.0, high=1.0):
+    """TRL 1.16's use_adaptive_entropy, as its training step writes it: the coefficient
+    applied in each step, given the window entropies measured at the end of each step."""
+    last, applied = float("inf"), []
+    for world_entropy in entropies:
+        applied.append(coef if last <= target else 0.0)
+        if world_entropy <= target:
+            coef = min(coef + delta, high)
+        else:
+            coef = max(coef - delta, low)
+        last = world_entropy
+    return applied
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adaptive_entropy_controller(backend):
+    from rlhf_fast.entropy_control import AdaptiveEntropyController
+    ctrl = AdaptiveEntropyController(value=0.01, target=2.5, delta=0.004)
+    applied, measured = [], []
+    for step in range(5):
+        coef = ctrl.coef
+        applied.append(coef)
+        config = PolicyLossConfig(entropy_coef=coef, entropy_aggregation="token_mean")
+        out, _, _ = check_policy(problem(seed=step), config, backend)
+        for scale in (0.6, 1.0):  # two micro-batches: the window is their token-weighted mean
+            ctrl.observe(out.metrics["entropy_mean"] * out.metrics["token_count"] * scale,
+                         out.metrics["token_count"])
+        measured.append(float((out.metrics["entropy_mean"] * 1.6 / 2).item()))
+        ctrl.step()
+    assert applied == pytest.approx(trl_adaptive_entropy(0.01, measured, 2.5, 0.004))
+    assert 0 < sum(a > 0 for a in applied) < 5, (applied, measured)   # both sides reached
+
+
 # --- against the peers' own functions ------------------------------------------------------
 
 verl_core = pytest.importorskip(
