@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .preference_config import PreferenceLossConfig
+from .preference_config import F_ALPHA_EXP_CAP, PreferenceLossConfig
 
 
 @dataclass
@@ -31,22 +31,49 @@ class PairCoefficients:
 
 def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
                     config: PreferenceLossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``.
+    """(policy score, reference score) per sequence, float64 ``[2b]``, and the per-token
+    derivative of the score ``d score / d logp_t``, float64 ``[2b, T]``.
 
     ``ref``: None, sums ``[2b]`` over the same masked tokens, or per-token ``[2b, T]``. With
     ``average_logprobs`` both scores are divided by the sequence's token count (an empty
-    sequence scores 0)."""
+    sequence scores 0); with ``ld_alpha`` the tokens beyond the pair's shorter length weigh
+    ``ld_alpha`` (per-token ``ref`` only)."""
     m = valid.double()
     length = m.sum(-1)
     scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
-    score = torch.where(valid, logp.double(), 0.0).sum(-1) * scale
+    weight = m
+    if config.ld_alpha is not None:
+        b = m.shape[0] // 2
+        shared = torch.minimum(length[:b], length[b:]).repeat(2)
+        position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
+        weight = torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
+    d_score = weight * scale[:, None]
+    score = (torch.where(valid, logp.double(), 0.0) * d_score).sum(-1)
     if not config.uses_reference:
         ref_score = torch.zeros_like(score)
     elif ref.dim() == 2:
-        ref_score = torch.where(valid, ref.double(), 0.0).sum(-1) * scale
+        ref_score = (torch.where(valid, ref.double(), 0.0) * d_score).sum(-1)
     else:
         ref_score = ref.double() * scale
-    return score, ref_score, scale
+    return score, ref_score, d_score
+
+
+def f_divergence_scores(d: Tensor, config: PreferenceLossConfig) -> tuple[Tensor, Tensor]:
+    """TRL's f'(u) of the ratio u = e^D (``rlhf_fast.preference_config``) and its derivative
+    in D, float64 ``[2b]``."""
+    kind = config.f_divergence
+    if kind == "forward_kl":
+        e = torch.exp(-d)
+        return 1 - e, e
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(d), torch.sigmoid(-d)
+    if kind == "alpha_divergence" and abs(config.f_alpha - 1.0) >= 1e-6:
+        k = config.f_alpha - 1.0
+        t = k * d
+        capped = t > F_ALPHA_EXP_CAP
+        e = torch.exp(torch.clamp(t, max=F_ALPHA_EXP_CAP))
+        return (e - 1) / k, torch.where(capped, 0.0, e)
+    return d, torch.ones_like(d)
 
 
 def _logistic(x: Tensor, eps: float, sign: float) -> tuple[Tensor, Tensor]:
@@ -137,30 +164,45 @@ def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLos
 
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
-                            chosen_tokens: Tensor) -> PairCoefficients:
+                            chosen_tokens: Tensor, chosen_sequences: Tensor | None = None
+                            ) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
-    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs`` and ``chosen_tokens`` (a 0-dim
-    tensor, kept on the device: no host sync) are the whole batch's pair count and
-    chosen-token count (the normalisers of the pair mean and of the NLL), so chunks of pairs
-    add up to the batch's loss and gradient exactly.
+    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs``, ``chosen_tokens`` and
+    ``chosen_sequences`` (0-dim tensors, kept on the device: no host sync; the last only for
+    ``nll_aggregation="sequence_mean"``) are the whole batch's pair count, chosen-token count
+    and non-empty chosen sequence count (the normalisers of the pair mean and of the NLL), so
+    chunks of pairs add up to the batch's loss and gradient exactly.
     """
-    score, ref_score, scale = sequence_scores(logp, valid, ref, config)
+    score, ref_score, d_score = sequence_scores(logp, valid, ref, config)
     b = score.shape[0] // 2
     d = score - ref_score
     if config.loss_type == "orpo":
         loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
+    elif config.f_divergence != "reverse_kl":
+        f, df = f_divergence_scores(d, config)
+        loss_pairs, g_w, g_l = pair_losses(f[:b], f[b:], config)
+        g_w, g_l = g_w * df[:b], g_l * df[b:]
     else:
         loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
     pairs_norm = float(max(num_pairs, 1))
-    g_seq = torch.cat([g_w, g_l]) * scale / pairs_norm
-    c = g_seq.unsqueeze(-1) * valid.double()
+    g_seq = torch.cat([g_w, g_l]) / pairs_norm
+    c = g_seq.unsqueeze(-1) * d_score
     loss = loss_pairs.sum() / pairs_norm
-    nll_sum = -torch.where(valid[:b], logp[:b].double(), 0.0).sum()
+    chosen_logp = torch.where(valid[:b], logp[:b].double(), 0.0)
+    nll_sum = -chosen_logp.sum()
     if config.nll_weight != 0:
-        nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
-        loss = loss + nll_share * nll_sum
-        c[:b] -= nll_share * valid[:b].double()
+        m_w = valid[:b].double()
+        if config.nll_aggregation == "sequence_mean":
+            count = chosen_sequences if chosen_sequences is not None else valid[:b].any(-1).sum()
+            per_token = m_w / m_w.sum(-1, keepdim=True).clamp(min=1)
+            share = config.nll_weight / count.double().clamp(min=1)
+            loss = loss - share * (chosen_logp * per_token).sum()
+            c[:b] -= share * per_token
+        else:
+            nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
+            loss = loss + nll_share * nll_sum
+            c[:b] -= nll_share * m_w
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
              "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
              "nll_sum": nll_sum}

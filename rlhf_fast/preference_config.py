@@ -26,7 +26,19 @@ beta, eps = ``label_smoothing`` and x = beta * u:
 with s the logistic sigmoid and a the length-normalised policy log-probs (simpo and orpo are
 reference-free; an orpo pair with an empty sequence adds 0: its odds are undefined). A
 sequence with no masked-in token scores 0. The loss is the mean over pairs, plus ``nll_coef``
-(plus 1 for orpo) times the chosen sequences' NLL, a mean over all their tokens (RPO, ORPO).
+(plus 1 for orpo) times the chosen sequences' NLL, a mean over all their tokens (RPO, ORPO),
+or with ``nll_aggregation="sequence_mean"`` the mean over non-empty chosen sequences of
+their token-mean NLL (OpenRLHF).
+
+TRL's f-divergences (``f_divergence``) replace D by f'(u) of the ratio u = e^D in the losses
+built on the margin D_w - D_l (sigmoid, hinge, robust, exo_pair, discopop):
+
+    reverse_kl   D              forward_kl   1 - e^-D          js_divergence   log 2 + log s(D)
+    alpha_divergence   (e^((alpha-1) min(D, 80 / (alpha-1))) - 1) / (alpha-1)  (D if alpha = 1)
+
+LD-DPO (``ld_alpha``): in a pair, the tokens of a sequence beyond the shorter sequence's
+length (its first ``min(L_w, L_l)`` valid tokens are shared) count with weight ``ld_alpha``
+in the sums of the policy's and the reference's log-probs.
 """
 
 from __future__ import annotations
@@ -53,6 +65,17 @@ AVERAGED_BY_DEFAULT = ("ipo", "simpo", "orpo")
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")
 """Losses that take ``label_smoothing``."""
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""TRL's ``f_divergence_type`` values."""
+
+F_DIVERGENCE_LOSSES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
+"""Losses on the margin that take an ``f_divergence`` other than reverse_kl."""
+
+F_ALPHA_EXP_CAP = 80.0
+"""alpha_divergence's exponent (alpha - 1) D is capped here (TRL's float32 clamp)."""
+
+NLL_AGGREGATIONS = ("token_mean", "sequence_mean")
+
 EXO_DEFAULT_EPS = 1e-3
 """EXO's epsilon when ``label_smoothing`` is 0 (its log would be -inf)."""
 
@@ -70,6 +93,10 @@ class PreferenceLossConfig:
     reference_free: bool = False
     temperature: float = 1.0
     discopop_tau: float = 0.05
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    ld_alpha: float | None = None
+    nll_aggregation: str = "token_mean"
 
     @property
     def uses_reference(self) -> bool:
@@ -102,7 +129,9 @@ def _finite(value: object, name: str) -> float:
 def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                       label_smoothing: float = 0.0, average_logprobs: bool | None = None,
                       nll_coef: float = 0.0, gamma: float = 0.0, reference_free: bool = False,
-                      temperature: float = 1.0, discopop_tau: float = 0.05
+                      temperature: float = 1.0, discopop_tau: float = 0.05,
+                      f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+                      ld_alpha: float | None = None, nll_aggregation: str = "token_mean"
                       ) -> PreferenceLossConfig:
     """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
     (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
@@ -131,6 +160,28 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     if average_logprobs is None:
         average_logprobs = loss_type in AVERAGED_BY_DEFAULT
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+    f_alpha = _finite(f_alpha, "f_alpha")
+    if f_divergence != "reverse_kl":
+        if loss_type not in F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence={f_divergence!r} applies to {F_DIVERGENCE_LOSSES} "
+                             f"(TRL's other losses use the plain log-ratios), not to "
+                             f"loss_type={loss_type!r}")
+        if average_logprobs or reference_free:
+            raise ValueError(f"f_divergence={f_divergence!r} is defined on the summed "
+                             f"log-ratio to a reference: it takes neither average_logprobs "
+                             f"nor reference_free")
+    if f_divergence != "alpha_divergence" and f_alpha != 0.5:
+        raise ValueError(f"f_alpha is alpha_divergence's coefficient; f_divergence="
+                         f"{f_divergence!r} would ignore it")
+    if ld_alpha is not None:
+        ld_alpha = _finite(ld_alpha, "ld_alpha")
+        if not 0 <= ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be None or in [0, 1], got {ld_alpha}")
+    if nll_aggregation not in NLL_AGGREGATIONS:
+        raise ValueError(f"nll_aggregation must be one of {NLL_AGGREGATIONS}, got "
+                         f"{nll_aggregation!r}")
     if loss_type in ("simpo", "orpo") and not average_logprobs:
         raise ValueError(f"loss_type={loss_type!r} is defined on length-normalised "
                          f"log-probs; average_logprobs=False is not supported")
@@ -138,4 +189,6 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                                 average_logprobs=bool(average_logprobs), nll_coef=nll_coef,
                                 gamma=gamma, reference_free=bool(reference_free),
                                 temperature=check_temperature(temperature),
-                                discopop_tau=discopop_tau)
+                                discopop_tau=discopop_tau, f_divergence=f_divergence,
+                                f_alpha=f_alpha, ld_alpha=ld_alpha,
+                                nll_aggregation=nll_aggregation)

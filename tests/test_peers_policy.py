@@ -111,12 +111,15 @@ CASES = {
     "off_policy_mask_with_correction": dict(off_policy_mask_threshold=-0.1,
                                             rollout_correction="token_mask",
                                             rollout_cap=1.5),
+    "kl_abs_plus": dict(kl_coef=0.5, kl_estimator="abs", kl_gradient="k2"),
+    "icepop_normalized_off_policy": dict(rollout_correction="token_mask", rollout_floor=0.8,
+                                         rollout_cap=1.5, rollout_normalize=True,
+                                         off_policy_mask_threshold=-0.1),
 }
 
-TRITON_CASES = ("kl_token_mean_under_seq_mean", "entropy_over_kept_tokens",
-                "count_empty_seq_mean", "kl_abs", "kl_k3_plus", "kl_k3_unbiased",
-                "kl_ratio_weighted_sequence", "rollout_icepop", "rollout_sequence_gate",
-                "rollout_normalized_sequence", "off_policy_mask_with_correction")
+TRITON_CASES = ("kl_token_mean_under_seq_mean", "count_empty_seq_mean", "kl_abs_plus",
+                "kl_k3_unbiased", "kl_ratio_weighted_sequence", "rollout_sequence_gate",
+                "icepop_normalized_off_policy")
 
 
 @pytest.mark.parametrize("name", list(CASES))

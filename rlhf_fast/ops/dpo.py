@@ -87,8 +87,8 @@ def check_pair_batch(shape: tuple[int, ...], name: str) -> int:
 
 def loss_config(*, beta: float, loss_type: str, label_smoothing: float,
                 average_logprobs: bool | None, nll_coef: float, gamma: float,
-                reference_free: bool, temperature: float, discopop_tau: float | None
-                ) -> PreferenceLossConfig:
+                reference_free: bool, temperature: float, discopop_tau: float | None,
+                **peer_options: object) -> PreferenceLossConfig:
     """``preference_config`` of the public keyword arguments; ``discopop_tau`` is DiscoPOP's
     only (given with another loss it would be ignored, so it raises)."""
     if discopop_tau is not None and loss_type != "discopop":
@@ -98,7 +98,7 @@ def loss_config(*, beta: float, loss_type: str, label_smoothing: float,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
         reference_free=reference_free, temperature=temperature,
-        discopop_tau=DISCOPOP_TAU if discopop_tau is None else discopop_tau)
+        discopop_tau=DISCOPOP_TAU if discopop_tau is None else discopop_tau, **peer_options)
 
 
 def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Tensor,
@@ -137,6 +137,9 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
         raise TypeError(f"ref_logprobs must be a float tensor {allowed}")
     if tuple(ref.shape) not in (shape[:1], shape):
         raise ValueError(f"ref_logprobs must be {allowed}, got {tuple(ref.shape)}")
+    if config.ld_alpha is not None and tuple(ref.shape) != shape:
+        raise ValueError(f"ld_alpha weighs the reference's tokens too: pass ref_logprobs per "
+                         f"token, [2B, T] = {shape}, not sequence sums")
     if ref.device != logits.device:
         raise ValueError(f"ref_logprobs are on {ref.device} but logits are on {logits.device}")
     return ref.detach().float()
@@ -145,7 +148,8 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
 def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tensor | None,
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
                        chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None,
-                       loss_scale: float = 1.0) -> tuple[PairCoefficients, Tensor | None]:
+                       loss_scale: float = 1.0, chosen_sequences: Tensor | None = None
+                       ) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
     (chosen rows first): (coefficients, dL/dlogits or None), both times ``loss_scale``.
     ``targets`` hold ``IGNORE`` at masked positions, whose rows are neither read nor written
@@ -153,7 +157,8 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, False,
                                        backend)
     coef = preference_coefficients(logp, valid, ref, config, num_pairs=num_pairs,
-                                   chosen_tokens=chosen_tokens)
+                                   chosen_tokens=chosen_tokens,
+                                   chosen_sequences=chosen_sequences)
     if loss_scale != 1.0:
         coef = dataclasses.replace(coef, loss=coef.loss * loss_scale,
                                    c_logp=coef.c_logp * loss_scale)
@@ -173,7 +178,8 @@ def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, writ
     chosen_tokens = valid[:num_pairs].sum()
     coef, grad = preference_forward(
         logits, targets, valid, ref, c, backend, num_pairs=num_pairs,
-        chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale)
+        chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale,
+        chosen_sequences=valid[:num_pairs].any(-1).sum())
     metrics = pack_metrics(preference_metrics([coef.pairs], chosen_tokens), PREFERENCE_METRICS)
     return (coef.loss.float(), coef.pairs["logps_chosen"].float(),
             coef.pairs["logps_rejected"].float(), metrics, grad)
@@ -267,6 +273,10 @@ def dpo_loss(
     reference_free: bool = False,
     temperature: float = 1.0,
     discopop_tau: float | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    ld_alpha: float | None = None,
+    nll_aggregation: str = "token_mean",
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -294,6 +304,12 @@ def dpo_loss(
             for ipo, simpo and orpo, else False.
         nll_coef: weight of the chosen sequences' NLL (token mean over all chosen tokens),
             RPO; orpo always adds it with weight 1 (plus ``nll_coef``).
+        f_divergence, f_alpha: TRL's f-divergence (reverse_kl, forward_kl, js_divergence,
+            alpha_divergence with coefficient f_alpha) for sigmoid, hinge, robust, exo_pair,
+            discopop.
+        ld_alpha: LD-DPO's weight of the tokens beyond the shorter sequence of a pair.
+        nll_aggregation: ``"token_mean"`` (TRL's sft / RPO) or ``"sequence_mean"``
+            (OpenRLHF: mean over chosen sequences of their token-mean NLL).
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
         inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
@@ -311,7 +327,8 @@ def dpo_loss(
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
-                         discopop_tau=discopop_tau)
+                         discopop_tau=discopop_tau, f_divergence=f_divergence,
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

@@ -82,6 +82,7 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
                                     num_pairs)
     chosen_tokens = valid[:num_pairs].sum()
+    chosen_sequences = valid[:num_pairs].any(-1).sum()
     grads = HeadGradients(hidden, weight, bias, needs)
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
     chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
@@ -97,6 +98,7 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
         coef, grad_logits = preference_forward(
             logits, targets_c, _rows(valid, index), ref_c, c, backend,
             num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
+            chosen_sequences=chosen_sequences,
             out=logits, loss_scale=loss_scale)
         loss += coef.loss
         parts.append(coef.pairs)
@@ -181,6 +183,10 @@ def linear_dpo_loss(
     reference_free: bool = False,
     temperature: float = 1.0,
     discopop_tau: float | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    ld_alpha: float | None = None,
+    nll_aggregation: str = "token_mean",
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -201,7 +207,8 @@ def linear_dpo_loss(
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
-                         discopop_tau=discopop_tau)
+                         discopop_tau=discopop_tau, f_divergence=f_divergence,
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

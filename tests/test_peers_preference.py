@@ -1,0 +1,102 @@
+"""The peers' preference-loss options in ``dpo_loss`` / ``linear_dpo_loss``: TRL's
+f-divergences, LD-DPO's ``ld_alpha`` and OpenRLHF's per-sequence-mean NLL, against the
+float64 reference on both backends, and the fused-linear op chunked by single pairs."""
+
+import pytest
+import torch
+from preference_problems import check_dpo, make_pairs
+
+import rlhf_fast
+
+CASES = {
+    "forward_kl_sigmoid": dict(loss_type="sigmoid", beta=0.5, f_divergence="forward_kl"),
+    "js_hinge": dict(loss_type="hinge", beta=0.5, f_divergence="js_divergence"),
+    "alpha_robust": dict(loss_type="robust", beta=0.5, label_smoothing=0.2,
+                         f_divergence="alpha_divergence", f_alpha=0.3),
+    "alpha_capped_exo": dict(loss_type="exo_pair", beta=0.5, f_divergence="alpha_divergence",
+                             f_alpha=40.0),
+    "js_discopop": dict(loss_type="discopop", beta=0.5, f_divergence="js_divergence"),
+    "ld_alpha_sigmoid": dict(loss_type="sigmoid", beta=0.5, ld_alpha=0.3),
+    "ld_alpha_ipo": dict(loss_type="ipo", beta=0.5, ld_alpha=0.0),
+    "nll_sequence_mean": dict(loss_type="sigmoid", beta=0.5, nll_coef=0.7,
+                              nll_aggregation="sequence_mean"),
+    "orpo_nll_sequence_mean": dict(loss_type="orpo", beta=0.2, nll_aggregation="sequence_mean"),
+}
+
+
+TRITON_CASES = ("forward_kl_sigmoid", "alpha_capped_exo", "ld_alpha_sigmoid",
+                "nll_sequence_mean")
+
+
+def pairs_with_an_empty_sequence(device="cpu"):
+    problem = make_pairs(pairs=4, seed=13, device=device)
+    problem["mask"][5] = False      # an empty rejected sequence
+    return problem
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_reference_torch(name):
+    check_dpo(pairs_with_an_empty_sequence(), CASES[name], "torch")
+
+
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_against_reference_triton(name, device):
+    check_dpo(pairs_with_an_empty_sequence(device), CASES[name], "triton")
+
+
+def test_linear_chunks_add_up():
+    # Chunks of one pair: LD-DPO's pairing, the f-divergence and the NLL's batch-wide count
+    # survive chunking (the chunking is host code, the same on both backends).
+    config = dict(loss_type="sigmoid", beta=0.5, f_divergence="js_divergence", ld_alpha=0.3,
+                  nll_coef=0.7, nll_aggregation="sequence_mean")
+    problem = make_pairs(pairs=4, seed=14)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    outs = []
+    for chunk_size in (1, None):
+        out = rlhf_fast.linear_dpo_loss(hidden, weight, problem["targets"], problem["mask"],
+                                        ref_logprobs=problem["ref"], chunk_size=chunk_size,
+                                        backend="torch", **config)
+        grads = torch.autograd.grad(out.loss, (hidden, weight))
+        outs.append((out.loss, *grads))
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    logits = (hidden @ weight.T).detach()
+    direct = rlhf_fast.dpo_loss(logits, problem["targets"], problem["mask"],
+                                ref_logprobs=problem["ref"], backend="torch", **config)
+    assert torch.allclose(direct.loss, outs[0][0], rtol=1e-5)
+
+
+def test_options_change_the_loss():
+    problem = make_pairs(pairs=4, seed=15)
+    base = dict(ref_logprobs=problem["ref"], beta=0.5, backend="torch")
+    plain = rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"], **base)
+    for name in ("forward_kl_sigmoid", "ld_alpha_sigmoid"):
+        kwargs = {k: v for k, v in CASES[name].items() if k != "beta"}
+        other = rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
+                                   **base, **kwargs)
+        assert abs(other.loss.item() - plain.loss.item()) > 1e-4, name
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(loss_type="nca_pair", f_divergence="forward_kl"), "f_divergence"),
+    (dict(f_divergence="js_divergence", average_logprobs=True), "average_logprobs"),
+    (dict(f_alpha=0.2), "f_alpha"),
+    (dict(f_divergence="tv"), "f_divergence"),
+    (dict(ld_alpha=1.5), "ld_alpha"),
+    (dict(nll_aggregation="sum"), "nll_aggregation"),
+])
+def test_bad_options_are_named(kwargs, match):
+    problem = make_pairs(pairs=2, seed=1)
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
+                           ref_logprobs=problem["ref"], **kwargs)
+
+
+def test_ld_alpha_needs_per_token_reference():
+    problem = make_pairs(pairs=2, seed=1)
+    sums = torch.where(problem["mask"], problem["ref"], 0.0).sum(-1)
+    with pytest.raises(ValueError, match="per token"):
+        rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
+                           ref_logprobs=sums, ld_alpha=0.5)
