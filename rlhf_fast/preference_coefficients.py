@@ -58,9 +58,12 @@ def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
     return score, ref_score, d_score
 
 
-def f_divergence_scores(d: Tensor, config: PreferenceLossConfig) -> tuple[Tensor, Tensor]:
-    """TRL's f'(u) of the ratio u = e^D (``rlhf_fast.preference_config``) and its derivative
-    in D, float64 ``[2b]``."""
+def transformed_scores(d: Tensor, config: PreferenceLossConfig) -> tuple[Tensor, Tensor]:
+    """TRL's f'(u) of the ratio u = e^D, or AlphaPO's (1 - e^(-a D)) / a
+    (``rlhf_fast.preference_config``), and its derivative in D, float64 ``[2b]``."""
+    if config.alphapo != 0:
+        e = torch.exp(-config.alphapo * d)
+        return (1 - e) / config.alphapo, e
     kind = config.f_divergence
     if kind == "forward_kl":
         e = torch.exp(-d)
@@ -179,8 +182,8 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     d = score - ref_score
     if config.loss_type == "orpo":
         loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
-    elif config.f_divergence != "reverse_kl":
-        f, df = f_divergence_scores(d, config)
+    elif config.f_divergence != "reverse_kl" or config.alphapo != 0:
+        f, df = transformed_scores(d, config)
         loss_pairs, g_w, g_l = pair_losses(f[:b], f[b:], config)
         g_w, g_l = g_w * df[:b], g_l * df[b:]
     else:
@@ -203,8 +206,10 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
             nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
             loss = loss + nll_share * nll_sum
             c[:b] -= nll_share * m_w
+    rewarded = transformed_scores(d, config)[0] if config.alphapo != 0 else d
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
-             "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
+             "rewards_chosen": config.beta * rewarded[:b],
+             "rewards_rejected": config.beta * rewarded[b:],
              "nll_sum": nll_sum}
     return PairCoefficients(loss, c.float(), pairs)
 

@@ -36,6 +36,10 @@ built on the margin D_w - D_l (sigmoid, hinge, robust, exo_pair, discopop):
     reverse_kl   D              forward_kl   1 - e^-D          js_divergence   log 2 + log s(D)
     alpha_divergence   (e^((alpha-1) min(D, 80 / (alpha-1))) - 1) / (alpha-1)  (D if alpha = 1)
 
+AlphaPO (``alphapo`` = a != 0, TRL CPO's ``alpha``): the reference-free losses (simpo, and
+sigmoid / hinge / ipo with ``reference_free``, CPO) replace the policy score by the reward
+(1 - e^(-a D)) / a, and the reported rewards are beta times it.
+
 LD-DPO (``ld_alpha``): in a pair, the tokens of a sequence beyond the shorter sequence's
 length (its first ``min(L_w, L_l)`` valid tokens are shared) count with weight ``ld_alpha``
 in the sums of the policy's and the reference's log-probs.
@@ -97,6 +101,7 @@ class PreferenceLossConfig:
     f_alpha: float = 0.5
     ld_alpha: float | None = None
     nll_aggregation: str = "token_mean"
+    alphapo: float = 0.0
 
     @property
     def uses_reference(self) -> bool:
@@ -131,8 +136,8 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                       nll_coef: float = 0.0, gamma: float = 0.0, reference_free: bool = False,
                       temperature: float = 1.0, discopop_tau: float = 0.05,
                       f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
-                      ld_alpha: float | None = None, nll_aggregation: str = "token_mean"
-                      ) -> PreferenceLossConfig:
+                      ld_alpha: float | None = None, nll_aggregation: str = "token_mean",
+                      alphapo: float = 0.0) -> PreferenceLossConfig:
     """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
     (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
     if loss_type not in LOSS_TYPES:
@@ -179,6 +184,12 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
         ld_alpha = _finite(ld_alpha, "ld_alpha")
         if not 0 <= ld_alpha <= 1:
             raise ValueError(f"ld_alpha must be None or in [0, 1], got {ld_alpha}")
+    alphapo = _finite(alphapo, "alphapo")
+    if alphapo != 0 and not (loss_type == "simpo" or (
+            reference_free and loss_type in ("sigmoid", "hinge", "ipo"))):
+        raise ValueError(f"alphapo is AlphaPO's reward shape for CPO / SimPO: loss_type='simpo', "
+                         f"or 'sigmoid' / 'hinge' / 'ipo' with reference_free=True; got "
+                         f"loss_type={loss_type!r}, reference_free={reference_free}")
     if nll_aggregation not in NLL_AGGREGATIONS:
         raise ValueError(f"nll_aggregation must be one of {NLL_AGGREGATIONS}, got "
                          f"{nll_aggregation!r}")
@@ -191,4 +202,4 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                                 temperature=check_temperature(temperature),
                                 discopop_tau=discopop_tau, f_divergence=f_divergence,
                                 f_alpha=f_alpha, ld_alpha=ld_alpha,
-                                nll_aggregation=nll_aggregation)
+                                nll_aggregation=nll_aggregation, alphapo=alphapo)

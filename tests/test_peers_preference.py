@@ -21,11 +21,14 @@ CASES = {
     "nll_sequence_mean": dict(loss_type="sigmoid", beta=0.5, nll_coef=0.7,
                               nll_aggregation="sequence_mean"),
     "orpo_nll_sequence_mean": dict(loss_type="orpo", beta=0.2, nll_aggregation="sequence_mean"),
+    "alphapo_simpo": dict(loss_type="simpo", beta=2.0, gamma=0.4, alphapo=0.5),
+    "alphapo_cpo": dict(loss_type="sigmoid", beta=0.5, reference_free=True, alphapo=-0.3,
+                        nll_coef=1.0),
 }
 
 
 TRITON_CASES = ("forward_kl_sigmoid", "alpha_capped_exo", "ld_alpha_sigmoid",
-                "nll_sequence_mean")
+                "nll_sequence_mean", "alphapo_simpo")
 
 
 def pairs_with_an_empty_sequence(device="cpu"):
@@ -86,6 +89,7 @@ def test_options_change_the_loss():
     (dict(f_divergence="tv"), "f_divergence"),
     (dict(ld_alpha=1.5), "ld_alpha"),
     (dict(nll_aggregation="sum"), "nll_aggregation"),
+    (dict(loss_type="sigmoid", alphapo=0.5), "alphapo"),
 ])
 def test_bad_options_are_named(kwargs, match):
     problem = make_pairs(pairs=2, seed=1)
@@ -100,3 +104,39 @@ def test_ld_alpha_needs_per_token_reference():
     with pytest.raises(ValueError, match="per token"):
         rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
                            ref_logprobs=sums, ld_alpha=0.5)
+
+
+@pytest.mark.parametrize(("loss_type", "alpha"), [("simpo", 0.5), ("sigmoid", -0.3),
+                                                   ("ipo", 0.2)])
+def test_trl_cpo_alphapo(loss_type, alpha):
+    # TRL's CPOTrainer.cpo_loss on the sequence log-probs, called with the attributes it reads.
+    import os
+    from types import SimpleNamespace
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")   # CPO lives in trl.experimental
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    problem = make_pairs(pairs=4, seed=16)
+    beta = 2.0 if loss_type == "simpo" else 0.5
+    kwargs = dict(loss_type=loss_type, beta=beta, alphapo=alpha,
+                  reference_free=loss_type != "simpo", average_logprobs=loss_type != "sigmoid")
+    if loss_type == "simpo":
+        kwargs["gamma"] = 0.4
+    x = problem["logits"].clone().requires_grad_()
+    out = rlhf_fast.dpo_loss(x, problem["targets"], problem["mask"], backend="torch", **kwargs)
+    out.loss.backward()
+    trainer = SimpleNamespace(alpha=alpha, beta=beta, loss_type=loss_type, label_smoothing=0.0,
+                              simpo_gamma=0.4,
+                              accelerator=SimpleNamespace(device=torch.device("cpu")))
+    xr = problem["logits"].double().requires_grad_()
+    logp = rlhf_fast.reference.token_logprobs(xr, problem["targets"])
+    m = problem["mask"].double()
+    seq = (logp * m).sum(-1)
+    if loss_type != "sigmoid":
+        seq = seq / m.sum(-1)
+    losses, chosen_rewards, _ = CPOTrainer.cpo_loss(trainer, seq[:4], seq[4:])
+    losses.mean().backward()
+    assert out.loss.item() == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert out.metrics["rewards_chosen"].item() == pytest.approx(chosen_rewards.mean().item(),
+                                                                 rel=1e-5)
+    err = (x.grad.double() - xr.grad).norm() / xr.grad.norm()
+    assert err <= 1e-5

@@ -277,6 +277,7 @@ def dpo_loss(
     f_alpha: float = 0.5,
     ld_alpha: float | None = None,
     nll_aggregation: str = "token_mean",
+    alphapo: float = 0.0,
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -310,6 +311,8 @@ def dpo_loss(
         ld_alpha: LD-DPO's weight of the tokens beyond the shorter sequence of a pair.
         nll_aggregation: ``"token_mean"`` (TRL's sft / RPO) or ``"sequence_mean"``
             (OpenRLHF: mean over chosen sequences of their token-mean NLL).
+        alphapo: AlphaPO's reward shape (1 - e^(-a logp)) / a for simpo and the
+            reference-free sigmoid / hinge / ipo (CPO); 0: off.
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
         inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
@@ -328,7 +331,8 @@ def dpo_loss(
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
-                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation)
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
+                         alphapo=alphapo)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

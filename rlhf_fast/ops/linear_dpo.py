@@ -187,6 +187,7 @@ def linear_dpo_loss(
     f_alpha: float = 0.5,
     ld_alpha: float | None = None,
     nll_aggregation: str = "token_mean",
+    alphapo: float = 0.0,
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -208,7 +209,8 @@ def linear_dpo_loss(
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
-                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation)
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
+                         alphapo=alphapo)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

@@ -11,7 +11,8 @@ losses (forward_kl 1 - e^-D, js_divergence log 2 + log s(D), alpha_divergence
 (exp(min((a-1) D, 80)) - 1) / (a-1)); ``ld_alpha`` weighs a sequence's valid tokens beyond
 the shorter sequence of its pair by ld_alpha (policy and reference sums alike);
 ``nll_aggregation="sequence_mean"`` is the mean over non-empty chosen sequences of their
-token-mean NLL.
+token-mean NLL; ``alphapo`` = a != 0 replaces the (reference-free) score D by the reward
+(1 - e^(-a D)) / a, in the loss and in the reported rewards.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def _pair_loss(w: Tensor, lo: Tensor, config: PreferenceLossConfig) -> Tensor:
 
 
 def _f_divergence(d: Tensor, config: PreferenceLossConfig) -> Tensor:
+    if config.alphapo != 0:
+        return (1 - torch.exp(-config.alphapo * d)) / config.alphapo
     kind = config.f_divergence
     if kind == "forward_kl":
         return 1 - torch.exp(-d)
@@ -158,7 +161,8 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
         else:
             nll_term = nll
         loss = loss + _nll_weight(config) * nll_term
-    r_w, r_l = config.beta * d[:b].detach(), config.beta * d[b:].detach()
+    rewarded = scored if config.alphapo != 0 else d
+    r_w, r_l = config.beta * rewarded[:b].detach(), config.beta * rewarded[b:].detach()
 
     def mean(x: Tensor) -> Tensor:
         return x.sum() / max(b, 1)
