@@ -153,6 +153,28 @@ def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
     raise AssertionError(f"unhandled loss_type {kind!r}")
 
 
+def sorted_pairs(score: Tensor, ref_score: Tensor, config: PreferenceLossConfig
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """AOT's losses on the batch's sorted margins (``rlhf_fast.preference_config``): the loss
+    ``[b]`` at each sorted position and its derivatives in ``D_w``, ``D_l`` of each pair (the
+    derivative at sorted position k goes to the pair that landed there)."""
+    b = score.shape[0] // 2
+    d = score - ref_score
+    if config.loss_type == "aot":
+        policy_sorted, order_w = torch.sort(score[:b] - score[b:], stable=True)
+        ref_sorted, _ = torch.sort(ref_score[:b] - ref_score[b:], stable=True)
+        order_l = order_w
+        x = config.beta * (policy_sorted - ref_sorted)
+    else:
+        chosen_sorted, order_w = torch.sort(d[:b], stable=True)
+        rejected_sorted, order_l = torch.sort(d[b:], stable=True)
+        x = config.beta * (chosen_sorted - rejected_sorted)
+    loss, dx = _logistic(x, config.smoothing, -1.0)
+    g_w = torch.zeros_like(loss).index_put((order_w,), config.beta * dx)
+    g_l = torch.zeros_like(loss).index_put((order_l,), -config.beta * dx)
+    return loss, g_w, g_l
+
+
 def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLossConfig
                ) -> tuple[Tensor, Tensor, Tensor]:
     """ORPO's pair losses, 0 (with no gradient) for a pair with an empty sequence: the odds
@@ -182,6 +204,8 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     d = score - ref_score
     if config.loss_type == "orpo":
         loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
+    elif config.loss_type in ("aot", "aot_unpaired"):
+        loss_pairs, g_w, g_l = sorted_pairs(score, ref_score, config)
     elif config.f_divergence != "reverse_kl" or config.alphapo != 0:
         f, df = transformed_scores(d, config)
         loss_pairs, g_w, g_l = pair_losses(f[:b], f[b:], config)

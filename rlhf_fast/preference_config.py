@@ -22,6 +22,9 @@ beta, eps = ``label_smoothing`` and x = beta * u:
     discopop   (1 - g) (-log s(x)) + g e^-x,  g = s(x / tau)     (tau = ``discopop_tau``)
     simpo      -(1-eps) log s(x') - eps log s(-x'),  x' = beta (a_w - a_l) - gamma
     orpo       -beta log s(o),  o = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))
+    aot        sigmoid's loss on x_k = beta (sort(logp_w - logp_l)_k - sort(ref_w - ref_l)_k),
+               the k-th smallest of each over the batch (AOT, paired)
+    aot_unpaired   the same on x_k = beta (sort(D_w)_k - sort(D_l)_k)
 
 with s the logistic sigmoid and a the length-normalised policy log-probs (simpo and orpo are
 reference-free; an orpo pair with an empty sequence adds 0: its odds are undefined). A
@@ -54,10 +57,14 @@ from typing import Literal
 from .validation import check_temperature
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-                   "sppo_hard", "apo_zero", "apo_down", "discopop", "simpo", "orpo"]
+                   "sppo_hard", "apo_zero", "apo_down", "discopop", "simpo", "orpo", "aot",
+                   "aot_unpaired"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair",
                                "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
-                               "simpo", "orpo")
+                               "simpo", "orpo", "aot", "aot_unpaired")
+
+BATCH_SORTED_LOSSES = ("aot", "aot_unpaired")
+"""Losses that sort scores across the batch: ``linear_dpo_loss`` runs them in one chunk."""
 
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 """Losses defined on the policy alone: they take no reference log-probs."""
@@ -66,7 +73,7 @@ AVERAGED_BY_DEFAULT = ("ipo", "simpo", "orpo")
 """Losses whose sequence log-probs are per-token means unless ``average_logprobs=False``
 (TRL's IPO, SimPO and ORPO; OpenRLHF's IPO uses sums: pass ``average_logprobs=False``)."""
 
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo", "aot", "aot_unpaired")
 """Losses that take ``label_smoothing``."""
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")

@@ -71,6 +71,26 @@ def test_linear_chunks_add_up():
     assert torch.allclose(direct.loss, outs[0][0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_sorts_over_the_batch(loss_type):
+    # One chunk whatever chunk_size (the sort is batch-wide), and not the pairwise sigmoid.
+    problem = make_pairs(pairs=5, seed=17)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g)
+    # A reference that ranks the pairs differently from the policy, so the sorts matter.
+    ref = problem["ref"] + 3.0 * torch.randn(problem["ref"].shape, generator=g)
+    kwargs = dict(ref_logprobs=ref, beta=0.02, backend="torch")  # unsaturated margins
+    chunked = rlhf_fast.linear_dpo_loss(hidden, weight, problem["targets"], problem["mask"],
+                                        chunk_size=1, loss_type=loss_type, **kwargs)
+    logits = (hidden @ weight.T).detach()
+    whole = rlhf_fast.dpo_loss(logits, problem["targets"], problem["mask"],
+                               loss_type=loss_type, **kwargs)
+    pairwise = rlhf_fast.dpo_loss(logits, problem["targets"], problem["mask"], **kwargs)
+    assert torch.allclose(chunked.loss, whole.loss, rtol=1e-5)
+    assert abs(whole.loss.item() - pairwise.loss.item()) > 1e-3
+
+
 def test_options_change_the_loss():
     problem = make_pairs(pairs=4, seed=15)
     base = dict(ref_logprobs=problem["ref"], beta=0.5, backend="torch")

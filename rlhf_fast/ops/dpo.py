@@ -297,7 +297,8 @@ def dpo_loss(
             refused when it is.
         beta, loss_type, label_smoothing, gamma: the loss (formulas in
             ``rlhf_fast.preference_config``): sigmoid, ipo, hinge, robust, exo_pair,
-            nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo.
+            nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo, aot,
+            aot_unpaired.
             ``label_smoothing`` and ``gamma`` raise on losses that do not take them.
         discopop_tau: DiscoPOP's temperature of the logistic mix (None: 0.05); raises with
             any other ``loss_type``.

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..backend import BACKENDS
 from ..preference_coefficients import preference_metrics
-from ..preference_config import PreferenceLossConfig
+from ..preference_config import BATCH_SORTED_LOSSES, PreferenceLossConfig
 from ..validation import check_loss_scale
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .dpo import (
@@ -81,6 +81,8 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     # A pair is two sequences: size chunks as if it were one sequence of length 2T.
     per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
                                     num_pairs)
+    if c.loss_type in BATCH_SORTED_LOSSES:  # AOT sorts over the batch: one chunk
+        per_chunk = max(num_pairs, 1)
     chosen_tokens = valid[:num_pairs].sum()
     chosen_sequences = valid[:num_pairs].any(-1).sum()
     grads = HeadGradients(hidden, weight, bias, needs)

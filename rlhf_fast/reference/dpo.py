@@ -2,9 +2,10 @@
 written in the papers / TRL, autograd for gradients (float64 in the tests).
 
 Only the raw fields of ``PreferenceLossConfig`` are read; what they imply is spelled out
-here from the formulas (``PreferenceLossConfig``'s docstring), not taken from the config's
-helper properties: EXO's epsilon is 1e-3 when ``label_smoothing`` is 0; ORPO adds its NLL
-term with weight 1 on top of ``nll_coef``; SimPO and ORPO read no reference model.
+here from the formulas (``PreferenceLossConfig``'s docstring, AOT's sorts included), not
+taken from the config's helper properties: EXO's epsilon is 1e-3 when ``label_smoothing``
+is 0; ORPO adds its NLL term with weight 1 on top of ``nll_coef``; SimPO and ORPO read no
+reference model.
 
 Peer options: ``f_divergence`` maps each sequence's log-ratio D to f'(e^D) before the margin
 losses (forward_kl 1 - e^-D, js_divergence log 2 + log s(D), alpha_divergence
@@ -145,7 +146,16 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
         policy, ref = policy / length.clamp(min=1), ref / length.clamp(min=1)
     d = policy - ref
     scored = _f_divergence(d, config)
-    if config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
+    if config.loss_type in ("aot", "aot_unpaired"):
+        if config.loss_type == "aot":
+            first = torch.sort(policy[:b] - policy[b:]).values
+            second = torch.sort(ref[:b] - ref[b:]).values
+        else:
+            first, second = torch.sort(d[:b]).values, torch.sort(d[b:]).values
+        x = config.beta * (first - second)
+        eps = config.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    elif config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
         both = (length[:b] > 0) & (length[b:] > 0)
         safe = torch.full_like(d[:b], -1.0)
         losses = torch.where(both, _pair_loss(torch.where(both, d[:b], safe),
