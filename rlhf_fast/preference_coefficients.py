@@ -12,6 +12,7 @@ sequence log-probs are averaged), plus ``-nll_weight / chosen_tokens`` on chosen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .preference_config import F_ALPHA_EXP_CAP, PreferenceLossConfig
+from .preference_config import F_ALPHA_EXP_CAP, F_DIVERGENCE_LOSSES, PreferenceLossConfig
 
 
 @dataclass
@@ -175,6 +176,20 @@ def sorted_pairs(score: Tensor, ref_score: Tensor, config: PreferenceLossConfig
     return loss, g_w, g_l
 
 
+def _scored_pair_losses(d: Tensor, config: PreferenceLossConfig
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``pair_losses`` of the log-ratios D ``[2b]``, through the f-divergence (margin losses
+    only, as TRL) or AlphaPO transform when one is set: (loss, dL/dD_w, dL/dD_l)."""
+    b = d.shape[0] // 2
+    transformed = config.alphapo != 0 or (config.f_divergence != "reverse_kl"
+                                          and config.loss_type in F_DIVERGENCE_LOSSES)
+    if not transformed:
+        return pair_losses(d[:b], d[b:], config)
+    f, df = transformed_scores(d, config)
+    loss, g_w, g_l = pair_losses(f[:b], f[b:], config)
+    return loss, g_w * df[:b], g_l * df[b:]
+
+
 def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLossConfig
                ) -> tuple[Tensor, Tensor, Tensor]:
     """ORPO's pair losses, 0 (with no gradient) for a pair with an empty sequence: the odds
@@ -206,12 +221,15 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
         loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
     elif config.loss_type in ("aot", "aot_unpaired"):
         loss_pairs, g_w, g_l = sorted_pairs(score, ref_score, config)
-    elif config.f_divergence != "reverse_kl" or config.alphapo != 0:
-        f, df = transformed_scores(d, config)
-        loss_pairs, g_w, g_l = pair_losses(f[:b], f[b:], config)
-        g_w, g_l = g_w * df[:b], g_l * df[b:]
     else:
-        loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
+        loss_pairs, g_w, g_l = _scored_pair_losses(d, config)
+        if config.loss_weight != 1.0 or config.mixture:
+            loss_pairs, g_w, g_l = (config.loss_weight * x for x in (loss_pairs, g_w, g_l))
+            for kind, weight in config.mixture:
+                more = _scored_pair_losses(d, dataclasses.replace(config, loss_type=kind,
+                                                                  mixture=()))
+                loss_pairs, g_w, g_l = (x + weight * y for x, y in
+                                        zip((loss_pairs, g_w, g_l), more, strict=True))
     pairs_norm = float(max(num_pairs, 1))
     g_seq = torch.cat([g_w, g_l]) / pairs_norm
     c = g_seq.unsqueeze(-1) * d_score

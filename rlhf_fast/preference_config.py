@@ -43,6 +43,11 @@ AlphaPO (``alphapo`` = a != 0, TRL CPO's ``alpha``): the reference-free losses (
 sigmoid / hinge / ipo with ``reference_free``, CPO) replace the policy score by the reward
 (1 - e^(-a D)) / a, and the reported rewards are beta times it.
 
+A weighted sum of loss types (TRL's ``loss_type`` list with ``loss_weights``): the loss is
+``loss_weight`` times the first type's pair mean plus ``w_k`` times each of ``mixture``'s
+``(type_k, w_k)``, every type on the same scores (f-divergence scores for the margin losses,
+plain log-ratios for the others, as TRL).
+
 LD-DPO (``ld_alpha``): in a pair, the tokens of a sequence beyond the shorter sequence's
 length (its first ``min(L_w, L_l)`` valid tokens are shared) count with weight ``ld_alpha``
 in the sums of the policy's and the reference's log-probs.
@@ -51,6 +56,7 @@ in the sums of the policy's and the reference's log-probs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +68,11 @@ LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", 
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair",
                                "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
                                "simpo", "orpo", "aot", "aot_unpaired")
+
+MIXABLE_LOSSES = ("sigmoid", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                  "sppo_hard", "apo_zero", "apo_down", "discopop")
+"""Losses that a weighted sum of several loss types may hold (TRL's list ``loss_type``):
+those on the summed sequence scores, with no batch sort and no length normalisation."""
 
 BATCH_SORTED_LOSSES = ("aot", "aot_unpaired")
 """Losses that sort scores across the batch: ``linear_dpo_loss`` runs them in one chunk."""
@@ -109,6 +120,8 @@ class PreferenceLossConfig:
     ld_alpha: float | None = None
     nll_aggregation: str = "token_mean"
     alphapo: float = 0.0
+    loss_weight: float = 1.0
+    mixture: tuple[tuple[str, float], ...] = ()
 
     @property
     def uses_reference(self) -> bool:
@@ -138,25 +151,26 @@ def _finite(value: object, name: str) -> float:
     return x
 
 
-def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
+def preference_config(*, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
                       label_smoothing: float = 0.0, average_logprobs: bool | None = None,
                       nll_coef: float = 0.0, gamma: float = 0.0, reference_free: bool = False,
                       temperature: float = 1.0, discopop_tau: float = 0.05,
                       f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
                       ld_alpha: float | None = None, nll_aggregation: str = "token_mean",
-                      alphapo: float = 0.0) -> PreferenceLossConfig:
+                      alphapo: float = 0.0, loss_weights: Sequence[float] | None = None
+                      ) -> PreferenceLossConfig:
     """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
     (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    types, weights = _loss_types(loss_type, loss_weights)
+    loss_type = types[0]
     beta = _finite(beta, "beta")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     eps = _finite(label_smoothing, "label_smoothing")
-    if eps != 0 and loss_type not in SMOOTHED_LOSSES:
+    if eps != 0 and not set(types) & set(SMOOTHED_LOSSES):
         raise ValueError(f"label_smoothing applies to {SMOOTHED_LOSSES}, not to "
                          f"loss_type={loss_type!r}; got {eps}")
-    upper = 0.5 if loss_type == "robust" else 1.0
+    upper = 0.5 if "robust" in types else 1.0
     if not 0 <= eps < upper:
         raise ValueError(f"label_smoothing must be in [0, {upper}) for loss_type="
                          f"{loss_type!r}, got {eps}")
@@ -209,4 +223,30 @@ def preference_config(*, beta: float = 0.1, loss_type: str = "sigmoid",
                                 temperature=check_temperature(temperature),
                                 discopop_tau=discopop_tau, f_divergence=f_divergence,
                                 f_alpha=f_alpha, ld_alpha=ld_alpha,
-                                nll_aggregation=nll_aggregation, alphapo=alphapo)
+                                nll_aggregation=nll_aggregation, alphapo=alphapo,
+                                loss_weight=weights[0],
+                                mixture=tuple(zip(types[1:], weights[1:], strict=True)))
+
+
+def _loss_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None
+                ) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The loss types and their weights (ones by default); several types must be distinct
+    and ``MIXABLE_LOSSES``."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    for kind in types:
+        if kind not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {kind!r}")
+    if len(types) > 1:
+        bad = [k for k in types if k not in MIXABLE_LOSSES]
+        if bad or len(set(types)) != len(types):
+            raise ValueError(f"a weighted sum of loss types takes distinct types among "
+                             f"{MIXABLE_LOSSES}; got {types}")
+    if loss_weights is None:
+        return types, (1.0,) * len(types)
+    weights = tuple(_finite(w, "loss_weights") for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights must give one weight per loss type ({len(types)}), "
+                         f"got {len(weights)}")
+    return types, weights

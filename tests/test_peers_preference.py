@@ -24,11 +24,17 @@ CASES = {
     "alphapo_simpo": dict(loss_type="simpo", beta=2.0, gamma=0.4, alphapo=0.5),
     "alphapo_cpo": dict(loss_type="sigmoid", beta=0.5, reference_free=True, alphapo=-0.3,
                         nll_coef=1.0),
+    # MPO-style mixture (TRL loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]);
+    # with an f-divergence, which only the margin loss takes.
+    "mixture": dict(loss_type=("sigmoid", "bco_pair"), loss_weights=(0.8, 0.2), beta=0.5,
+                    label_smoothing=0.1),
+    "mixture_js": dict(loss_type=("hinge", "apo_zero", "nca_pair"), loss_weights=(1.0, 0.5, 2.0),
+                       beta=0.5, f_divergence="js_divergence"),
 }
 
 
 TRITON_CASES = ("forward_kl_sigmoid", "alpha_capped_exo", "ld_alpha_sigmoid",
-                "nll_sequence_mean", "alphapo_simpo")
+                "nll_sequence_mean", "alphapo_simpo", "mixture_js")
 
 
 def pairs_with_an_empty_sequence(device="cpu"):
@@ -95,7 +101,7 @@ def test_options_change_the_loss():
     problem = make_pairs(pairs=4, seed=15)
     base = dict(ref_logprobs=problem["ref"], beta=0.5, backend="torch")
     plain = rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"], **base)
-    for name in ("forward_kl_sigmoid", "ld_alpha_sigmoid"):
+    for name in ("forward_kl_sigmoid", "ld_alpha_sigmoid", "mixture"):
         kwargs = {k: v for k, v in CASES[name].items() if k != "beta"}
         other = rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
                                    **base, **kwargs)
@@ -110,6 +116,8 @@ def test_options_change_the_loss():
     (dict(ld_alpha=1.5), "ld_alpha"),
     (dict(nll_aggregation="sum"), "nll_aggregation"),
     (dict(loss_type="sigmoid", alphapo=0.5), "alphapo"),
+    (dict(loss_type=("sigmoid", "ipo")), "weighted sum"),
+    (dict(loss_type=("sigmoid", "hinge"), loss_weights=(1.0,)), "loss_weights"),
 ])
 def test_bad_options_are_named(kwargs, match):
     problem = make_pairs(pairs=2, seed=1)
@@ -160,3 +168,17 @@ def test_trl_cpo_alphapo(loss_type, alpha):
                                                                  rel=1e-5)
     err = (x.grad.double() - xr.grad).norm() / xr.grad.norm()
     assert err <= 1e-5
+
+
+def test_mixture_is_the_weighted_sum_of_its_losses():
+    problem = make_pairs(pairs=4, seed=18)
+    kwargs = dict(ref_logprobs=problem["ref"], beta=0.5, backend="torch")
+
+    def loss(**more):
+        return rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],
+                                  **kwargs, **more).loss
+
+    mixed = loss(loss_type=["sigmoid", "bco_pair", "apo_down"], loss_weights=[0.8, 0.2, 0.5])
+    parts = 0.8 * loss(loss_type="sigmoid") + 0.2 * loss(loss_type="bco_pair") \
+        + 0.5 * loss(loss_type="apo_down")
+    assert torch.allclose(mixed, parts, rtol=1e-6)

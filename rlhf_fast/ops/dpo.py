@@ -13,6 +13,7 @@ steps run inside the custom ops ``rlhf_fast::dpo_loss`` / ``rlhf_fast::dpo_loss_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
@@ -85,13 +86,14 @@ def check_pair_batch(shape: tuple[int, ...], name: str) -> int:
     return shape[0] // 2
 
 
-def loss_config(*, beta: float, loss_type: str, label_smoothing: float,
+def loss_config(*, beta: float, loss_type: str | Sequence[str], label_smoothing: float,
                 average_logprobs: bool | None, nll_coef: float, gamma: float,
                 reference_free: bool, temperature: float, discopop_tau: float | None,
                 **peer_options: object) -> PreferenceLossConfig:
     """``preference_config`` of the public keyword arguments; ``discopop_tau`` is DiscoPOP's
     only (given with another loss it would be ignored, so it raises)."""
-    if discopop_tau is not None and loss_type != "discopop":
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if discopop_tau is not None and "discopop" not in types:
         raise ValueError(f"discopop_tau is DiscoPOP's temperature (loss_type='discopop'); "
                          f"loss_type={loss_type!r} would ignore it")
     return preference_config(
@@ -265,7 +267,7 @@ def dpo_loss(
     *,
     ref_logprobs: Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     average_logprobs: bool | None = None,
     nll_coef: float = 0.0,
@@ -278,6 +280,7 @@ def dpo_loss(
     ld_alpha: float | None = None,
     nll_aggregation: str = "token_mean",
     alphapo: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -314,6 +317,10 @@ def dpo_loss(
             (OpenRLHF: mean over chosen sequences of their token-mean NLL).
         alphapo: AlphaPO's reward shape (1 - e^(-a logp)) / a for simpo and the
             reference-free sigmoid / hinge / ipo (CPO); 0: off.
+        loss_weights: with ``loss_type`` a list of types (TRL's), the loss is the weighted
+            sum of their pair means (ones by default); the types must be distinct among
+            sigmoid, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
+            apo_down, discopop.
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
         inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
@@ -333,7 +340,7 @@ def dpo_loss(
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
                          f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
-                         alphapo=alphapo)
+                         alphapo=alphapo, loss_weights=loss_weights)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

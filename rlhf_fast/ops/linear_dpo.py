@@ -18,6 +18,7 @@ run inside the custom op ``rlhf_fast::linear_dpo_loss`` (one opaque node for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -177,7 +178,7 @@ def linear_dpo_loss(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     average_logprobs: bool | None = None,
     nll_coef: float = 0.0,
@@ -190,6 +191,7 @@ def linear_dpo_loss(
     ld_alpha: float | None = None,
     nll_aggregation: str = "token_mean",
     alphapo: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -212,7 +214,7 @@ def linear_dpo_loss(
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
                          f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
-                         alphapo=alphapo)
+                         alphapo=alphapo, loss_weights=loss_weights)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

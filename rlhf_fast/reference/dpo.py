@@ -12,12 +12,15 @@ losses (forward_kl 1 - e^-D, js_divergence log 2 + log s(D), alpha_divergence
 (exp(min((a-1) D, 80)) - 1) / (a-1)); ``ld_alpha`` weighs a sequence's valid tokens beyond
 the shorter sequence of its pair by ld_alpha (policy and reference sums alike);
 ``nll_aggregation="sequence_mean"`` is the mean over non-empty chosen sequences of their
-token-mean NLL; ``alphapo`` = a != 0 replaces the (reference-free) score D by the reward
-(1 - e^(-a D)) / a, in the loss and in the reported rewards.
+token-mean NLL; ``loss_weight`` and ``mixture`` ((type, weight), ...) make the loss a
+weighted sum of pair losses, each on the same scores; ``alphapo`` = a != 0 replaces the
+(reference-free) score D by the reward (1 - e^(-a D)) / a, in the loss and in the reported
+rewards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -161,7 +164,14 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
         losses = torch.where(both, _pair_loss(torch.where(both, d[:b], safe),
                                               torch.where(both, d[b:], safe), config), 0.0)
     else:
-        losses = _pair_loss(scored[:b], scored[b:], config)
+        members = ((config.loss_type, config.loss_weight), *config.mixture)
+        losses = 0.0 * d[:b]
+        for kind, weight in members:
+            member = dataclasses.replace(config, loss_type=kind, mixture=())
+            margin = kind in ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "ipo",
+                              "simpo")
+            x = scored if margin else d   # TRL: the f-divergence scores feed the margin losses
+            losses = losses + weight * _pair_loss(x[:b], x[b:], member)
     loss = losses.mean() if b > 0 else losses.sum()
     nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
     if _nll_weight(config) != 0:
