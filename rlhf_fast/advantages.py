@@ -311,3 +311,50 @@ def gdpo_advantages(components: Tensor, group_size: int | None = None, *,
         return masked_whiten(total[:, None].expand(mask.shape).contiguous(), mask)
     std = total.std() if total.numel() > 1 else torch.zeros((), device=total.device)
     return (total - total.mean()) / (std + final_eps)
+
+
+def sum_pi_squared(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``sum_v pi_v^2`` per row of ``logits`` ``[..., V]`` (after ``/ temperature``), float32
+    ``[...]``: ``exp(logsumexp(2 z) - 2 logsumexp(z))``, the input of
+    ``optimal_token_baseline_advantages`` (verl's ``calculate_sum_pi_squared``). No gradient."""
+    z = logits.detach().float() / temperature
+    return torch.exp(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+
+
+def optimal_token_baseline_advantages(
+    token_rewards: Tensor, mask: Tensor, old_logprobs: Tensor, sum_pi_sq: Tensor,
+    group_size: int | None = None, *, group_ids: Tensor | None = None,
+    rollout_weights: Tensor | None = None, handle_zero_tail: bool = True, eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """verl's optimal token baseline: (advantages, returns) float32 ``[N, T]``, 0 at masked
+    positions.
+
+    G_t: the returns-to-go of the masked rewards; w_t = 1 - 2 pi_t + sum_v pi_v^2 with
+    pi_t = exp(old_logprobs), times rho_t^2 with ``rollout_weights``; W_t = sum_{j <= t} m_j
+    w_j; per group and column t, B_t = sum_i m G W / (sum_i m W + eps) and A = (G - B) m. A
+    group of one has B = 0. ``handle_zero_tail``: the group's single longest response gets
+    B = 0 from the column of the second-longest length on (lengths count valid tokens)."""
+    n, steps = token_rewards.shape
+    ids = group_ids
+    if ids is None:
+        _groups(token_rewards[:, 0].contiguous(), group_size)   # checks group_size
+        ids = torch.arange(n, device=token_rewards.device) // group_size
+    _, same, size = _same_group(token_rewards[:, 0].contiguous(), None, ids)
+    m = mask.to(torch.float64)
+    returns = (token_rewards.double() * m).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * torch.exp(old_logprobs.double()) + sum_pi_sq.double()
+    if rollout_weights is not None:
+        w = w * rollout_weights.double() ** 2
+    cumulative = (w * m).cumsum(-1)
+    same = same.double()
+    baseline = (same @ (returns * cumulative * m)) / ((same @ (cumulative * m)) + eps)
+    baseline = torch.where(size[:, None] > 1, baseline, torch.zeros_like(baseline))
+    if handle_zero_tail:
+        lengths = m.sum(-1)
+        others = same * (1 - torch.eye(n, dtype=same.dtype, device=same.device))
+        second = torch.where(others > 0, lengths[None, :], -1.0).amax(-1)
+        longest = (lengths > second) & (size > 1)
+        columns = torch.arange(steps, device=m.device)[None, :]
+        tail = longest[:, None] & (columns >= second[:, None])
+        baseline = torch.where(tail, torch.zeros_like(baseline), baseline)
+    return ((returns - baseline) * m).float(), (returns * m).float()

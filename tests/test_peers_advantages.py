@@ -132,6 +132,26 @@ def test_gdpo_trl_normalize_then_sum():
     close(adv.gdpo_advantages(COMPONENTS, num_generations, weights=weights, eps=1e-4), trl)
 
 
+def otb_inputs():
+    g = torch.Generator().manual_seed(6)
+    token_rewards = torch.randn(MASK.shape, generator=g)
+    old = -torch.rand(MASK.shape, generator=g) * 3
+    logits = torch.randn(*MASK.shape, 11, generator=g)
+    rho = 0.5 + torch.rand(MASK.shape, generator=g)
+    return token_rewards, old, adv.sum_pi_squared(logits), rho
+
+
+def test_optimal_token_baseline_against_reference():
+    token_rewards, old, pi2, rho = otb_inputs()
+    for kw in (dict(group_ids=IDS, rollout_weights=rho), dict(group_size=5),
+               dict(group_ids=IDS, handle_zero_tail=False)):
+        ours = adv.optimal_token_baseline_advantages(token_rewards, MASK, old, pi2, **kw)
+        theirs = reference.advantages.optimal_token_baseline_advantages(
+            token_rewards, MASK, old, pi2, **kw)
+        for a, b in zip(ours, theirs, strict=True):
+            close(a, b)
+
+
 # --- verl's estimators on a uid index --------------------------------------------------------
 
 verl_core = pytest.importorskip(
@@ -246,3 +266,21 @@ def test_verl_gdpo():
     ours = adv.gdpo_advantages(COMPONENTS, weights=torch.tensor(weights), singleton="raw",
                                mask=MASK, group_ids=IDS)
     close(ours, theirs)
+
+
+def test_verl_optimal_token_baseline():
+    _, mask, index = verl_inputs()
+    token_rewards, old, pi2, rho = otb_inputs()
+    logits = torch.randn(*MASK.shape, 11, generator=torch.Generator().manual_seed(6))
+    direct = torch.softmax(logits, -1).pow(2).sum(-1)
+    close(adv.sum_pi_squared(logits), direct)
+    for weights in (None, rho):
+        for tail in (True, False):
+            theirs = verl_core.compute_optimal_token_baseline_advantage(
+                token_rewards, mask, index, old, pi2, rollout_is_weights=weights,
+                handle_zero_tail=tail)
+            ours = adv.optimal_token_baseline_advantages(
+                token_rewards, MASK, old, pi2, group_ids=IDS, rollout_weights=weights,
+                handle_zero_tail=tail)
+            close(ours[0], theirs[0])
+            close(ours[1], theirs[1] * mask)

@@ -27,6 +27,10 @@ correction when ``unbiased``, else the population std):
                    eps)]; the others and a group of one: 0
     GDPO           sum_k w_k (group advantage of component k), then (A - mean) / (std +
                    final_eps) over the batch, or whitened over the valid tokens (mask)
+    OTB            G_t - B_t, B_t = sum_g m G W / (sum_g m W + eps) per column, W_t the
+                   running sum of m (1 - 2 pi + sum pi^2) (rho^2); a group of one: B = 0;
+                   the group's single longest response: B = 0 from the second-longest
+                   length on
 
 Everything is computed in float64 Python and returned as float32 tensors.
 """
@@ -227,3 +231,46 @@ def gdpo_advantages(components: Tensor, group_size: int | None = None, *,
     mean = sum(total) / len(total)
     std = _std(total, True) if len(total) > 1 else 0.0
     return torch.tensor([(a - mean) / (std + final_eps) for a in total], dtype=torch.float32)
+
+
+def optimal_token_baseline_advantages(
+    token_rewards: Tensor, mask: Tensor, old_logprobs: Tensor, sum_pi_sq: Tensor,
+    group_size: int | None = None, *, group_ids: Tensor | None = None,
+    rollout_weights: Tensor | None = None, handle_zero_tail: bool = True, eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    n, steps = token_rewards.shape
+    valid = [[bool(mask[i, t]) for t in range(steps)] for i in range(n)]
+    returns = [[0.0] * steps for _ in range(n)]
+    weights = [[0.0] * steps for _ in range(n)]
+    for i in range(n):
+        running = 0.0
+        for t in reversed(range(steps)):
+            running += float(token_rewards[i, t]) if valid[i][t] else 0.0
+            returns[i][t] = running
+        total = 0.0
+        for t in range(steps):
+            if valid[i][t]:
+                w = 1 - 2 * math.exp(float(old_logprobs[i, t])) + float(sum_pi_sq[i, t])
+                if rollout_weights is not None:
+                    w *= float(rollout_weights[i, t]) ** 2
+                total += w
+            weights[i][t] = total
+    lengths = [sum(row) for row in valid]
+    members = _members(token_rewards[:, 0], group_size, group_ids)
+    adv = torch.zeros(n, steps, dtype=torch.float64)
+    ret = torch.zeros(n, steps, dtype=torch.float64)
+    for i in range(n):
+        group = members[i]
+        others = [lengths[j] for j in group if j != i]
+        zero_from = max(others) if handle_zero_tail and others and lengths[i] > max(others) \
+            else steps
+        for t in range(steps):
+            if not valid[i][t]:
+                continue
+            baseline = 0.0
+            if len(group) > 1 and t < zero_from:
+                num = sum(returns[j][t] * weights[j][t] for j in group if valid[j][t])
+                den = sum(weights[j][t] for j in group if valid[j][t]) + eps
+                baseline = num / den
+            adv[i, t], ret[i, t] = returns[i][t] - baseline, returns[i][t]
+    return adv.float(), ret.float()
