@@ -30,33 +30,40 @@ class PairCoefficients:
     pairs: dict[str, Tensor]   # float64 [b] per-pair values (and the scalar "nll_sum")
 
 
+def token_weights(valid: Tensor, config: PreferenceLossConfig) -> Tensor:
+    """float64 ``[2b, T]``: each token's weight in its sequence's log-prob sum, the mask, or
+    with ``ld_alpha`` (LD-DPO) ``ld_alpha`` on the valid tokens beyond the pair's shorter
+    length."""
+    m = valid.double()
+    if config.ld_alpha is None:
+        return m
+    b = m.shape[0] // 2
+    length = m.sum(-1)
+    shared = torch.minimum(length[:b], length[b:]).repeat(2)
+    position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
+    return torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
+
+
 def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
                     config: PreferenceLossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(policy score, reference score) per sequence, float64 ``[2b]``, and the per-token
-    derivative of the score ``d score / d logp_t``, float64 ``[2b, T]``.
+    """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``
+    (the last times ``token_weights`` is the per-token derivative).
 
     ``ref``: None, sums ``[2b]`` over the same masked tokens, or per-token ``[2b, T]``. With
     ``average_logprobs`` both scores are divided by the sequence's token count (an empty
-    sequence scores 0); with ``ld_alpha`` the tokens beyond the pair's shorter length weigh
-    ``ld_alpha`` (per-token ``ref`` only)."""
-    m = valid.double()
-    length = m.sum(-1)
+    sequence scores 0); with ``ld_alpha`` the tokens weigh ``token_weights`` (per-token
+    ``ref`` only)."""
+    weight = token_weights(valid, config)
+    length = valid.double().sum(-1)
     scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
-    weight = m
-    if config.ld_alpha is not None:
-        b = m.shape[0] // 2
-        shared = torch.minimum(length[:b], length[b:]).repeat(2)
-        position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
-        weight = torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
-    d_score = weight * scale[:, None]
-    score = (torch.where(valid, logp.double(), 0.0) * d_score).sum(-1)
+    score = (torch.where(valid, logp.double(), 0.0) * weight).sum(-1) * scale
     if not config.uses_reference:
         ref_score = torch.zeros_like(score)
     elif ref.dim() == 2:
-        ref_score = (torch.where(valid, ref.double(), 0.0) * d_score).sum(-1)
+        ref_score = (torch.where(valid, ref.double(), 0.0) * weight).sum(-1) * scale
     else:
         ref_score = ref.double() * scale
-    return score, ref_score, d_score
+    return score, ref_score, scale
 
 
 def transformed_scores(d: Tensor, config: PreferenceLossConfig) -> tuple[Tensor, Tensor]:
@@ -214,7 +221,8 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     and non-empty chosen sequence count (the normalisers of the pair mean and of the NLL), so
     chunks of pairs add up to the batch's loss and gradient exactly.
     """
-    score, ref_score, d_score = sequence_scores(logp, valid, ref, config)
+    score, ref_score, scale = sequence_scores(logp, valid, ref, config)
+    d_score = token_weights(valid, config) * scale[:, None]
     b = score.shape[0] // 2
     d = score - ref_score
     if config.loss_type == "orpo":
