@@ -28,11 +28,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..config import PolicyLossConfig
 from ..loss_weights import entropy_statistics
-from ..validation import check_loss_scale, check_target_range, check_temperature
+from ..validation import check_loss_scale, check_temperature
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .lm_head import (
@@ -52,7 +53,8 @@ from .policy_loss import (
     side_inputs,
     token_inputs,
 )
-from .row_sweeps import grad_sweep, stats_sweep
+from .row_sweeps import check_targets, grad_sweep, stats_sweep
+from .vocab_parallel import chunk_width, shard_backend
 
 CHUNK_BUDGET_BYTES = 512 * 2**20
 """Default budget for one chunk of logits (in the logits' dtype). A chunk is at least one
@@ -112,11 +114,12 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
                         ref_hidden, ref_weight, config, backend, chunk_size, loss_scale,
                         needs):
     write_grad = any(needs)
-    targets, valid = token_inputs(mask, targets, weight.shape[0])
+    targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
     batch, seq_len, _ = hidden.shape
     vocab = weight.shape[0]
     c, scale = chunk_config(decode_config(PolicyLossConfig, config), valid, loss_scale)
-    per_chunk = sequences_per_chunk(seq_len, vocab, hidden.element_size(), chunk_size, batch)
+    per_chunk = sequences_per_chunk(seq_len, chunk_width(vocab, backend), hidden.element_size(),
+                                    chunk_size, batch)
     if c.needs_whole_batch:  # batch-wide statistics no chunk scale carries: one chunk
         per_chunk = max(batch, 1)
     chunks = [slice(s, min(s + per_chunk, batch)) for s in range(0, batch, per_chunk)]
@@ -129,7 +132,7 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
                              for r in chunks])
         entropy_stats = entropy_statistics(entropy, valid.float(), c.top_entropy_quantile)
 
-    grads = HeadGradients(hidden, weight, bias, needs)
+    grads = HeadGradients(hidden, weight, bias, needs, backend)
     logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = torch.empty_like(logp)
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -249,6 +252,8 @@ def linear_policy_loss(
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
     **overrides: object,
 ) -> PolicyLossOutput:
     """``policy_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
@@ -263,7 +268,20 @@ def linear_policy_loss(
     gradients through the per-token coefficients, so the GEMMs produce them scaled (no extra
     pass). ``out.logprobs`` / ``out.entropy`` carry no gradient back (a nonzero one raises;
     use ``entropy_coef``, or ``rlhf_fast.linear_token_logprobs`` for other terms). Every
-    other argument, preset and field as in ``rlhf_fast.policy_loss``.
+    other argument, preset and field as in ``rlhf_fast.policy_loss``, and:
+
+        process_group: the tensor-parallel group when ``weight`` (and ``bias``,
+            ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows
+            (slices may be uneven; targets stay full-vocabulary ids): the results are the
+            full-vocabulary ones on every rank, the weight and bias gradients this rank's
+            slice, and dL/dhidden the full one (summed over the group: one all-reduce of
+            ``[B, T, H]``); row statistics cost two all-reduces of 20-24 bytes a row
+            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
+            chunks (sized by the widest slice).
+        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
+            from the slice widths, all-gathered once per group and width. When given with
+            uneven slices, give ``chunk_size`` too (chunks are then sized by the local width,
+            and must be the same on every rank).
     """
     c = _resolve_config(config, overrides)
     if backend not in BACKENDS:
@@ -271,6 +289,8 @@ def linear_policy_loss(
     loss_scale = check_loss_scale(loss_scale)
     check_linear(hidden, weight, bias)
     hidden, targets, flat = _as_batch(hidden, targets)
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight go together")
     if ref_hidden is not None:
@@ -304,10 +324,10 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp ``[B, T]``, entropy ``[B, T]`` or ``[0]``, stats ``[B, T, 3]``) of
     ``hidden @ weight.T (+ bias)``: one GEMM and one stats sweep per chunk."""
-    check_target_range(targets, weight.shape[0], ignore_index)
+    check_targets(targets, weight.shape[0], ignore_index, backend)
     batch, seq_len, _ = hidden.shape
-    per_chunk = sequences_per_chunk(seq_len, weight.shape[0], hidden.element_size(),
-                                    chunk_size, batch)
+    per_chunk = sequences_per_chunk(seq_len, chunk_width(weight.shape[0], backend),
+                                    hidden.element_size(), chunk_size, batch)
     logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     stats = hidden.new_empty((batch, seq_len, 3), dtype=torch.float32)
@@ -340,10 +360,10 @@ def linear_token_logprobs_backward_op(
     """(grad_hidden, grad_weight, grad_bias), ``[0]`` where not asked for: each chunk's
     logits recomputed (see the module docstring), gradient sweep, GEMMs 2-3."""
     needs = (need_hidden, need_weight, need_bias)
-    grads = HeadGradients(hidden, weight, bias, needs)
+    grads = HeadGradients(hidden, weight, bias, needs, backend)
     batch, seq_len, _ = hidden.shape
-    per_chunk = sequences_per_chunk(seq_len, weight.shape[0], hidden.element_size(),
-                                    chunk_size, batch)
+    per_chunk = sequences_per_chunk(seq_len, chunk_width(weight.shape[0], backend),
+                                    hidden.element_size(), chunk_size, batch)
     for s in range(0, batch, per_chunk):
         rows = slice(s, min(s + per_chunk, batch))
         logits = chunk_logits(hidden[rows], weight, bias)
@@ -404,6 +424,8 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``token_logprobs`` of ``hidden @ weight.T (+ bias)``, chunk by chunk.
 
@@ -414,12 +436,28 @@ def linear_token_logprobs(
     and bias. A target outside ``[0, V)`` other than ``ignore_index`` raises (checked on the
     device, as in ``token_logprobs``). ``torch.compile`` (``fullgraph=True``) sees it as one
     custom op (and one for its backward).
+
+    Args (vocabulary-parallel heads):
+        process_group: the tensor-parallel group when ``weight`` (and ``bias``,
+            ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows
+            (slices may be uneven; targets stay full-vocabulary ids): the results are the
+            full-vocabulary ones on every rank, the weight and bias gradients this rank's
+            slice, and dL/dhidden the full one (summed over the group: one all-reduce of
+            ``[B, T, H]``); row statistics cost two all-reduces of 20-24 bytes a row
+            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
+            chunks (sized by the widest slice).
+        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
+            from the slice widths, all-gathered once per group and width. When given with
+            uneven slices, give ``chunk_size`` too (chunks are then sized by the local width,
+            and must be the same on every rank).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_linear(hidden, weight, bias)
     hidden, targets, flat = _as_batch(hidden, targets)
     temperature = check_temperature(temperature)
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     logp, entropy, _ = linear_token_logprobs_op(hidden, weight, bias, targets, temperature,
                                                 int(ignore_index), bool(return_entropy),
                                                 backend, chunk_size)

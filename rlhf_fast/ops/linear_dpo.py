@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..preference_coefficients import preference_metrics
@@ -49,6 +50,7 @@ from .lm_head import (
     reference_logprobs,
 )
 from .policy_loss import IGNORE, token_inputs
+from .vocab_parallel import chunk_width, shard_backend
 
 
 def pair_chunks(num_pairs: int, pairs_per_chunk: int, device: torch.device
@@ -76,17 +78,17 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
                      backend, chunk_size, loss_scale, needs):
     write_grad = any(needs)
     c = decode_config(PreferenceLossConfig, config)
-    targets, valid = token_inputs(mask, targets, weight.shape[0])
+    targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
     num_pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
     vocab = weight.shape[0]
     # A pair is two sequences: size chunks as if it were one sequence of length 2T.
-    per_chunk = sequences_per_chunk(2 * seq_len, vocab, hidden.element_size(), chunk_size,
-                                    num_pairs)
+    per_chunk = sequences_per_chunk(2 * seq_len, chunk_width(vocab, backend),
+                                    hidden.element_size(), chunk_size, num_pairs)
     if c.loss_type in BATCH_SORTED_LOSSES:  # AOT sorts over the batch: one chunk
         per_chunk = max(num_pairs, 1)
     chosen_tokens = valid[:num_pairs].sum()
     chosen_sequences = valid[:num_pairs].any(-1).sum()
-    grads = HeadGradients(hidden, weight, bias, needs)
+    grads = HeadGradients(hidden, weight, bias, needs, backend)
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
     chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
     rejected = torch.empty_like(chosen)
@@ -195,6 +197,8 @@ def linear_dpo_loss(
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
 ) -> PreferenceLossOutput:
     """``dpo_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
 
@@ -207,7 +211,20 @@ def linear_dpo_loss(
     per chunk under no_grad (both at once raise). ``chunk_size``: pairs per chunk (default:
     as many as fit ``CHUNK_BUDGET_BYTES`` of logits). ``loss_scale`` multiplies the loss and
     the three gradients through the per-token coefficients, so the GEMMs produce them scaled
-    (no extra pass). Every other argument as in ``rlhf_fast.dpo_loss``.
+    (no extra pass). Every other argument as in ``rlhf_fast.dpo_loss``, and:
+
+        process_group: the tensor-parallel group when ``weight`` (and ``bias``,
+            ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows
+            (slices may be uneven; targets stay full-vocabulary ids): the results are the
+            full-vocabulary ones on every rank, the weight and bias gradients this rank's
+            slice, and dL/dhidden the full one (summed over the group: one all-reduce of
+            ``[B, T, H]``); row statistics cost two all-reduces of 20-24 bytes a row
+            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
+            chunks (sized by the widest slice).
+        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
+            from the slice widths, all-gathered once per group and width. When given with
+            uneven slices, give ``chunk_size`` too (chunks are then sized by the local width,
+            and must be the same on every rank).
     """
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
@@ -220,6 +237,8 @@ def linear_dpo_loss(
     loss_scale = check_loss_scale(loss_scale)
     check_linear(hidden, weight, bias)
     check_pair_batch(tuple(hidden.shape), "hidden")
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight go together")
     if ref_hidden is not None:

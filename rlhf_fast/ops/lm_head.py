@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .row_sweeps import stats_sweep
+from .vocab_parallel import all_reduce_hidden_grad
 
 
 def check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -61,12 +62,14 @@ def accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> 
 class HeadGradients:
     """The gradients of ``logits = hidden @ weight.T (+ bias)`` summed over chunks: GEMM 2
     into ``grad_hidden``, GEMM 3 into ONE float32 ``grad_weight`` buffer, the bias sum in
-    float32. Inputs that need no gradient get none (their GEMM is skipped)."""
+    float32. Inputs that need no gradient get none (their GEMM is skipped). With a
+    vocabulary shard in ``backend`` the weight holds this rank's rows only, and
+    ``grad_hidden`` is summed over the group in ``result`` (``vocab_parallel.py``)."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                 needs: tuple[bool, bool, bool]):
+                 needs: tuple[bool, bool, bool], backend: str = "auto"):
         need_h, need_w, need_b = needs
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.backend = weight, bias, backend
         self.hidden = torch.zeros_like(hidden) if need_h else None
         self.weight_acc = torch.zeros(weight.shape, dtype=torch.float32,
                                       device=weight.device) if need_w else None
@@ -95,6 +98,8 @@ class HeadGradients:
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where not
         needed; the float32 accumulators are cast once."""
+        if self.hidden is not None:
+            all_reduce_hidden_grad(self.hidden, self.backend)
         return (self.hidden,
                 self.weight_acc.to(self.weight.dtype) if self.weight_acc is not None else None,
                 self.bias_acc.to(self.bias.dtype) if self.bias_acc is not None else None)

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS, resolve_backend
 from ..config import PolicyLossConfig
@@ -38,7 +39,6 @@ from ..validation import (
     check_logits,
     check_loss_scale,
     check_mask,
-    check_target_range,
     check_token_tensor,
     float_token_tensor,
     mask_to_bool,
@@ -46,7 +46,8 @@ from ..validation import (
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .launch import FUSED_MAX_REGISTERS, row_launch, same_alignment
-from .row_sweeps import grad_sweep, stats_sweep
+from .row_sweeps import check_targets, grad_sweep, stats_sweep
+from .vocab_parallel import is_sharded, shard_backend
 
 IGNORE = -100
 """Targets of masked positions are replaced by this: their rows are skipped by both sweeps."""
@@ -160,12 +161,14 @@ OUTPUT_GRADIENT_REMEDY = (
     "return_entropy=True), whose outputs are differentiable.")
 
 
-def token_inputs(mask: Tensor, targets: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+def token_inputs(mask: Tensor, targets: Tensor, n_cols: int,
+                 backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(targets with ``IGNORE`` where the token does not count, bool ``valid``) from a bool or
-    0/1 mask; the mask values and the target range are checked on the device."""
+    0/1 mask; the mask values and the target range are checked on the device (for a
+    vocabulary shard in ``backend``, by the sharded stats sweep)."""
     valid = mask_to_bool(mask) & (targets != IGNORE)
     targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    check_target_range(targets, n_cols, IGNORE)
+    check_targets(targets, n_cols, IGNORE, backend)
     return targets, valid
 
 
@@ -193,7 +196,7 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
     (a float or a 0-dim tensor) multiplies the loss and the gradient.
     """
     if (write_grad and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
-            and resolve_backend(backend, logits) == "triton"):
+            and not is_sharded(backend) and resolve_backend(backend, logits) == "triton"):
         logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old, ref,
                                                   rollout, config, out, loss_scale=loss_scale)
         coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
@@ -216,7 +219,7 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
 def _policy_loss_impl(logits, targets, advantages, mask, old, ref, rollout, config, backend,
                       loss_scale, write_grad, out):
     c = decode_config(PolicyLossConfig, config)
-    targets, valid = token_inputs(mask, targets, logits.shape[-1])
+    targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
     coef, logp, entropy, grad = policy_forward(
         logits, targets, advantages, valid, old, ref, rollout, c, backend,
         write_grad=write_grad, out=out, loss_scale=loss_scale)
@@ -327,6 +330,8 @@ def policy_loss(
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
     **overrides: object,
 ) -> PolicyLossOutput:
     """Policy-gradient loss straight from the logits, in two reads and one write of them.
@@ -358,6 +363,13 @@ def policy_loss(
             coefficients in the forward pass (no extra pass), e.g. ``1 / grad_accum_steps``;
             the metrics are not scaled.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        process_group: the tensor-parallel group when ``logits`` hold only this rank's
+            contiguous slice of the vocabulary columns (slices may be uneven; targets stay
+            full-vocabulary ids): the results are the full-vocabulary ones on every rank and
+            the gradient is this rank's slice, the row statistics combined by two
+            all-reduces of 20-24 bytes a row (``rlhf_fast.ops.vocab_parallel``).
+        vocab_offset: the full-vocabulary id of this rank's first column; None: from the
+            slice widths, all-gathered once per group and width.
 
     Advantages and the old / reference / rollout log-probs are constants of the loss: no
     gradient flows to them (as in TRL, verl and OpenRLHF).
@@ -375,6 +387,8 @@ def policy_loss(
     loss_scale = check_loss_scale(loss_scale)
     check_logits(logits)
     check_token_tensor(targets, "targets", logits, integer=True)
+    backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
+                            logits.device)
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)

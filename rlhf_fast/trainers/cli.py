@@ -16,6 +16,11 @@ TINY_DEFAULTS = {"steps": 40, "batch_size": 64, "group_size": 8, "lr": 5e-5,
 """Settings of ``--model tiny`` (each one can still be overridden on the command line). The
 rest (``max_new_tokens``) comes from the task."""
 
+AGENTIC_TINY_DEFAULTS = {"steps": 30, "batch_size": 64, "group_size": 8,
+                         "mini_batch_size": 16, "lr": 5e-5, "eval_every": 10}
+"""``--model tiny`` settings of ``arpo`` / ``aepo`` (8 prompts x a budget of 8 trajectories,
+4 of them global samples; four optimiser steps per rollout, so the clip bounds engage)."""
+
 OPTIONS = {  # flag -> (config field, type, help)
     "--steps": ("steps", int, "iterations (tiny default 40)"),
     "--batch-size": ("batch_size", int, "completions per step (tiny default 64)"),
@@ -31,19 +36,25 @@ OPTIONS = {  # flag -> (config field, type, help)
     "--save-every": ("save_every", int, "checkpoint every N steps (always at the end)"),
     "--seed": ("seed", int, "seed of prompts, sampling and shuffling"),
     "--backend": ("backend", str, "rlhf_fast op backend: auto, triton or torch"),
+    "--initial-rollouts": ("initial_rollouts", int, "arpo / aepo: global samples per prompt "
+                                                    "(default half the group)"),
+    "--max-tool-calls": ("max_tool_calls", int, "arpo / aepo: tool calls per trajectory "
+                                                "(default 3)"),
 }
 
 
 def add_parser(sub) -> None:
+    from ..agents import AGENT_TASKS
     from ..tasks import TASKS
-    from .registry import ALGORITHMS
+    from .registry import AGENTIC_ALGORITHMS, ALGORITHMS
 
     p = sub.add_parser("train", help="train a causal LM with an RL algorithm on a task")
-    p.add_argument("algorithm", help=f"one of {', '.join(ALGORITHMS)}")
+    p.add_argument("algorithm", help=f"one of {', '.join([*ALGORITHMS, *AGENTIC_ALGORITHMS])}")
     p.add_argument("--model", default="tiny",
                    help="'tiny' (the embedded model, warmed up on the task) or a local "
                         "directory with a causal LM and its tokenizer")
-    p.add_argument("--task", default="sum3", help=f"embedded task: {', '.join(TASKS)}")
+    p.add_argument("--task", help=f"embedded task: {', '.join(TASKS)} (default sum3); for "
+                                  f"{', '.join(AGENTIC_ALGORITHMS)}: {', '.join(AGENT_TASKS)}")
     p.add_argument("--out", help="output directory (default: runs/ALGO-TASK)")
     p.add_argument("--loss", default="fused", choices=["fused", "reference"],
                    help="fused: linear_policy_loss on hidden states; reference: autograd "
@@ -72,11 +83,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tasks import get_task
-    from .registry import algorithm
+    from .registry import AGENTIC_ALGORITHMS, algorithm
 
     cls, _ = algorithm(args.algorithm)
-    task = get_task(args.task)
+    agentic = args.algorithm in AGENTIC_ALGORITHMS
+    task = _task(args.task, agentic)
     # Under torchrun (WORLD_SIZE set): one process per rank, the data-parallel trainer.
     distributed = "WORLD_SIZE" in os.environ
     rank = 0
@@ -93,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--data-parallel / --param-dtype need torchrun: torchrun "
                          "--nproc-per-node N -m rlhf_fast.cli train ...")
     try:
-        return _run(args, cls, task, rank, parallel if distributed else None)
+        return _run(args, cls, task, agentic, rank, parallel if distributed else None)
     finally:
         if distributed:
             dist.destroy_process_group()
 
 
-def _run(args, cls, task, rank: int, parallel) -> int:
+def _run(args, cls, task, agentic: bool, rank: int, parallel) -> int:
     import torch
 
     from ..tasks import warmed_up_tiny_model
@@ -110,12 +121,15 @@ def _run(args, cls, task, rank: int, parallel) -> int:
     tiny = args.model == "tiny"
     if args.threads or (tiny and not torch.cuda.is_available()):
         torch.set_num_threads(args.threads or 1)
+    defaults = (AGENTIC_TINY_DEFAULTS if agentic else TINY_DEFAULTS) if tiny else {}
     overrides = {"max_new_tokens": task.max_new_tokens, "loss_impl": args.loss,
-                 "gradient_checkpointing": args.gradient_checkpointing,
-                 **(TINY_DEFAULTS if tiny else {})}
+                 "gradient_checkpointing": args.gradient_checkpointing, **defaults}
     overrides.update({field: getattr(args, flag[2:].replace("-", "_"))
                       for flag, (field, _, _) in OPTIONS.items()
                       if getattr(args, flag[2:].replace("-", "_")) is not None})
+    if args.mini_batch_size is None and overrides.get("mini_batch_size") and \
+            overrides["batch_size"] % overrides["mini_batch_size"]:
+        del overrides["mini_batch_size"]   # the tiny default does not divide --batch-size
     config = make_config(args.algorithm, **overrides)
     if args.kl_coef is not None:
         config = (config.replace(kl_coef=args.kl_coef) if hasattr(config, "kl_coef")
@@ -157,6 +171,15 @@ def _run(args, cls, task, rank: int, parallel) -> int:
     if evals and "eval/accuracy" in evals[0]:
         summary["accuracy_before"] = evals[0]["eval/accuracy"]
         summary["accuracy_after"] = evals[-1]["eval/accuracy"]
+    if evals and "eval/sampled_accuracy" in evals[0]:
+        summary["sampled_accuracy_before"] = evals[0]["eval/sampled_accuracy"]
+        summary["sampled_accuracy_after"] = evals[-1]["eval/sampled_accuracy"]
+    steps = [h for h in history if "reward/mean" in h]
+    if agentic and steps:   # rollout trees: the first and last steps, and means over all
+        summary["reward_first_step"] = steps[0]["reward/mean"]
+        summary["reward_last_step"] = steps[-1]["reward/mean"]
+        summary["agent_means"] = {k: sum(h[k] for h in steps) / len(steps)
+                                  for k in steps[0] if k.startswith("agent/")}
     if rank != 0:
         return 0
     if parallel is not None:
@@ -166,6 +189,25 @@ def _run(args, cls, task, rank: int, parallel) -> int:
     if "accuracy_after" in summary:
         print(f"held-out accuracy {summary['accuracy_before']:.3f} -> "
               f"{summary['accuracy_after']:.3f}", end="; ")
+    if "sampled_accuracy_after" in summary:
+        print(f"sampled {summary['sampled_accuracy_before']:.3f} -> "
+              f"{summary['sampled_accuracy_after']:.3f}", end="; ")
     print(f"{trainer.step_count} steps in {elapsed:.1f} s; metrics {out / 'metrics.jsonl'}, "
           f"curves {out / 'curves.png'}, checkpoint {out / f'checkpoint-{trainer.step_count}'}")
     return 0
+
+
+def _task(name: str | None, agentic: bool):
+    """The embedded task ``name`` (default: ``shop`` for the agentic algorithms, else
+    ``sum3``); an agentic algorithm needs an agentic task and the others an arithmetic one."""
+    from ..agents import AGENT_TASKS, get_agent_task
+    from ..tasks import TASKS, get_task
+
+    if name is None:
+        return get_agent_task("shop") if agentic else get_task("sum3")
+    if agentic and name in TASKS:
+        raise ValueError(f"task {name!r} has no tools: arpo / aepo train on an agentic task "
+                         f"({', '.join(AGENT_TASKS)})")
+    if not agentic and name in AGENT_TASKS:
+        raise ValueError(f"task {name!r} needs tool calls: train it with arpo or aepo")
+    return get_agent_task(name) if agentic else get_task(name)

@@ -26,7 +26,8 @@ Keys (every trainer logs the same names; detached float values):
 
 Token metrics are means over valid tokens of the whole batch (never over padding), taken
 through the trainer's ``BatchStatistics``. Algorithms add their own keys under their name
-(``dapo/...``, ``reinforce/...``).
+(``dapo/...``, ``reinforce/...``); the agentic trainers log theirs under ``agent/...``
+(tool calls and errors, masked share, rollout-tree statistics: ``trainers/agentic.py``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from pathlib import Path
 
 PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("policy/kl", "kl"),
                  ("policy/entropy", "H"), ("policy/clip_frac_low", "clip_lo"),
-                 ("policy/clip_frac_high", "clip_hi"))
+                 ("policy/clip_frac_high", "clip_hi"), ("agent/tool_calls", "calls"),
+                 ("agent/branches_per_prompt", "branches"))
 """Shown on the progress bar (key, label)."""
 
 PLOT_KEYS = ("reward/mean", "eval/accuracy", "policy/kl", "policy/entropy",
-             "policy/clip_frac_high", "rollout/completion_length")
+             "policy/clip_frac_high", "rollout/completion_length", "eval/sampled_accuracy",
+             "agent/tool_calls", "agent/branches_per_prompt", "agent/distinct_per_prompt")
 """Panels of the PNG."""
 
 

@@ -171,7 +171,9 @@ def attention_implementation() -> str:
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory: bf16 on CUDA (float32 on the CPU) unless
     ``dtype`` is given, flash-attention 2 when installed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..tasks.tokenizer import load_tokenizer
 
     cuda = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -179,7 +181,7 @@ def load_causal_lm(path: str, dtype: torch.dtype | None = None):
         path, dtype=dtype, attn_implementation=attention_implementation())
     if cuda:
         model = model.cuda()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
