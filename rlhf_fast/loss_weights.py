@@ -10,19 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import PolicyLossConfig
+from .config import ROLLOUT_NORMALIZE_MIN, VESPO_LOG_W_BOUNDS, VESPO_MIN_LAMBDA, PolicyLossConfig
 
 
 def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None = None,
-                        max_length: int | None = None) -> Tensor:
+                        max_length: int | None = None, count_empty: bool = False) -> Tensor:
     """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype.
 
     ``token_mean``: 1 / sum(m); ``seq_mean_token_mean``: 1 / (L_i * non-empty sequences);
     ``seq_mean_token_sum``: 1 / non-empty sequences; ``seq_mean_token_sum_norm``:
-    1 / (B * max_length), max_length defaulting to T. ``normalizer`` replaces the count.
+    1 / (B * max_length), max_length defaulting to T. ``normalizer`` replaces the count;
+    ``count_empty``: the sequence count is B (empty sequences count).
     """
     lengths = mask.sum(-1, keepdim=True)
-    n_seq = (lengths > 0).sum().clamp(min=1)
+    n_seq = (lengths > 0).sum().clamp(min=1) if not count_empty else max(mask.shape[0], 1)
     norm = normalizer
     if aggregation == "token_mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
@@ -36,11 +37,37 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
     return mask / (norm if norm is not None else mask.shape[0] * max_length)
 
 
+def term_weights(mask: Tensor, entropy_mask: Tensor, config: PolicyLossConfig
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Aggregation weights of the policy, KL and entropy terms, ``[B, T]`` each.
+
+    The policy term uses ``aggregation`` / ``normalizer``; the KL term the same unless
+    ``kl_aggregation`` is set (then with ``kl_normalizer``); the entropy bonus the policy
+    weights times the top-entropy mask unless ``entropy_aggregation`` is set, in which case
+    it is aggregated over the tokens it acts on (``mask * entropy_mask``) alone."""
+    c = config
+    policy = aggregation_weights(mask, c.aggregation, c.normalizer, c.max_length,
+                                 c.count_empty_sequences)
+    kl = policy
+    if c.kl_aggregation is not None:
+        kl = aggregation_weights(mask, c.kl_aggregation, c.kl_normalizer, c.max_length,
+                                 c.count_empty_sequences)
+    entropy = policy * entropy_mask
+    if c.entropy_aggregation is not None:
+        entropy = aggregation_weights(mask * entropy_mask, c.entropy_aggregation,
+                                      c.entropy_normalizer, c.max_length,
+                                      c.count_empty_sequences)
+    return policy, kl, entropy
+
+
 def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
-    """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
+    """Denominator of per-sequence losses (GMPO): ``normalizer``, or the non-empty sequences
+    (all B with ``count_empty_sequences``)."""
     if config.normalizer is not None:
         # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
         return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
+    if config.count_empty_sequences:
+        return torch.full((), max(mask.shape[0], 1), dtype=mask.dtype, device=mask.device)
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
@@ -94,15 +121,114 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
 
 def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
                     config: PolicyLossConfig) -> Tensor:
-    """Truncated importance weights against the inference engine (1 when off)."""
-    if config.rollout_correction is None or rollout is None:
+    """Importance weights against the inference engine (1 when off): truncated or masked
+    to [rollout_floor, rollout_cap], per token or per sequence, or token weights gated by the
+    sequence's geometric mean; optionally divided by their batch mean."""
+    mode = config.rollout_correction
+    if mode is None or rollout is None:
         return torch.ones_like(old)
     log_w = old - rollout.to(old.dtype)
     if config.log_ratio_clamp is not None:
         log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-    if config.rollout_correction.startswith("sequence"):
-        log_w = (log_w * mask).sum(-1, keepdim=True).expand_as(old)
+    per_sequence = mode in ("sequence_truncate", "sequence_mask")
+    sequence_log_w = (log_w * mask).sum(-1, keepdim=True)
+    if per_sequence:
+        log_w = sequence_log_w.expand_as(old)
     w = torch.exp(log_w)
-    if config.rollout_correction.endswith("truncate"):
-        return torch.clamp(w, max=config.rollout_cap)
-    return torch.where(w <= config.rollout_cap, w, torch.zeros_like(w))
+    cap, floor = config.rollout_cap, config.rollout_floor
+    if mode == "sequence_gate":
+        gate = torch.exp(sequence_log_w / mask.sum(-1, keepdim=True).clamp(min=1))
+        w = torch.where(_in_band(gate, floor, cap), w, torch.zeros_like(w))
+    elif mode.endswith("truncate"):
+        w = torch.clamp(w, min=floor, max=cap)
+    else:
+        w = torch.where(_in_band(w, floor, cap), w, torch.zeros_like(w))
+    if config.rollout_normalize:
+        if per_sequence:
+            units, counted = w[:, :1], (mask.sum(-1, keepdim=True) > 0).to(w.dtype)
+        else:
+            units, counted = w, mask
+        mean = (units * counted).sum() / counted.sum().clamp(min=1)
+        w = torch.where(mean > ROLLOUT_NORMALIZE_MIN, w / mean, w)
+    return w
+
+
+def _in_band(x: Tensor, floor: float | None, cap: float) -> Tensor:
+    inside = x <= cap
+    return inside if floor is None else inside & (x >= floor)
+
+
+def off_policy_mask(advantages: Tensor, logp: Tensor, behaviour: Tensor, mask: Tensor,
+                    threshold: float | None) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask: 0 for the tokens with A < 0 of a sequence
+    whose mean of (behaviour - logp) over valid tokens exceeds ``threshold``, else 1."""
+    if threshold is None:
+        return torch.ones_like(logp)
+    divergence = ((behaviour - logp) * mask).sum(-1, keepdim=True)
+    mean = divergence / mask.sum(-1, keepdim=True).clamp(min=1)
+    return ((advantages >= 0) | (mean <= threshold)).to(logp.dtype)
+
+
+def dppo_keep(logp: Tensor, old: Tensor, advantages: Tensor, config: PolicyLossConfig
+              ) -> Tensor:
+    """DPPO's trust-region mask (1 inside, 0 outside) on the probabilities p = exp(logp),
+    p_old = exp(old): total variation p - p_old, or the binary KL of (p_old, p)."""
+    p, p_old = torch.exp(logp), torch.exp(old)
+    high, low = config.clip_eps_high, config.clip_eps_low
+    if config.objective == "dppo_tv":
+        keep_pos, keep_neg = p - p_old <= high, p - p_old >= -low
+    else:
+        binary_kl = p_old * (old - logp) + (1 - p_old) * torch.log(
+            (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        keep_pos = (binary_kl <= high) | (p <= p_old)
+        keep_neg = (binary_kl <= low) | (p >= p_old)
+    return torch.where(advantages > 0, keep_pos, keep_neg).to(logp.dtype)
+
+
+def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, is_weight: Tensor,
+                  config: PolicyLossConfig) -> Tensor:
+    """VESPO's detached gamma weight phi ``[B, T]``: log W = clamp(sum_t m log r_t (+ the
+    rollout correction's log rho, once per sequence or summed over valid tokens), log 1e-8,
+    20); log phi = lam + k log W - lam W with (k, lam) by A >= 0; non-finite phi -> 0."""
+    low, high = VESPO_LOG_W_BOUNDS
+    log_w = (log_ratio * mask).sum(-1, keepdim=True)
+    if config.rollout_correction is not None:
+        log_rho = torch.log(is_weight).clamp(low, high)
+        if config.rollout_correction in ("sequence_truncate", "sequence_mask"):
+            log_w = log_w + log_rho[:, :1]
+        else:
+            log_w = log_w + (log_rho * mask).sum(-1, keepdim=True)
+    log_w = log_w.clamp(low, high)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, config.vespo_lambda_pos,
+                      config.vespo_lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(torch.isfinite(phi), phi, torch.zeros_like(phi))
+
+
+def covariance_selection(advantages: Tensor, logp: Tensor, mask: Tensor, eligible: Tensor,
+                         config: PolicyLossConfig) -> Tensor:
+    """The tokens ``cov_selection`` picks (float 0/1 ``[B, T]``), without a host read: the
+    covariance cov_t = (A_t - mean A)(logp_t - mean logp) over valid tokens, k = max(floor(
+    cov_ratio * valid tokens), 1); ``clip_cov``: k of the ``eligible`` tokens with
+    cov_lower < cov < cov_upper at random (the k smallest of torch.rand(B, T)); ``kl_cov``:
+    the k valid tokens of largest cov (ties: the earlier flattened position)."""
+    valid = mask > 0
+    count = mask.sum()
+    denom = count.clamp(min=1)
+    mean_adv = (advantages * mask).sum() / denom
+    mean_logp = (logp * mask).sum() / denom
+    cov = (advantages - mean_adv) * (logp - mean_logp)
+    k = (count.double() * config.cov_ratio).floor().clamp(min=1)
+    if config.cov_selection == "clip_cov":
+        pool = valid & eligible & (cov > config.cov_lower) & (cov < config.cov_upper)
+        priority = torch.rand(logp.shape, dtype=torch.float32, device=logp.device)
+        key = torch.where(pool, priority, 2.0)
+    else:
+        pool = valid
+        key = torch.where(pool, -cov.float(), float("inf"))
+    order = key.flatten().argsort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return (pool & (rank.view(logp.shape) < k)).to(logp.dtype)

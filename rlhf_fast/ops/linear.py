@@ -98,8 +98,8 @@ def chunk_config(c: PolicyLossConfig, valid: Tensor, loss_scale: float
     whole batch's, not a chunk's. A count taken from the mask stays on the device (no host
     sync): the chunks get ``normalizer=1`` and the scale ``loss_scale / count``; constant
     denominators (``normalizer``, ``B * max_length``) go into the config as before."""
-    if c.normalizer is not None:
-        return c, loss_scale
+    if c.normalizer is not None or c.needs_whole_batch:
+        return c, loss_scale  # (a whole-batch config runs in one chunk)
     if c.aggregation == "seq_mean_token_sum_norm":
         max_length = c.max_length if c.max_length is not None else valid.shape[1]
         return c.replace(normalizer=float(valid.shape[0] * max_length)), loss_scale
@@ -117,10 +117,12 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
     batch, seq_len, _ = hidden.shape
     vocab = weight.shape[0]
+    c, scale = chunk_config(decode_config(PolicyLossConfig, config), valid, loss_scale)
     per_chunk = sequences_per_chunk(seq_len, chunk_width(vocab, backend), hidden.element_size(),
                                     chunk_size, batch)
+    if c.needs_whole_batch:  # batch-wide statistics no chunk scale carries: one chunk
+        per_chunk = max(batch, 1)
     chunks = [slice(s, min(s + per_chunk, batch)) for s in range(0, batch, per_chunk)]
-    c, scale = chunk_config(decode_config(PolicyLossConfig, config), valid, loss_scale)
 
     entropy_stats = None
     if c.entropy_advantage_alpha is not None or c.top_entropy_quantile is not None:

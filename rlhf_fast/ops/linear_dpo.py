@@ -18,6 +18,7 @@ run inside the custom op ``rlhf_fast::linear_dpo_loss`` (one opaque node for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..preference_coefficients import preference_metrics
-from ..preference_config import PreferenceLossConfig
+from ..preference_config import BATCH_SORTED_LOSSES, PreferenceLossConfig
 from ..validation import check_loss_scale
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .dpo import (
@@ -83,7 +84,10 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     # A pair is two sequences: size chunks as if it were one sequence of length 2T.
     per_chunk = sequences_per_chunk(2 * seq_len, chunk_width(vocab, backend),
                                     hidden.element_size(), chunk_size, num_pairs)
+    if c.loss_type in BATCH_SORTED_LOSSES:  # AOT sorts over the batch: one chunk
+        per_chunk = max(num_pairs, 1)
     chosen_tokens = valid[:num_pairs].sum()
+    chosen_sequences = valid[:num_pairs].any(-1).sum()
     grads = HeadGradients(hidden, weight, bias, needs, backend)
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
     chosen = hidden.new_empty(num_pairs, dtype=torch.float32)
@@ -99,6 +103,7 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
         coef, grad_logits = preference_forward(
             logits, targets_c, _rows(valid, index), ref_c, c, backend,
             num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=write_grad,
+            chosen_sequences=chosen_sequences,
             out=logits, loss_scale=loss_scale)
         loss += coef.loss
         parts.append(coef.pairs)
@@ -175,7 +180,7 @@ def linear_dpo_loss(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     average_logprobs: bool | None = None,
     nll_coef: float = 0.0,
@@ -183,6 +188,12 @@ def linear_dpo_loss(
     reference_free: bool = False,
     temperature: float = 1.0,
     discopop_tau: float | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    ld_alpha: float | None = None,
+    nll_aggregation: str = "token_mean",
+    alphapo: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -218,7 +229,9 @@ def linear_dpo_loss(
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
-                         discopop_tau=discopop_tau)
+                         discopop_tau=discopop_tau, f_divergence=f_divergence,
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
+                         alphapo=alphapo, loss_weights=loss_weights)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)

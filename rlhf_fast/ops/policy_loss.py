@@ -65,10 +65,18 @@ def fused_token_level(c: PolicyLossConfig, old: Tensor | None) -> bool:
     """True when every token's coefficient depends only on the token and on weights known
     from the mask, so one kernel can compute loss and gradient."""
     token_rollout = c.rollout_correction in (None, "token_truncate", "token_mask")
-    return (c.ratio_level == "token" and c.objective != "gmpo"
+    return (c.ratio_level == "token" and c.objective in OBJECTIVE_CODES
             and c.entropy_advantage_alpha is None and c.top_entropy_quantile is None
             # On-policy rollout weights depend on logp itself: not known before the sweep.
-            and token_rollout and (c.rollout_correction is None or old is not None))
+            and token_rollout and (c.rollout_correction is None or old is not None)
+            # Not in the kernel yet (the two-sweep path computes them): other KL estimators
+            # and gradients, per-term aggregations, empty-sequence counts, batch-normalised
+            # rollout weights, the off-policy mask and the covariance selection.
+            and c.kl_estimator in KL_CODES and c.kl_gradient == "estimator"
+            and not c.kl_ratio_weighted and c.kl_aggregation is None
+            and c.entropy_aggregation is None and not c.count_empty_sequences
+            and not c.rollout_normalize and c.off_policy_mask_threshold is None
+            and c.cov_selection is None)
 
 
 def _kl_mode(c: PolicyLossConfig, ref: Tensor | None) -> int:
@@ -443,10 +451,13 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
                          "reference log-probs would come from two places)")
     if c.rollout_correction is not None and rollout is None:
         raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.rollout_correction is None and rollout is not None:
-        raise ValueError("rollout_logprobs are given but rollout_correction is None, so they "
-                         "would be ignored: set rollout_correction ('token_truncate', "
-                         "'token_mask', 'sequence_truncate', 'sequence_mask') or drop them")
+    if c.rollout_correction is None and c.off_policy_mask_threshold is None \
+            and rollout is not None:
+        raise ValueError("rollout_logprobs are given but rollout_correction is None (and so "
+                         "is off_policy_mask_threshold), so they would be ignored: set "
+                         "rollout_correction ('token_truncate', 'token_mask', "
+                         "'sequence_truncate', 'sequence_mask', 'sequence_gate') or "
+                         "off_policy_mask_threshold, or drop them")
     has_ref = ref is not None or bool(ref_model)
     if c.kl_reference == "old" and has_ref:
         raise ValueError(f"ref_logprobs{alternatives} are given but kl_reference='old' (the "
