@@ -17,7 +17,8 @@ Public API (see docs/architecture.md, Public API):
 
 The pieces around the loss are submodules, imported on first use (``import rlhf_fast`` stays
 as cheap as the ops alone): ``rlhf_fast.advantages``, ``rlhf_fast.gae``, ``rlhf_fast.value``,
-``rlhf_fast.kl_control``, ``rlhf_fast.reward_shaping`` and ``rlhf_fast.reference``.
+``rlhf_fast.kl_control``, ``rlhf_fast.entropy_control``, ``rlhf_fast.reward_shaping``,
+``rlhf_fast.rollout_correction`` and ``rlhf_fast.reference``.
 """
 
 import importlib
@@ -31,7 +32,8 @@ from .ops.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
 
-LAZY_SUBMODULES = ("advantages", "gae", "kl_control", "reference", "reward_shaping", "value")
+LAZY_SUBMODULES = ("advantages", "entropy_control", "gae", "kl_control", "reference",
+                   "reward_shaping", "rollout_correction", "value")
 """Submodules reachable as attributes of ``rlhf_fast`` without importing them up front."""
 
 

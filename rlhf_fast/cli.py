@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which suite to run (default: all): logprobs = token_logprobs; "
                         "policy = policy_loss; linear = linear_policy_loss / "
                         "linear_token_logprobs from hidden states; dpo = dpo_loss / "
-                        "linear_dpo_loss; gae = rlhf_fast.gae.gae; train = one GRPO "
+                        "linear_dpo_loss; gae = rlhf_fast.gae.gae; train = one GRPO and one PPO "
                         "training step of a Hugging Face model, fused vs reference loss")
     b.add_argument("--shapes", default="quick", choices=["quick", "full", "tiny"],
                    help="quick (default): one shape per suite (CPU: small, e.g. N=512 "

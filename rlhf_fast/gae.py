@@ -3,9 +3,13 @@
     delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
     R_t = A_t + V_t,   with V_{T} = A_{T} = 0 past the last valid token.
 
-Masked positions (multi-turn tool output, padding) are skipped: the recursion carries
-``V_{t+1}`` and ``A_{t+1}`` across them unchanged (verl's convention), and they get
-``A = R = 0``. Whitening is separate (``rlhf_fast.advantages.masked_whiten``).
+Masked positions (multi-turn tool output, padding) are skipped by default
+(``masked_gaps="skip"``): the recursion carries ``V_{t+1}`` and ``A_{t+1}`` across them
+unchanged (verl's convention). ``masked_gaps="zero"`` is OpenRLHF's: rewards and values are
+zeroed at masked positions and the recursion runs through them, so a gap of k positions
+discounts what lies beyond it by (gamma * lam)^k and cuts V_{t+1} to 0 at its edge. Either
+way masked positions get ``A = R = 0``. Whitening is separate
+(``rlhf_fast.advantages.masked_whiten``).
 """
 
 from __future__ import annotations
@@ -60,21 +64,34 @@ def _gae_triton(r: Tensor, v: Tensor, m: Tensor, gamma: float, lam: float):
     return adv, ret
 
 
+MASKED_GAPS = ("skip", "zero")
+"""``gae(masked_gaps=...)``: verl's skip, OpenRLHF's zeroed rewards and values."""
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0,
-        *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+        *, backend: str = "auto", masked_gaps: str = "skip") -> tuple[Tensor, Tensor]:
     """Advantages and returns, float32 ``[B, T]`` (0 at masked positions), computed in float64.
 
     rewards, values: float ``[B, T]`` (token rewards, e.g. ``-beta * kl_t`` plus the score at
     the last valid token; value estimates); mask: ``[B, T]`` bool or 0/1; gamma, lam in
-    [0, 1] (verl's defaults are 1 and 1). No gradient flows.
+    [0, 1] (verl's defaults are 1 and 1); masked_gaps: ``"skip"`` (verl) or ``"zero"``
+    (OpenRLHF; module docstring). No gradient flows.
     """
     _check(rewards, values, mask, gamma, lam)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if masked_gaps not in MASKED_GAPS:
+        raise ValueError(f"masked_gaps must be one of {MASKED_GAPS}, got {masked_gaps!r}")
     r = rewards.detach().float().contiguous()
     v = values.detach().float().contiguous()
     m = mask.detach().to(torch.float32).contiguous()
-    return gae_op(r, v, m, float(gamma), float(lam), backend)
+    if masked_gaps == "skip":
+        return gae_op(r, v, m, float(gamma), float(lam), backend)
+    # OpenRLHF: zeroed rewards and values, the recursion over every position (trailing
+    # padding adds 0); the masked outputs are then set to 0 like the skip mode's.
+    adv, ret = gae_op((r * m).contiguous(), (v * m).contiguous(), torch.ones_like(m),
+                      float(gamma), float(lam), backend)
+    return adv * m, ret * m
 
 
 @torch.library.custom_op("rlhf_fast::gae", mutates_args=())

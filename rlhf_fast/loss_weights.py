@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import PolicyLossConfig
+from .config import ROLLOUT_NORMALIZE_MIN, VESPO_LOG_W_BOUNDS, VESPO_MIN_LAMBDA, PolicyLossConfig
 from .ops.packing import Layout, Padded
 
 
@@ -23,19 +23,22 @@ def _layout(layout: Layout | None, mask: Tensor) -> Layout:
 
 
 def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None = None,
-                        max_length: int | None = None, layout: Layout | None = None) -> Tensor:
+                        max_length: int | None = None, count_empty: bool = False,
+                        layout: Layout | None = None) -> Tensor:
     """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` (or ``[1, N]`` packed) of 0/1
     in the working dtype.
 
     ``token_mean``: 1 / sum(m); ``seq_mean_token_mean``: 1 / (L_i * non-empty sequences);
     ``seq_mean_token_sum``: 1 / non-empty sequences; ``seq_mean_token_sum_norm``:
     1 / (B * max_length), max_length defaulting to T (a packed batch has no T: it needs
-    ``max_length`` or ``normalizer``). ``normalizer`` replaces the count.
+    ``max_length`` or ``normalizer``). ``normalizer`` replaces the count; ``count_empty``:
+    the sequence count is B (S packed; empty sequences count).
     """
     layout = _layout(layout, mask)
     seq_lengths = layout.seq_sum(mask)
     lengths = layout.per_token(seq_lengths)
-    n_seq = (seq_lengths > 0).sum().clamp(min=1)
+    n_seq = (seq_lengths > 0).sum().clamp(min=1) if not count_empty \
+        else max(layout.num_sequences, 1)
     norm = normalizer
     if aggregation == "token_mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
@@ -52,13 +55,44 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
     return mask / (norm if norm is not None else layout.num_sequences * max_length)
 
 
+def term_weights(mask: Tensor, entropy_mask: Tensor, config: PolicyLossConfig,
+                 layout: Layout | None = None, policy: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Aggregation weights of the policy, KL and entropy terms, ``[B, T]`` (``[1, N]``) each.
+
+    The policy term uses ``aggregation`` / ``normalizer`` (or ``policy``, weights computed
+    over the whole batch by a caller that sees a chunk of it); the KL term the same unless
+    ``kl_aggregation`` is set (then with ``kl_normalizer``); the entropy bonus the policy
+    weights times the top-entropy mask unless ``entropy_aggregation`` is set, in which case
+    it is aggregated over the tokens it acts on (``mask * entropy_mask``) alone."""
+    c = config
+    if policy is None:
+        policy = aggregation_weights(mask, c.aggregation, c.normalizer, c.max_length,
+                                     c.count_empty_sequences, layout)
+    kl = policy
+    if c.kl_aggregation is not None:
+        kl = aggregation_weights(mask, c.kl_aggregation, c.kl_normalizer, c.max_length,
+                                 c.count_empty_sequences, layout)
+    entropy = policy * entropy_mask
+    if c.entropy_aggregation is not None:
+        entropy = aggregation_weights(mask * entropy_mask, c.entropy_aggregation,
+                                      c.entropy_normalizer, c.max_length,
+                                      c.count_empty_sequences, layout)
+    return policy, kl, entropy
+
+
 def sequence_count(mask: Tensor, config: PolicyLossConfig,
                    layout: Layout | None = None) -> Tensor:
-    """Denominator of per-sequence losses (GMPO): ``normalizer`` or non-empty sequences."""
+    """Denominator of per-sequence losses (GMPO): ``normalizer``, or the non-empty sequences
+    (all B, or S packed, with ``count_empty_sequences``)."""
     if config.normalizer is not None:
         # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
         return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
-    return (_layout(layout, mask).seq_sum(mask) > 0).sum().clamp(min=1).to(mask.dtype)
+    layout = _layout(layout, mask)
+    if config.count_empty_sequences:
+        return torch.full((), max(layout.num_sequences, 1), dtype=mask.dtype,
+                          device=mask.device)
+    return (layout.seq_sum(mask) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def entropy_statistics(entropy: Tensor, mask: Tensor, quantile: float | None) -> dict:
@@ -109,12 +143,6 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
     return (entropy >= stats["threshold"]).to(entropy.dtype)
 
 
-def _truncated(w: Tensor, config: PolicyLossConfig) -> Tensor:
-    if config.rollout_correction.endswith("truncate"):
-        return torch.clamp(w, max=config.rollout_cap)
-    return torch.where(w <= config.rollout_cap, w, torch.zeros_like(w))
-
-
 def _rollout_log_weights(old: Tensor, rollout: Tensor, config: PolicyLossConfig) -> Tensor:
     log_w = old - rollout.to(old.dtype)
     if config.log_ratio_clamp is not None:
@@ -124,25 +152,124 @@ def _rollout_log_weights(old: Tensor, rollout: Tensor, config: PolicyLossConfig)
 
 def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
                     config: PolicyLossConfig, layout: Layout | None = None) -> Tensor:
-    """Truncated importance weights against the inference engine (1 when off)."""
-    if config.rollout_correction is None or rollout is None:
+    """Importance weights against the inference engine (1 when off): truncated or masked
+    to [rollout_floor, rollout_cap], per token or per sequence, or token weights gated by the
+    sequence's geometric mean; optionally divided by their batch mean."""
+    mode = config.rollout_correction
+    if mode is None or rollout is None:
         return torch.ones_like(old)
-    if config.rollout_correction.startswith("sequence"):
-        layout = _layout(layout, mask)
-        w = rollout_sequence_weights(old, rollout, mask, config, layout)
-        return layout.per_token(w).expand_as(old)
-    return _truncated(torch.exp(_rollout_log_weights(old, rollout, config)), config)
-
-
-def rollout_sequence_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
-                             config: PolicyLossConfig, layout: Layout | None = None
-                             ) -> Tensor:
-    """Per-sequence ``[S]`` weights of sequence-level rollout correction: the product of the
-    token ratios (the exp of the masked sum of log-ratios), truncated or masked at the cap;
-    1 when there is no sequence-level correction."""
     layout = _layout(layout, mask)
-    if config.rollout_correction is None or rollout is None \
-            or not config.rollout_correction.startswith("sequence"):
-        return torch.ones(layout.num_sequences, dtype=old.dtype, device=old.device)
-    log_w = layout.seq_sum(_rollout_log_weights(old, rollout, config) * mask)
-    return _truncated(torch.exp(log_w), config)
+    log_w = _rollout_log_weights(old, rollout, config)
+    per_sequence = mode in ("sequence_truncate", "sequence_mask")
+    seq_log_w = layout.seq_sum(log_w * mask)                        # [B] / [S]
+    sequence_log_w = layout.per_token(seq_log_w)
+    if per_sequence:
+        log_w = sequence_log_w.expand_as(old)
+    w = torch.exp(log_w)
+    cap, floor = config.rollout_cap, config.rollout_floor
+    if mode == "sequence_gate":
+        lengths = layout.per_token(layout.seq_sum(mask))
+        gate = torch.exp(sequence_log_w / lengths.clamp(min=1))
+        w = torch.where(_in_band(gate, floor, cap), w, torch.zeros_like(w))
+    else:
+        w = _bounded(w, mode, floor, cap)
+    if config.rollout_normalize:
+        if per_sequence:  # one unit per sequence (its weight), the non-empty ones counted
+            units = _bounded(torch.exp(seq_log_w), mode, floor, cap)
+            counted = (layout.seq_sum(mask) > 0).to(w.dtype)
+        else:
+            units, counted = w, mask
+        mean = (units * counted).sum() / counted.sum().clamp(min=1)
+        w = torch.where(mean > ROLLOUT_NORMALIZE_MIN, w / mean, w)
+    return w
+
+
+def _bounded(w: Tensor, mode: str, floor: float | None, cap: float) -> Tensor:
+    """Truncated to [floor, cap] (``*_truncate``), or zero outside it (``*_mask``)."""
+    if mode.endswith("truncate"):
+        return torch.clamp(w, min=floor, max=cap)
+    return torch.where(_in_band(w, floor, cap), w, torch.zeros_like(w))
+
+
+def _in_band(x: Tensor, floor: float | None, cap: float) -> Tensor:
+    inside = x <= cap
+    return inside if floor is None else inside & (x >= floor)
+
+
+def off_policy_mask(advantages: Tensor, logp: Tensor, behaviour: Tensor, mask: Tensor,
+                    threshold: float | None, layout: Layout | None = None) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask: 0 for the tokens with A < 0 of a sequence
+    whose mean of (behaviour - logp) over valid tokens exceeds ``threshold``, else 1."""
+    if threshold is None:
+        return torch.ones_like(logp)
+    layout = _layout(layout, mask)
+    divergence = layout.per_token(layout.seq_sum((behaviour - logp) * mask))
+    mean = divergence / layout.per_token(layout.seq_sum(mask)).clamp(min=1)
+    return ((advantages >= 0) | (mean <= threshold)).to(logp.dtype)
+
+
+def dppo_keep(logp: Tensor, old: Tensor, advantages: Tensor, config: PolicyLossConfig
+              ) -> Tensor:
+    """DPPO's trust-region mask (1 inside, 0 outside) on the probabilities p = exp(logp),
+    p_old = exp(old): total variation p - p_old, or the binary KL of (p_old, p)."""
+    p, p_old = torch.exp(logp), torch.exp(old)
+    high, low = config.clip_eps_high, config.clip_eps_low
+    if config.objective == "dppo_tv":
+        keep_pos, keep_neg = p - p_old <= high, p - p_old >= -low
+    else:
+        binary_kl = p_old * (old - logp) + (1 - p_old) * torch.log(
+            (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        keep_pos = (binary_kl <= high) | (p <= p_old)
+        keep_neg = (binary_kl <= low) | (p >= p_old)
+    return torch.where(advantages > 0, keep_pos, keep_neg).to(logp.dtype)
+
+
+def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, is_weight: Tensor,
+                  config: PolicyLossConfig, layout: Layout | None = None) -> Tensor:
+    """VESPO's detached gamma weight phi ``[B, T]``: log W = clamp(sum_t m log r_t (+ the
+    rollout correction's log rho, once per sequence or summed over valid tokens), log 1e-8,
+    20); log phi = lam + k log W - lam W with (k, lam) by A >= 0; non-finite phi -> 0."""
+    low, high = VESPO_LOG_W_BOUNDS
+    layout = _layout(layout, mask)
+    log_w = layout.seq_sum(log_ratio * mask)                         # [B] / [S]
+    if config.rollout_correction is not None:
+        log_rho = torch.log(is_weight).clamp(low, high)
+        if config.rollout_correction in ("sequence_truncate", "sequence_mask"):
+            log_w = log_w + layout.first(log_rho)
+        else:
+            log_w = log_w + layout.seq_sum(log_rho * mask)
+    log_w = layout.per_token(log_w)
+    log_w = log_w.clamp(low, high)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, config.vespo_lambda_pos,
+                      config.vespo_lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(torch.isfinite(phi), phi, torch.zeros_like(phi))
+
+
+def covariance_selection(advantages: Tensor, logp: Tensor, mask: Tensor, eligible: Tensor,
+                         config: PolicyLossConfig) -> Tensor:
+    """The tokens ``cov_selection`` picks (float 0/1 ``[B, T]``), without a host read: the
+    covariance cov_t = (A_t - mean A)(logp_t - mean logp) over valid tokens, k = max(floor(
+    cov_ratio * valid tokens), 1); ``clip_cov``: k of the ``eligible`` tokens with
+    cov_lower < cov < cov_upper at random (the k smallest of torch.rand(B, T)); ``kl_cov``:
+    the k valid tokens of largest cov (ties: the earlier flattened position)."""
+    valid = mask > 0
+    count = mask.sum()
+    denom = count.clamp(min=1)
+    mean_adv = (advantages * mask).sum() / denom
+    mean_logp = (logp * mask).sum() / denom
+    cov = (advantages - mean_adv) * (logp - mean_logp)
+    k = (count.double() * config.cov_ratio).floor().clamp(min=1)
+    if config.cov_selection == "clip_cov":
+        pool = valid & eligible & (cov > config.cov_lower) & (cov < config.cov_upper)
+        priority = torch.rand(logp.shape, dtype=torch.float32, device=logp.device)
+        key = torch.where(pool, priority, 2.0)
+    else:
+        pool = valid
+        key = torch.where(pool, -cov.float(), float("inf"))
+    order = key.flatten().argsort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return (pool & (rank.view(logp.shape) < k)).to(logp.dtype)

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import PolicyLossConfig
+from .config import KL_WEIGHT_CAP, PolicyLossConfig
 from .loss_weights import (
-    aggregation_weights,
+    covariance_selection,
+    dppo_keep,
     entropy_advantage,
     entropy_statistics,
-    rollout_sequence_weights,
+    off_policy_mask,
     rollout_weights,
     sequence_count,
+    term_weights,
     top_entropy_mask,
+    vespo_weights,
 )
 from .ops.packing import Layout, Padded
 
@@ -99,13 +102,15 @@ def _token_objective(ratio: Tensor, adv: Tensor, c: PolicyLossConfig) -> tuple[T
 
 def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
         c: PolicyLossConfig) -> tuple[Tensor, Tensor] | None:
-    """Per-token KL estimate and its derivative in logp (None without a KL term)."""
+    """Per-token KL estimate and the derivative in logp that the loss uses (the estimator's,
+    or k2's for the straight-through ``kl_gradient``); None without a KL term."""
     if c.kl_reference == "ref":
         if ref is None:
             return None
         log_x, d_log_x = ref - logp, -1.0
     else:
         log_x, d_log_x = logp - old, 1.0
+    raw = log_x
     d_clamp = torch.ones_like(log_x)
     if c.kl_clamp is not None:
         log_x, d_clamp = _clamped(log_x, c.log_ratio_clamp)
@@ -113,11 +118,18 @@ def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
         k, dk = -log_x, -torch.ones_like(log_x)
     elif c.kl_estimator == "k2":
         k, dk = 0.5 * log_x * log_x, log_x
+    elif c.kl_estimator == "abs":
+        k, dk = log_x.abs(), torch.sign(log_x)
     else:
         k, dk = torch.exp(log_x) - 1.0 - log_x, torch.exp(log_x) - 1.0
     if c.kl_clamp is not None:
         k, d_value = _clamped(k, c.kl_clamp)
         dk = dk * d_value
+    if c.kl_gradient == "k2":
+        return k, raw * d_log_x
+    if c.kl_gradient == "k2_weighted":
+        weight = torch.exp(logp - old).clamp(max=KL_WEIGHT_CAP)
+        return k, weight * raw * d_log_x
     return k, dk * d_clamp * d_log_x
 
 
@@ -151,6 +163,7 @@ def policy_coefficients(
     adv = advantages.to(f32)
     adv = layout.per_token(adv).expand_as(logp) if adv.dim() == 1 else adv
     old = logp if old_logprobs is None else old_logprobs.to(f32)
+    rollout = rollout_logprobs.to(f32) if rollout_logprobs is not None else None
     if entropy_stats is None and (c.entropy_advantage_alpha is not None
                                   or c.top_entropy_quantile is not None):
         entropy_stats = entropy_statistics(entropy, m, c.top_entropy_quantile)
@@ -158,10 +171,17 @@ def policy_coefficients(
         adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha, entropy_stats)
     entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile, entropy_stats)
     is_weight = rollout_weight if rollout_weight is not None \
-        else rollout_weights(old, rollout_logprobs, m, c, layout)
-    if weights is None:
-        weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length, layout)
-    policy_weights = weights * is_weight * entropy_mask
+        else rollout_weights(old, rollout, m, c, layout)
+    # ``weights`` (the policy term's) from the whole batch; the KL and entropy terms' own
+    # aggregations (kl_aggregation, entropy_aggregation) are taken over what this call sees,
+    # so a chunked caller runs those configs on the whole batch (PolicyLossConfig.
+    # needs_whole_batch).
+    weights, kl_weights, entropy_weights = term_weights(m, entropy_mask, c, layout, weights)
+    policy_weights = weights * entropy_mask * off_policy_mask(
+        adv, logp, rollout if rollout is not None else old, m, c.off_policy_mask_threshold,
+        layout)
+    if c.objective != "vespo":  # VESPO folds the rollout weight into its gamma weight
+        policy_weights = policy_weights * is_weight
 
     seq_lengths = layout.seq_sum(m)                       # [B] / [S]
     seq_safe_lengths = seq_lengths.clamp(min=1)
@@ -176,26 +196,36 @@ def policy_coefficients(
     if c.objective == "gmpo":
         # Sign-aware log-space clip: the pessimistic side of each token's log-ratio is capped.
         sign = torch.sign(adv)
-        g = c.gmpo_clip
-        log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-g, g))
-        kept = ((sign > 0) & (log_ratio <= g)) | ((sign < 0) & (log_ratio >= -g))
+        low = c.gmpo_clip
+        high = c.gmpo_clip_high if c.gmpo_clip_high is not None else c.gmpo_clip
+        log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-low, high))
+        kept = ((sign > 0) & (log_ratio <= high)) | ((sign < 0) & (log_ratio >= -low))
         seq_ratio = torch.exp(layout.seq_sum(log_ratio_c * m) / seq_safe_lengths)
         mean_adv = layout.seq_sum(adv * m) / seq_safe_lengths
         nonempty = (seq_lengths > 0).to(f32)
-        seq_weight = rollout_sequence_weights(old, rollout_logprobs, m, c, layout)
         norm = sequence_norm if sequence_norm is not None else sequence_count(m, c, layout)
-        scale = nonempty * seq_weight / norm
+        scale = nonempty * layout.first(is_weight) / norm
         pg_loss = (-mean_adv * seq_ratio * scale).double().sum()
         c_logp = (layout.per_token(-mean_adv * seq_ratio * scale) * m * kept.to(f32)
                   * d_log_ratio / safe_lengths)
-    elif c.objective == "cispo":
-        w = ratio.clamp(max=1.0 + c.clip_eps_high)
-        if c.clip_eps_low is not None:
-            w = w.clamp(min=1.0 - c.clip_eps_low)
+    elif c.objective in ("cispo", "dppo_tv", "dppo_kl", "vespo"):
+        # -sg(w) * A * logp: the gradient is -w * A, with a detached per-token weight w.
+        if c.objective == "cispo":
+            w = ratio.clamp(max=1.0 + c.clip_eps_high)
+            if c.clip_eps_low is not None:
+                w = w.clamp(min=1.0 - c.clip_eps_low)
+        elif c.objective == "vespo":
+            w = vespo_weights(log_ratio, adv, m, is_weight, c, layout)
+        else:
+            w = ratio.clamp(max=c.dppo_ratio_cap) * dppo_keep(logp, old, adv, c)
         pg_loss = (policy_weights * -w * adv * logp).double().sum()
         c_logp = policy_weights * -w * adv
     else:
         per_token, d_ratio = _token_objective(ratio, adv, c)
+        d_cov = None
+        if c.cov_selection is not None:
+            per_token, d_ratio, d_cov = _covariance_terms(per_token, d_ratio, ratio, log_ratio,
+                                                          d_log_ratio, adv, logp, m, c)
         pg_loss = (policy_weights * per_token).double().sum()
         g_ratio = policy_weights * d_ratio  # dL / d ratio_t
         if c.ratio_level == "token":
@@ -206,19 +236,52 @@ def policy_coefficients(
             # s_i = exp(mean_t m log r_t): every token of sequence i gets sum_u dL/ds_i.
             g_seq = layout.per_token(layout.seq_sum(g_ratio))
             c_logp = g_seq * ratio * m * d_log_ratio / safe_lengths
+        if d_cov is not None:
+            c_logp = c_logp + policy_weights * d_cov
 
     loss = pg_loss
     kl = _kl(logp, old, ref_logprobs.to(f32) if ref_logprobs is not None else None, c)
     if kl is not None and c.kl_coef != 0:
-        loss = loss + c.kl_coef * (weights * kl[0]).double().sum()
-        c_logp = c_logp + c.kl_coef * weights * kl[1]
+        value, d_value = kl
+        if c.kl_ratio_weighted:
+            weighted = kl_weights * value
+            if c.ratio_level == "token":
+                d_ratio_kl = weighted * ratio * d_log_ratio
+            elif c.ratio_level == "sequence_token":
+                d_ratio_kl = weighted * ratio
+            else:  # the sequence ratio s_i multiplies every token's estimate of sequence i
+                d_ratio_kl = layout.per_token(layout.seq_sum(weighted)) * ratio * m \
+                    * d_log_ratio / safe_lengths
+            value, d_value = value * ratio, d_value * ratio
+            c_logp = c_logp + c.kl_coef * d_ratio_kl
+        loss = loss + c.kl_coef * (kl_weights * value).double().sum()
+        c_logp = c_logp + c.kl_coef * kl_weights * d_value
     c_entropy = None
     if c.entropy_coef != 0:
-        loss = loss - c.entropy_coef * (weights * entropy_mask * entropy).double().sum()
-        c_entropy = -c.entropy_coef * weights * entropy_mask
+        loss = loss - c.entropy_coef * (entropy_weights * entropy).double().sum()
+        c_entropy = -c.entropy_coef * entropy_weights
 
     metrics = _metrics(ratio, adv, m, kl[0] if kl is not None else None, entropy, c)
     return Coefficients(loss.to(f32), c_logp.contiguous(), c_entropy, metrics)
+
+
+def _covariance_terms(per_token: Tensor, d_ratio: Tensor, ratio: Tensor, log_ratio: Tensor,
+                      d_log_ratio: Tensor, adv: Tensor, logp: Tensor, m: Tensor,
+                      c: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip-Cov / KL-Cov on a token-level objective: (per-token loss, its derivative in the
+    ratio, the extra derivative in logp). Clip-Cov zeroes the selected tokens; KL-Cov adds
+    cov_kl_coef * |log r| to them (derivative cov_kl_coef * sign(log r) through the clamp)."""
+    if c.cov_selection == "clip_cov":
+        clipped = ratio.clamp(max=1.0 + c.clip_eps_high)
+        if c.clip_eps_low is not None:
+            clipped = clipped.clamp(min=1.0 - c.clip_eps_low)
+        eligible = -adv * clipped <= -adv * ratio       # not clipped by PPO
+        keep = 1.0 - covariance_selection(adv, logp, m, eligible, c)
+        return per_token * keep, d_ratio * keep, torch.zeros_like(per_token)
+    selected = covariance_selection(adv, logp, m, torch.ones_like(m, dtype=torch.bool), c)
+    penalty = c.cov_kl_coef * selected
+    return (per_token + penalty * log_ratio.abs(), d_ratio,
+            penalty * torch.sign(log_ratio) * d_log_ratio)
 
 
 def _metrics(ratio: Tensor, adv: Tensor, m: Tensor, kl: Tensor | None, entropy: Tensor,

@@ -16,6 +16,7 @@ chosen ones, then their b rejected partners in the same order, as the padded row
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops.packing import Layout, Padded
-from .preference_config import PreferenceLossConfig
+from .preference_config import F_ALPHA_EXP_CAP, F_DIVERGENCE_LOSSES, PreferenceLossConfig
 
 
 @dataclass
@@ -34,26 +35,72 @@ class PairCoefficients:
     pairs: dict[str, Tensor]   # float64 [b] per-pair values (and the scalar "nll_sum")
 
 
+def token_weights(valid: Tensor, config: PreferenceLossConfig,
+                  layout: Layout | None = None) -> Tensor:
+    """float64 ``[2b, T]`` (``[1, N]`` packed): each token's weight in its sequence's log-prob
+    sum, the mask, or with ``ld_alpha`` (LD-DPO) ``ld_alpha`` on the valid tokens beyond the
+    pair's shorter length."""
+    m = valid.double()
+    if config.ld_alpha is None:
+        return m
+    layout = layout if layout is not None else Padded(m.shape[0])
+    if isinstance(layout, Padded):
+        b = m.shape[0] // 2
+        length = m.sum(-1)
+        shared = torch.minimum(length[:b], length[b:]).repeat(2)
+        position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
+        return torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
+    length = layout.seq_sum(m)                      # [2b]: chosen sequences first
+    b = length.shape[0] // 2
+    shared = torch.minimum(length[:b], length[b:]).repeat(2)
+    before = length.cumsum(0) - length              # valid tokens of earlier sequences
+    position = m.cumsum(-1) - layout.per_token(before)
+    return torch.where(position <= layout.per_token(shared), 1.0, config.ld_alpha) * m
+
+
 def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
                     config: PreferenceLossConfig, layout: Layout | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``.
+    """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``
+    (the last times ``token_weights`` is the per-token derivative).
 
     ``ref``: None, sums ``[2b]`` over the same masked tokens, or per token (``[2b, T]``,
     ``[1, N]`` packed). With ``average_logprobs`` both scores are divided by the sequence's
-    token count (an empty sequence scores 0)."""
+    token count (an empty sequence scores 0); with ``ld_alpha`` the tokens weigh
+    ``token_weights`` (per-token ``ref`` only)."""
     layout = layout if layout is not None else Padded(logp.shape[0])
-    m = valid.double()
-    length = layout.seq_sum(m)
+    weight = token_weights(valid, config, layout)
+    length = layout.seq_sum(valid.double())
     scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
-    score = layout.seq_sum(torch.where(valid, logp.double(), 0.0)) * scale
+    score = layout.seq_sum(torch.where(valid, logp.double(), 0.0) * weight) * scale
     if not config.uses_reference:
         ref_score = torch.zeros_like(score)
     elif ref.dim() == 2:
-        ref_score = layout.seq_sum(torch.where(valid, ref.double(), 0.0)) * scale
+        ref_score = layout.seq_sum(torch.where(valid, ref.double(), 0.0) * weight) * scale
     else:
         ref_score = ref.double() * scale
     return score, ref_score, scale
+
+
+def transformed_scores(d: Tensor, config: PreferenceLossConfig) -> tuple[Tensor, Tensor]:
+    """TRL's f'(u) of the ratio u = e^D, or AlphaPO's (1 - e^(-a D)) / a
+    (``rlhf_fast.preference_config``), and its derivative in D, float64 ``[2b]``."""
+    if config.alphapo != 0:
+        e = torch.exp(-config.alphapo * d)
+        return (1 - e) / config.alphapo, e
+    kind = config.f_divergence
+    if kind == "forward_kl":
+        e = torch.exp(-d)
+        return 1 - e, e
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(d), torch.sigmoid(-d)
+    if kind == "alpha_divergence" and abs(config.f_alpha - 1.0) >= 1e-6:
+        k = config.f_alpha - 1.0
+        t = k * d
+        capped = t > F_ALPHA_EXP_CAP
+        e = torch.exp(torch.clamp(t, max=F_ALPHA_EXP_CAP))
+        return (e - 1) / k, torch.where(capped, 0.0, e)
+    return d, torch.ones_like(d)
 
 
 def _logistic(x: Tensor, eps: float, sign: float) -> tuple[Tensor, Tensor]:
@@ -130,6 +177,42 @@ def pair_losses(d_w: Tensor, d_l: Tensor, config: PreferenceLossConfig
     raise AssertionError(f"unhandled loss_type {kind!r}")
 
 
+def sorted_pairs(score: Tensor, ref_score: Tensor, config: PreferenceLossConfig
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """AOT's losses on the batch's sorted margins (``rlhf_fast.preference_config``): the loss
+    ``[b]`` at each sorted position and its derivatives in ``D_w``, ``D_l`` of each pair (the
+    derivative at sorted position k goes to the pair that landed there)."""
+    b = score.shape[0] // 2
+    d = score - ref_score
+    if config.loss_type == "aot":
+        policy_sorted, order_w = torch.sort(score[:b] - score[b:], stable=True)
+        ref_sorted, _ = torch.sort(ref_score[:b] - ref_score[b:], stable=True)
+        order_l = order_w
+        x = config.beta * (policy_sorted - ref_sorted)
+    else:
+        chosen_sorted, order_w = torch.sort(d[:b], stable=True)
+        rejected_sorted, order_l = torch.sort(d[b:], stable=True)
+        x = config.beta * (chosen_sorted - rejected_sorted)
+    loss, dx = _logistic(x, config.smoothing, -1.0)
+    g_w = torch.zeros_like(loss).index_put((order_w,), config.beta * dx)
+    g_l = torch.zeros_like(loss).index_put((order_l,), -config.beta * dx)
+    return loss, g_w, g_l
+
+
+def _scored_pair_losses(d: Tensor, config: PreferenceLossConfig
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``pair_losses`` of the log-ratios D ``[2b]``, through the f-divergence (margin losses
+    only, as TRL) or AlphaPO transform when one is set: (loss, dL/dD_w, dL/dD_l)."""
+    b = d.shape[0] // 2
+    transformed = config.alphapo != 0 or (config.f_divergence != "reverse_kl"
+                                          and config.loss_type in F_DIVERGENCE_LOSSES)
+    if not transformed:
+        return pair_losses(d[:b], d[b:], config)
+    f, df = transformed_scores(d, config)
+    loss, g_w, g_l = pair_losses(f[:b], f[b:], config)
+    return loss, g_w * df[:b], g_l * df[b:]
+
+
 def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLossConfig
                ) -> tuple[Tensor, Tensor, Tensor]:
     """ORPO's pair losses, 0 (with no gradient) for a pair with an empty sequence: the odds
@@ -151,36 +234,60 @@ def chosen_token_mask(layout: Layout, like: Tensor) -> Tensor:
 
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
-                            chosen_tokens: Tensor, layout: Layout | None = None
-                            ) -> PairCoefficients:
+                            chosen_tokens: Tensor, chosen_sequences: Tensor | None = None,
+                            layout: Layout | None = None) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
     logp, valid ``[2b, T]`` (chosen rows first), or ``[1, N]`` packed with ``layout``;
-    ``num_pairs`` and ``chosen_tokens`` (a 0-dim tensor, kept on the device: no host sync)
-    are the whole batch's pair count and chosen-token count (the normalisers of the pair
-    mean and of the NLL), so chunks of pairs add up to the batch's loss and gradient exactly.
+    ``num_pairs``, ``chosen_tokens`` and ``chosen_sequences`` (0-dim tensors, kept on the
+    device: no host sync; the last only for ``nll_aggregation="sequence_mean"``) are the whole
+    batch's pair count, chosen-token count and non-empty chosen sequence count (the
+    normalisers of the pair mean and of the NLL), so chunks of pairs add up to the batch's
+    loss and gradient exactly.
     """
     layout = layout if layout is not None else Padded(logp.shape[0])
     score, ref_score, scale = sequence_scores(logp, valid, ref, config, layout)
+    d_score = token_weights(valid, config, layout) * layout.per_token(scale)
     b = score.shape[0] // 2
     d = score - ref_score
     if config.loss_type == "orpo":
         nonempty = layout.seq_sum(valid.double()) > 0
         loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], nonempty, config)
+    elif config.loss_type in ("aot", "aot_unpaired"):
+        loss_pairs, g_w, g_l = sorted_pairs(score, ref_score, config)
     else:
-        loss_pairs, g_w, g_l = pair_losses(d[:b], d[b:], config)
+        loss_pairs, g_w, g_l = _scored_pair_losses(d, config)
+        if config.loss_weight != 1.0 or config.mixture:
+            loss_pairs, g_w, g_l = (config.loss_weight * x for x in (loss_pairs, g_w, g_l))
+            for kind, weight in config.mixture:
+                more = _scored_pair_losses(d, dataclasses.replace(config, loss_type=kind,
+                                                                  mixture=()))
+                loss_pairs, g_w, g_l = (x + weight * y for x, y in
+                                        zip((loss_pairs, g_w, g_l), more, strict=True))
     pairs_norm = float(max(num_pairs, 1))
-    g_seq = torch.cat([g_w, g_l]) * scale / pairs_norm
-    c = layout.per_token(g_seq) * valid.double()
+    g_seq = torch.cat([g_w, g_l]) / pairs_norm
+    c = layout.per_token(g_seq) * d_score
     loss = loss_pairs.sum() / pairs_norm
     chosen_valid = valid & chosen_token_mask(layout, valid)
-    nll_sum = -torch.where(chosen_valid, logp.double(), 0.0).sum()
+    chosen_logp = torch.where(chosen_valid, logp.double(), 0.0)
+    nll_sum = -chosen_logp.sum()
     if config.nll_weight != 0:
-        nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
-        loss = loss + nll_share * nll_sum
-        c = c - nll_share * chosen_valid.double()
+        m_w = chosen_valid.double()
+        if config.nll_aggregation == "sequence_mean":
+            lengths = layout.seq_sum(m_w)
+            count = chosen_sequences if chosen_sequences is not None else (lengths > 0).sum()
+            per_token = m_w / layout.per_token(lengths).clamp(min=1)
+            share = config.nll_weight / count.double().clamp(min=1)
+            loss = loss - share * (chosen_logp * per_token).sum()
+            c = c - share * per_token
+        else:
+            nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
+            loss = loss + nll_share * nll_sum
+            c = c - nll_share * m_w
+    rewarded = transformed_scores(d, config)[0] if config.alphapo != 0 else d
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
-             "rewards_chosen": config.beta * d[:b], "rewards_rejected": config.beta * d[b:],
+             "rewards_chosen": config.beta * rewarded[:b],
+             "rewards_rejected": config.beta * rewarded[b:],
              "nll_sum": nll_sum}
     return PairCoefficients(loss, c.float(), pairs)
 

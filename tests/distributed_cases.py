@@ -73,6 +73,19 @@ def capture_gradients(trainer, parallel: bool):
     return grads
 
 
+def capture_critic_gradients(trainer):
+    """PPO: the critic's gradient of every optimiser step, after the ranks' average."""
+    grads = []
+    reduce = trainer.reduce_critic_gradients
+
+    def recording():
+        reduce()
+        grads.append([p.grad.detach().clone() for p in trainer.critic_parameters])
+
+    trainer.reduce_critic_gradients = recording
+    return grads
+
+
 def full_weights(model):
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for p in model.parameters()]
@@ -96,6 +109,8 @@ def compare_update(name, strategy, rank, world, *, reorder=None, **overrides):
     single.prepare_logprobs(batch)
     single.compute_advantages(batch)
     reference_grads = capture_gradients(single, False)
+    critic = hasattr(single, "critic")
+    reference_critic_grads = capture_critic_gradients(single) if critic else None
     if reorder is not None:       # the global mini-batches of the data-parallel run
         batch = batch.select(reorder)
     single_metrics = single.update(batch)
@@ -106,8 +121,13 @@ def compare_update(name, strategy, rank, world, *, reorder=None, **overrides):
     dp.prepare_logprobs(local)
     dp.compute_advantages(local)
     grads = capture_gradients(dp, True)
+    critic_grads = capture_critic_gradients(dp) if critic else None
     dp_metrics = dp.update(local)
-    return {
+    extra = {} if not critic else {
+        "critic_grads": critic_grads, "reference_critic_grads": reference_critic_grads,
+        "critic_weights": [p.detach().clone() for p in dp.critic_parameters],
+        "reference_critic_weights": [p.detach().clone() for p in single.critic_parameters]}
+    return {**extra,
         "grads": grads, "reference_grads": reference_grads,
         "weights": full_weights(dp_model), "reference_weights": full_weights(model),
         "metrics": dp_metrics, "reference_metrics": single_metrics,
@@ -146,6 +166,15 @@ CASES = {
     "dr_grpo_ddp": lambda r, w: compare_update("dr_grpo", "ddp", r, w),
     # REINFORCE++: KL in the reward, returns whitened over every rank's tokens.
     "reinforce_pp_ddp": lambda r, w: compare_update("reinforce_pp", "ddp", r, w),
+    # PPO, separate critic: 2 optimiser steps (the critic's backbone gets a gradient once
+    # its zero head has moved), GAE advantages whitened over both ranks. (One epoch: Adam's
+    # steps amplify float32 rounding past 1e-5 relative within 8.)
+    "ppo_ddp": lambda r, w: compare_update(
+        "ppo", "ddp", r, w, epochs=1, mini_batch_size=4, micro_batch_size=1, shuffle=False,
+        reorder=interleaved(w, ROWS, 4)),
+    # PPO, value head on the policy's sharded backbone, KL(old || pi) penalty.
+    "ppo_penalty_shared_fsdp2": lambda r, w: compare_update(
+        "ppo_penalty", "fsdp2", r, w, critic="shared", micro_batch_size=2),
 }
 
 
@@ -235,6 +264,38 @@ def dpo_step(rank, world):
             "reference_grads": [reference], "loss": loss, "reference_loss": whole}
 
 
+def dpo_trainer_step(rank, world):
+    """DPOTrainer offline, one step of 8 pairs (RPO's NLL term, 2 micro-batches a rank):
+    each rank trains on its 4 of the globally drawn pairs."""
+    from rlhf_fast.trainers import DPOTrainer, make_config
+    from rlhf_fast.trainers.distributed import DataParallelConfig, data_parallel
+
+    pairs = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}
+             for a in range(4) for b in range(4)]
+    c = make_config("dpo", batch_size=8, micro_batch_size=2, lr=1e-3, steps=1, seed=3,
+                    nll_coef=0.5, backend="torch", max_new_tokens=NEW_TOKENS)
+    model, tok = tiny()
+    single = DPOTrainer(model, tok, pairs, None, c, eval_pairs=pairs[:4])
+    reference_grads = capture_gradients(single, False)
+    reference_history = single.train()
+    dp_model, _ = tiny()
+    dp = data_parallel(DPOTrainer)(dp_model, tok, pairs, None, c, eval_pairs=pairs[:4],
+                                   parallel=DataParallelConfig(strategy="ddp"))
+    grads = capture_gradients(dp, True)
+    local_pairs = dp.collect().size
+    dp.pair_cursor = 0                  # that batch again, in the step
+    history = dp.train()
+
+    def logged(records):          # the DPO metrics and the last evaluation (no timings)
+        return {k: v for r in records for k, v in r.items()
+                if k.startswith(("dpo/", "eval/")) or k == "policy/loss"}
+
+    return {"grads": grads, "reference_grads": reference_grads,
+            "weights": full_weights(dp_model), "reference_weights": full_weights(model),
+            "metrics": logged(history), "reference_metrics": logged(reference_history),
+            "local_pairs": local_pairs}
+
+
 def checkpoint_resume(rank, world):
     """FSDP2 GRPO: 3 steps straight == 1 step, save (DCP), a fresh trainer loads, 2 more;
     the saved model/ directory holds the full weights."""
@@ -301,7 +362,8 @@ def straggler(rank, world):
 
 
 CASES.update({"entropy_features_ddp": entropy_features, "dapo_ddp": dynamic_sampling,
-              "dpo_ddp": dpo_step, "checkpoint_fsdp2": checkpoint_resume,
+              "dpo_ddp": dpo_step, "dpo_trainer_ddp": dpo_trainer_step,
+              "checkpoint_fsdp2": checkpoint_resume,
               "bad_world_size": bad_world_size, "straggler": straggler})
 
 

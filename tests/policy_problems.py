@@ -26,7 +26,8 @@ def loss_scale(problem, config, loss) -> float:
     adv = problem["advantages"].double()
     if m.dim() == 1:  # flattened: one sequence of per-token advantages
         m, adv = m.unsqueeze(0), adv.unsqueeze(0)
-    w = aggregation_weights(m, config.aggregation, config.normalizer, config.max_length)
+    w = aggregation_weights(m, config.aggregation, config.normalizer, config.max_length,
+                            config.count_empty_sequences)
     adv = adv.unsqueeze(-1).expand_as(m) if adv.dim() == 1 else adv
     return max(abs(loss), float((w * adv.abs()).sum()))
 
@@ -57,24 +58,32 @@ def make_problem(batch=3, seq_len=6, n_cols=64, dtype=torch.float32, seed=0, spr
 def policy_inputs(problem, config, *, use_old=True, use_rollout=True):
     """The per-token side inputs ``config`` reads. The op refuses inputs the config would
     ignore: a reference with a KL to the old policy, rollout log-probs without rollout
-    correction."""
+    correction or off-policy sequence mask."""
+    reads_rollout = (config.rollout_correction is not None
+                     or config.off_policy_mask_threshold is not None)
     return dict(old_logprobs=problem["old_logprobs"] if use_old else None,
                 ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
                 rollout_logprobs=problem["rollout_logprobs"]
-                if use_rollout and config.rollout_correction is not None else None)
+                if use_rollout and reads_rollout else None)
 
 
-def check_policy(problem, config, backend, *, use_old=True, use_rollout=True, grad_scale=1.0):
-    """Fused op vs float64 reference on the same values."""
+def check_policy(problem, config, backend, *, use_old=True, use_rollout=True, grad_scale=1.0,
+                 seed=None):
+    """Fused op vs float64 reference on the same values. ``seed``: the global generators are
+    seeded with it before the op and again before the reference (Clip-Cov's random draw)."""
     dtype = problem["logits"].dtype
     inputs = policy_inputs(problem, config, use_old=use_old, use_rollout=use_rollout)
     x = problem["logits"].clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
     out = rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"], problem["mask"],
                                 config=config, backend=backend, **inputs)
     (out.loss * grad_scale).backward()
 
     xr = problem["logits"].detach().double().requires_grad_()
     ref_inputs = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    if seed is not None:
+        torch.manual_seed(seed)
     loss, logp, ent, metrics = reference.policy_loss(
         xr, problem["targets"], problem["advantages"].double(), problem["mask"],
         config=config, **ref_inputs)

@@ -96,6 +96,25 @@ def test_dpo_step_with_the_global_pair_count(results):
     assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("case", ["ppo_ddp", "ppo_penalty_shared_fsdp2"])
+def test_ppo_actor_and_critic_updates_equal_one_process(results, case):
+    """PPO's actor (through DDP / FSDP2) and critic (a replica whose gradients the trainer
+    averages): every optimiser step's gradients and the final weights."""
+    r = results[case]
+    assert_same_update(r)
+    assert_same_update({"grads": r["critic_grads"], "reference_grads": r["reference_critic_grads"],
+                        "weights": r["critic_weights"],
+                        "reference_weights": r["reference_critic_weights"]})
+
+
+def test_dpo_trainer_step_equals_one_process(results):
+    """DPOTrainer: each rank trains on half the global pairs; gradients, weights, the step's
+    DPO metrics and the held-out pair evaluation equal the one-process run."""
+    r = results["dpo_trainer_ddp"]
+    assert_same_update(r)
+    assert r["local_pairs"] == 4 and "eval/pair_accuracy" in r["metrics"]
+
+
 def test_distributed_checkpoint_resumes_bit_identically(results):
     """FSDP2: 3 steps straight == 1 step, save, a fresh trainer loads, 2 more steps."""
     r = results["checkpoint_fsdp2"]

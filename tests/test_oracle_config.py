@@ -101,6 +101,16 @@ PUBLISHED = {
     "aepo": dict(clip_gradient="keep_high", dual_clip_c=3.0, entropy_advantage_alpha=0.2,
                  clip_eps_low=0.2, clip_eps_high=0.2),
     "reinforce": dict(objective="pg", aggregation="token_mean"),
+    "clip_cov": dict(objective="ppo_clip", cov_selection="clip_cov", cov_ratio=2e-4,
+                     cov_lower=1.0, cov_upper=5.0, log_ratio_clamp=None),
+    "kl_cov": dict(objective="pg", cov_selection="kl_cov", cov_ratio=2e-4, cov_kl_coef=0.1,
+                   log_ratio_clamp=None),
+    "dppo_tv": dict(objective="dppo_tv", clip_eps_low=0.2, clip_eps_high=0.2,
+                    dppo_ratio_cap=3.0),
+    "dppo_kl": dict(objective="dppo_kl", clip_eps_low=0.2, clip_eps_high=0.2,
+                    dppo_ratio_cap=3.0),
+    "vespo": dict(objective="vespo", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                  vespo_lambda_neg=2.0, aggregation="token_mean", log_ratio_clamp=20.0),
 }
 
 DEFAULTS = dict(objective="ppo_clip", ratio_level="token", clip_eps_low=0.2,
@@ -109,7 +119,14 @@ DEFAULTS = dict(objective="ppo_clip", ratio_level="token", clip_eps_low=0.2,
                 normalizer=None, kl_coef=0.0, kl_estimator="k3", kl_clamp=None,
                 kl_reference="ref", entropy_coef=0.0, entropy_advantage_alpha=None,
                 top_entropy_quantile=None, rollout_correction=None, rollout_cap=2.0,
-                temperature=1.0, sapo_tau_pos=1.0, sapo_tau_neg=1.05, gmpo_clip=0.4)
+                temperature=1.0, sapo_tau_pos=1.0, sapo_tau_neg=1.05, gmpo_clip=0.4,
+                gmpo_clip_high=None, dppo_ratio_cap=3.0, vespo_k_pos=2.0,
+                vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                cov_selection=None, cov_ratio=2e-4, cov_lower=1.0, cov_upper=5.0,
+                cov_kl_coef=0.1, count_empty_sequences=False, kl_gradient="estimator",
+                kl_ratio_weighted=False, kl_aggregation=None, kl_normalizer=None,
+                entropy_aggregation=None, entropy_normalizer=None, rollout_floor=None,
+                rollout_normalize=False, off_policy_mask_threshold=None)
 
 
 def test_defaults():

@@ -1,8 +1,12 @@
-"""The ``train`` suite: one full GRPO training step, fused loss against the reference loss.
+"""The ``train`` suite: one full GRPO or PPO training step, fused loss against the reference
+loss.
 
 A step here is everything a trainer does after generation and scoring, which do not depend
 on the loss: the reference model's log-probs (GRPO's KL term), the group advantages, then
 one optimiser step (backbone forward, policy loss, backward, gradient clipping, AdamW).
+The ``ppo step`` mode is the four-model step of ``PPOTrainer``: old and reference
+log-probs, the critic's values (a separate backbone copy with a value head), the KL-penalised
+token rewards, GAE, then one optimiser step of the actor and the critic.
 ``rlhf_fast`` runs it with ``linear_policy_loss`` / ``linear_token_logprobs`` on hidden
 states (the ``[tokens, vocab]`` logits never exist); ``reference`` runs the same trainer
 with ``loss_impl="reference"``: the autograd formulas on materialised float32 logits, as a
@@ -25,7 +29,7 @@ from .measure import median_ms, peak_extra_mib
 
 SUITE = "train"
 IMPLS = ("rlhf_fast", "reference")
-MODE = "grpo step"
+MODES = ("grpo step", "ppo step")
 PROMPT_LEN = 16
 GROUP = 2
 # (sequences, completion tokens, hidden size, vocabulary, dtype)
@@ -45,7 +49,7 @@ def useful_bytes(case: Case) -> int:
 def cases(shapes: str, device: torch.device) -> list[Case]:
     grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES[device.type],
             "tiny": TINY_SHAPES}[shapes]
-    return [Case(b * t, v, dtype, MODE, h) for b, t, h, v, dtype in grid]
+    return [Case(b * t, v, dtype, mode, h) for mode in MODES for b, t, h, v, dtype in grid]
 
 
 class _Tokens:
@@ -58,11 +62,19 @@ class _Tokens:
 
 
 def make_trainer(case: Case, impl: str, device: torch.device):
-    """(trainer, batch): a GRPO trainer on a fresh model and a synthetic rollout batch of
-    ``case.n / T`` completions with lengths between T/2 and T."""
+    """(trainer, batch): a GRPO (or PPO) trainer on a fresh model and a synthetic rollout
+    batch of ``case.n / T`` completions with lengths between T/2 and T."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ..trainers import GRPOConfig, GRPOTrainer, RolloutBatch, Segment, Trajectory
+    from ..trainers import (
+        GRPOConfig,
+        GRPOTrainer,
+        PPOConfig,
+        PPOTrainer,
+        RolloutBatch,
+        Segment,
+        Trajectory,
+    )
 
     dtype = getattr(torch, case.dtype)
     grids = QUICK_SHAPES[device.type] + FULL_SHAPES[device.type] + TINY_SHAPES
@@ -75,9 +87,16 @@ def make_trainer(case: Case, impl: str, device: torch.device):
                          num_key_value_heads=1, max_position_embeddings=PROMPT_LEN + seq_len,
                          tie_word_embeddings=True)
     model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
-    settings = GRPOConfig(batch_size=sequences, group_size=GROUP, max_new_tokens=seq_len,
-                          lr=1e-6, loss_impl="fused" if impl == "rlhf_fast" else "reference")
-    trainer = GRPOTrainer(model, _Tokens(), ["p"], lambda completions, **_: [0.0] * len(
+    loss_impl = "fused" if impl == "rlhf_fast" else "reference"
+    if case.mode == "ppo step":     # one epoch, KL to the reference in the reward
+        cls, settings = PPOTrainer, PPOConfig(batch_size=sequences, group_size=GROUP,
+                                              max_new_tokens=seq_len, lr=1e-6, epochs=1,
+                                              loss_impl=loss_impl)
+    else:
+        cls, settings = GRPOTrainer, GRPOConfig(batch_size=sequences, group_size=GROUP,
+                                                max_new_tokens=seq_len, lr=1e-6,
+                                                loss_impl=loss_impl)
+    trainer = cls(model, _Tokens(), ["p"], lambda completions, **_: [0.0] * len(
         completions), settings)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(seq_len // 2, seq_len + 1, (sequences,), generator=g).tolist()

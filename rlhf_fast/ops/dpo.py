@@ -13,10 +13,12 @@ steps run inside the custom ops ``rlhf_fast::dpo_loss`` / ``rlhf_fast::dpo_loss_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..preference_coefficients import (
@@ -38,6 +40,7 @@ from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .packing import Layout, Packed, check_cu_seqlens
 from .policy_loss import IGNORE, token_inputs
 from .row_sweeps import grad_sweep, stats_sweep
+from .vocab_parallel import shard_backend
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -102,20 +105,21 @@ def check_pair_batch(shape: tuple[int, ...], name: str) -> int:
     return shape[0] // 2
 
 
-def loss_config(*, beta: float, loss_type: str, label_smoothing: float,
+def loss_config(*, beta: float, loss_type: str | Sequence[str], label_smoothing: float,
                 average_logprobs: bool | None, nll_coef: float, gamma: float,
-                reference_free: bool, temperature: float, discopop_tau: float | None
-                ) -> PreferenceLossConfig:
+                reference_free: bool, temperature: float, discopop_tau: float | None,
+                **peer_options: object) -> PreferenceLossConfig:
     """``preference_config`` of the public keyword arguments; ``discopop_tau`` is DiscoPOP's
     only (given with another loss it would be ignored, so it raises)."""
-    if discopop_tau is not None and loss_type != "discopop":
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if discopop_tau is not None and "discopop" not in types:
         raise ValueError(f"discopop_tau is DiscoPOP's temperature (loss_type='discopop'); "
                          f"loss_type={loss_type!r} would ignore it")
     return preference_config(
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
         reference_free=reference_free, temperature=temperature,
-        discopop_tau=DISCOPOP_TAU if discopop_tau is None else discopop_tau)
+        discopop_tau=DISCOPOP_TAU if discopop_tau is None else discopop_tau, **peer_options)
 
 
 def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Tensor,
@@ -166,6 +170,9 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
         raise TypeError(f"ref_logprobs must be a float tensor {allowed}")
     if tuple(ref.shape) not in (sums, shape):
         raise ValueError(f"ref_logprobs must be {allowed}, got {tuple(ref.shape)}")
+    if config.ld_alpha is not None and tuple(ref.shape) != shape:
+        raise ValueError(f"ld_alpha weighs the reference's tokens too: pass ref_logprobs per "
+                         f"token, [2B, T] = {shape}, not sequence sums")
     if ref.device != logits.device:
         raise ValueError(f"ref_logprobs are on {ref.device} but logits are on {logits.device}")
     return ref.detach().float()
@@ -174,7 +181,8 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
 def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tensor | None,
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
                        chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None,
-                       loss_scale: float = 1.0, layout: Layout | None = None
+                       loss_scale: float = 1.0, layout: Layout | None = None,
+                       chosen_sequences: Tensor | None = None
                        ) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
     (chosen rows first; ``[1, N, V]`` packed with ``layout``): (coefficients, dL/dlogits or
@@ -183,7 +191,8 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, False,
                                        backend)
     coef = preference_coefficients(logp, valid, ref, config, num_pairs=num_pairs,
-                                   chosen_tokens=chosen_tokens, layout=layout)
+                                   chosen_tokens=chosen_tokens,
+                                   chosen_sequences=chosen_sequences, layout=layout)
     if loss_scale != 1.0:
         coef = dataclasses.replace(coef, loss=coef.loss * loss_scale,
                                    c_logp=coef.c_logp * loss_scale)
@@ -196,26 +205,29 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
 
 # --- custom ops: everything that reads data runs inside them, opaque to torch.compile -------
 
-def pair_layout(cu_seqlens: Tensor | None, valid: Tensor) -> tuple[Layout | None, int, Tensor]:
-    """(layout, pair count, chosen-token count) of a padded ``[2B, T]`` or packed ``[1, N]``
-    preference batch."""
+def pair_layout(cu_seqlens: Tensor | None, valid: Tensor
+                ) -> tuple[Layout | None, int, Tensor, Tensor]:
+    """(layout, pair count, chosen-token count, non-empty chosen sequence count) of a padded
+    ``[2B, T]`` or packed ``[1, N]`` preference batch (the counts stay on the device)."""
     if cu_seqlens is None:
         num_pairs = valid.shape[0] // 2
-        return None, num_pairs, valid[:num_pairs].sum()
+        return (None, num_pairs, valid[:num_pairs].sum(),
+                valid[:num_pairs].any(-1).sum())
     layout = Packed.from_cu_seqlens(cu_seqlens, valid.shape[-1])
-    chosen = (valid & chosen_token_mask(layout, valid)).sum()
-    return layout, layout.num_sequences // 2, chosen
+    chosen_valid = valid & chosen_token_mask(layout, valid)
+    chosen_sequences = (layout.seq_sum(chosen_valid.to(torch.int64)) > 0).sum()
+    return layout, layout.num_sequences // 2, chosen_valid.sum(), chosen_sequences
 
 
 def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, write_grad, out,
                    cu_seqlens):
     c = decode_config(PreferenceLossConfig, config)
-    targets, valid = token_inputs(mask, targets, logits.shape[-1])
-    layout, num_pairs, chosen_tokens = pair_layout(cu_seqlens, valid)
+    targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
+    layout, num_pairs, chosen_tokens, chosen_sequences = pair_layout(cu_seqlens, valid)
     coef, grad = preference_forward(
         logits, targets, valid, ref, c, backend, num_pairs=num_pairs,
         chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale,
-        layout=layout)
+        layout=layout, chosen_sequences=chosen_sequences)
     metrics = pack_metrics(preference_metrics([coef.pairs], chosen_tokens), PREFERENCE_METRICS)
     return (coef.loss.float(), coef.pairs["logps_chosen"].float(),
             coef.pairs["logps_rejected"].float(), metrics, grad)
@@ -309,7 +321,7 @@ def dpo_loss(
     *,
     ref_logprobs: Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     average_logprobs: bool | None = None,
     nll_coef: float = 0.0,
@@ -317,10 +329,18 @@ def dpo_loss(
     reference_free: bool = False,
     temperature: float = 1.0,
     discopop_tau: float | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    ld_alpha: float | None = None,
+    nll_aggregation: str = "token_mean",
+    alphapo: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
 ) -> PreferenceLossOutput:
     """A preference loss over B pairs, in two reads and one write of the logits.
 
@@ -337,7 +357,8 @@ def dpo_loss(
             refused when it is.
         beta, loss_type, label_smoothing, gamma: the loss (formulas in
             ``rlhf_fast.preference_config``): sigmoid, ipo, hinge, robust, exo_pair,
-            nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo.
+            nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, simpo, orpo, aot,
+            aot_unpaired.
             ``label_smoothing`` and ``gamma`` raise on losses that do not take them.
         discopop_tau: DiscoPOP's temperature of the logistic mix (None: 0.05); raises with
             any other ``loss_type``.
@@ -345,6 +366,18 @@ def dpo_loss(
             for ipo, simpo and orpo, else False.
         nll_coef: weight of the chosen sequences' NLL (token mean over all chosen tokens),
             RPO; orpo always adds it with weight 1 (plus ``nll_coef``).
+        f_divergence, f_alpha: TRL's f-divergence (reverse_kl, forward_kl, js_divergence,
+            alpha_divergence with coefficient f_alpha) for sigmoid, hinge, robust, exo_pair,
+            discopop.
+        ld_alpha: LD-DPO's weight of the tokens beyond the shorter sequence of a pair.
+        nll_aggregation: ``"token_mean"`` (TRL's sft / RPO) or ``"sequence_mean"``
+            (OpenRLHF: mean over chosen sequences of their token-mean NLL).
+        alphapo: AlphaPO's reward shape (1 - e^(-a logp)) / a for simpo and the
+            reference-free sigmoid / hinge / ipo (CPO); 0: off.
+        loss_weights: with ``loss_type`` a list of types (TRL's), the loss is the weighted
+            sum of their pair means (ones by default); the types must be distinct among
+            sigmoid, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
+            apo_down, discopop.
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
         inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
@@ -358,6 +391,13 @@ def dpo_loss(
             partners in the same order, as the padded rows are stacked. ``logits`` are then
             ``[N, V]``, ``targets`` / ``mask`` ``[N]`` and ``ref_logprobs`` ``[2B]`` or
             ``[N]``; the results equal those of the same sequences padded to ``[2B, T]``.
+        process_group: the tensor-parallel group when ``logits`` hold only this rank's
+            contiguous slice of the vocabulary columns (slices may be uneven; targets stay
+            full-vocabulary ids): the results are the full-vocabulary ones on every rank and
+            the gradient is this rank's slice, the row statistics combined by two
+            all-reduces of 20-24 bytes a row (``rlhf_fast.ops.vocab_parallel``).
+        vocab_offset: the full-vocabulary id of this rank's first column; None: from the
+            slice widths, all-gathered once per group and width.
 
     Returns:
         ``PreferenceLossOutput(loss, chosen_logprobs, rejected_logprobs, metrics)``; the loss
@@ -367,7 +407,9 @@ def dpo_loss(
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
-                         discopop_tau=discopop_tau)
+                         discopop_tau=discopop_tau, f_divergence=f_divergence,
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
+                         alphapo=alphapo, loss_weights=loss_weights)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
@@ -375,6 +417,8 @@ def dpo_loss(
     sequences = check_packed_pairs(cu_seqlens, logits, "logits")
     if sequences is None:
         check_pair_batch(tuple(logits.shape), "logits")
+    backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
+                            logits.device)
     inputs = preference_inputs(config, logits, targets, mask, ref_logprobs,
                                sequences=sequences)
     if sequences is not None:

@@ -47,12 +47,13 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..config import PolicyLossConfig
 from ..loss_weights import aggregation_weights, rollout_weights, sequence_count
 from ..policy_coefficients import policy_coefficients
-from ..validation import check_loss_scale, check_target_range, check_temperature, device_check
+from ..validation import check_loss_scale, check_temperature, device_check
 from .chunking import ChunkPlan, check_chunk_args, default_chunk_tokens, plan_chunks
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
@@ -79,18 +80,27 @@ from .policy_loss import (
     side_inputs,
     token_inputs,
 )
-from .row_sweeps import grad_sweep, stats_sweep
+from .row_sweeps import check_targets, grad_sweep, stats_sweep
+from .vocab_parallel import chunk_width, shard_backend
 
 
 def prepass_kind(c: PolicyLossConfig, has_old: bool) -> str | None:
     """What a token's coefficient needs beyond the token and the mask: None (token-level),
-    ``"sequence"`` (statistics of its sequence's log-probs: GSPO, GSPO-token, GMPO, on-policy
-    sequence rollout correction) or ``"batch"`` (the batch's entropy statistics)."""
-    if c.entropy_advantage_alpha is not None or c.top_entropy_quantile is not None:
+    ``"sequence"`` (statistics of its sequence's log-probs: GSPO, GSPO-token, GMPO, VESPO,
+    the off-policy mask, on-policy sequence rollout correction) or ``"batch"`` (the batch's
+    entropy statistics, and every config with ``needs_whole_batch``: the covariance
+    selection, batch-normalised rollout weights, the KL / entropy terms' own aggregations,
+    empty-sequence counts). Either takes the pre-pass when the plan has more than one chunk
+    (unless, for ``"sequence"``, every chunk holds whole sequences); the coefficient step
+    then sees the whole batch, as on materialised logits."""
+    if c.entropy_advantage_alpha is not None or c.top_entropy_quantile is not None \
+            or c.needs_whole_batch:
         return "batch"
-    if c.ratio_level != "token" or c.objective == "gmpo":
+    if c.ratio_level != "token" or c.objective in ("gmpo", "vespo") \
+            or c.off_policy_mask_threshold is not None:
         return "sequence"
-    if c.rollout_correction in ("sequence_truncate", "sequence_mask") and not has_old:
+    if c.rollout_correction in ("sequence_truncate", "sequence_mask", "sequence_gate") \
+            and not has_old:
         return "sequence"
     return None
 
@@ -154,12 +164,17 @@ class _Chunked:
                                   out=self.ref_buffer.take(chunk.size))
 
 
-def _tokens_per_chunk(chunk_tokens: int | None, hidden: Tensor, weight: Tensor) -> int:
+def _tokens_per_chunk(chunk_tokens: int | None, hidden: Tensor, weight: Tensor,
+                      backend: str = "auto") -> int:
+    """``chunk_tokens``, or the default chunk (``rlhf_fast.ops.chunking``) sized by the
+    vocabulary width: with a vocabulary shard in ``backend``, the widest slice's, so that
+    every rank cuts the same chunks (the plan depends on shapes and the device's size
+    only)."""
     if chunk_tokens is not None:
         return chunk_tokens
     n_tokens = hidden.shape[0] * hidden.shape[1]
-    return default_chunk_tokens(n_tokens, weight.shape[0], weight.shape[1], hidden.dtype,
-                                hidden.device)
+    return default_chunk_tokens(n_tokens, chunk_width(weight.shape[0], backend),
+                                weight.shape[1], hidden.dtype, hidden.device)
 
 
 def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, ref, rollout,
@@ -168,7 +183,7 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     write_grad = any(needs)
     c = decode_config(PolicyLossConfig, config)
     batch, seq_len, _ = hidden.shape
-    targets, valid = token_inputs(mask, targets, weight.shape[0])
+    targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
     layout = Packed.from_cu_seqlens(cu_seqlens, seq_len) if cu_seqlens is not None \
         else Padded(batch)
     # Per-token inputs contiguous once, so that every chunk's slice is a view.
@@ -177,11 +192,12 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     m = valid.float()
     kind = prepass_kind(c, old is not None)
     plan = plan_chunks(batch, seq_len, cu_seqlens is not None,
-                       _tokens_per_chunk(chunk_tokens, hidden, weight), chunk_size,
+                       _tokens_per_chunk(chunk_tokens, hidden, weight, backend), chunk_size,
                        want_whole_sequences=kind == "sequence")
     run = _Chunked(hidden, weight, bias, plan, ref_hidden, ref_weight)
     at = run.at
-    head = HeadGradients(hidden, weight, bias, needs, main_grad) if write_grad else None
+    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend) if write_grad \
+        else None
     logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = torch.empty_like(logp)
     one_pass = write_grad and len(plan.chunks) > 0 and (
@@ -189,7 +205,8 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     if one_pass:
         # Whole-batch weights, each chunk its slice: the chunks add up to the unchunked
         # loss and gradient (docs/architecture.md, Fused-linear chunking).
-        weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length, layout)
+        weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length,
+                                      c.count_empty_sequences, layout)
         rollout_w = rollout_weights(old, rollout, m, c, layout).contiguous() \
             if rollout is not None and old is not None else None
         seq_norm = sequence_count(m, c, layout) if c.objective == "gmpo" else None
@@ -387,6 +404,8 @@ def linear_policy_loss(
     chunk_tokens: int | None = None,
     cu_seqlens: Tensor | None = None,
     main_grad: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
     **overrides: object,
 ) -> PolicyLossOutput:
     """``policy_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
@@ -398,8 +417,10 @@ def linear_policy_loss(
 
     - ``chunk_tokens``: tokens per chunk (default: ``rlhf_fast.ops.chunking``, from the
       device's memory, V, H and the dtype). Chunks cut sequences where needed; losses that
-      need their sequences' statistics first (GSPO, GMPO, ...) or the batch's entropy
-      statistics then take them from a no-grad pre-pass (module docstring: 2NHV more).
+      need their sequences' statistics first (GSPO, GMPO, VESPO, the off-policy mask, ...)
+      or statistics of the whole batch (the entropy statistics, and every config with
+      ``PolicyLossConfig.needs_whole_batch``) then take them from a no-grad pre-pass
+      (module docstring: 2NHV more), which gives the coefficient step the whole batch.
       ``chunk_size`` (padded batches only; not with ``chunk_tokens``): whole sequences per
       chunk instead.
     - ``cu_seqlens``: ``[S + 1]`` int32 offsets of S packed sequences (padding-free
@@ -417,6 +438,18 @@ def linear_policy_loss(
       1 reaching the loss raises in backward.
     - ``loss_scale`` multiplies the loss and the three gradients through the per-token
       coefficients, so the GEMMs produce them scaled (no extra pass).
+    - ``process_group``: the tensor-parallel group when ``weight`` (and ``bias``,
+      ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows (slices
+      may be uneven; targets stay full-vocabulary ids): the results are the full-vocabulary
+      ones on every rank, the weight and bias gradients this rank's slice, and dL/dhidden
+      the full one (summed over the group: one all-reduce of ``[B, T, H]``); row statistics
+      cost two all-reduces of 20-24 bytes a row (``rlhf_fast.ops.vocab_parallel``). Every
+      rank cuts the batch into the same chunks (the default chunk is sized by the widest
+      slice). Works with ``cu_seqlens`` too.
+    - ``vocab_offset``: the full-vocabulary id of this rank's first row of ``weight``; None:
+      from the slice widths, all-gathered once per group and width. When given with uneven
+      slices, give ``chunk_tokens`` or ``chunk_size`` too (the default chunk is then sized
+      by the local width, and must be the same on every rank).
 
     ``out.logprobs`` / ``out.entropy`` carry no gradient back (a nonzero one raises; use
     ``entropy_coef``, or ``rlhf_fast.linear_token_logprobs`` for other terms). Every other
@@ -433,6 +466,8 @@ def linear_policy_loss(
     hidden, targets, flat = _as_batch(hidden, targets)
     ref_hidden, ref_weight = check_ref_model(ref_hidden, ref_weight, hidden, weight, flat,
                                              "[N, H_ref]" if flat else "[B, T, H_ref]")
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     logits_like = hidden.new_zeros(1).expand(*hidden.shape[:2], weight.shape[0])  # shape only
     inputs = side_inputs(c, logits_like, flat, targets, mask, advantages, old_logprobs,
                          ref_logprobs, rollout_logprobs, ref_model=ref_hidden is not None,
@@ -449,10 +484,10 @@ def linear_policy_loss(
 # --- linear_token_logprobs: custom ops and their autograd -----------------------------------
 
 def _logprobs_plan(hidden: Tensor, weight: Tensor, chunk_size: int | None,
-                   chunk_tokens: int | None, packed: bool) -> ChunkPlan:
+                   chunk_tokens: int | None, packed: bool, backend: str = "auto") -> ChunkPlan:
     batch, seq_len, _ = hidden.shape
-    return plan_chunks(batch, seq_len, packed, _tokens_per_chunk(chunk_tokens, hidden, weight),
-                       chunk_size, want_whole_sequences=False)
+    tokens = _tokens_per_chunk(chunk_tokens, hidden, weight, backend)
+    return plan_chunks(batch, seq_len, packed, tokens, chunk_size, want_whole_sequences=False)
 
 
 @torch.library.custom_op("rlhf_fast::linear_token_logprobs", mutates_args=())
@@ -464,10 +499,11 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp ``[B, T]``, entropy ``[B, T]`` or ``[0]``, stats ``[B, T, 3]``) of
     ``hidden @ weight.T (+ bias)``: one GEMM and one stats sweep per chunk of tokens."""
-    check_target_range(targets, weight.shape[0], ignore_index)
+    check_targets(targets, weight.shape[0], ignore_index, backend)
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, hidden.shape[1])
-    plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, cu_seqlens is not None)
+    plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, cu_seqlens is not None,
+                          backend)
     run = _Chunked(hidden, weight, bias, plan)
     logp = hidden.new_empty(hidden.shape[:2], dtype=torch.float32)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
@@ -504,8 +540,8 @@ def linear_token_logprobs_backward_op(
     """(grad_hidden, grad_weight, grad_bias), ``[0]`` where not asked for: each chunk's
     logits recomputed (see the module docstring), gradient sweep, GEMMs 2-3."""
     needs = (need_hidden, need_weight, need_bias)
-    grads = HeadGradients(hidden, weight, bias, needs)
-    plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, packed)
+    grads = HeadGradients(hidden, weight, bias, needs, backend=backend)
+    plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, packed, backend)
     run = _Chunked(hidden, weight, bias, plan)
     at = run.at
     for chunk in plan.chunks:
@@ -572,6 +608,8 @@ def linear_token_logprobs(
     backend: str = "auto",
     chunk_tokens: int | None = None,
     cu_seqlens: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``token_logprobs`` of ``hidden @ weight.T (+ bias)``, chunk by chunk of tokens.
 
@@ -585,6 +623,20 @@ def linear_token_logprobs(
     target outside ``[0, V)`` other than ``ignore_index`` raises (checked on the device, as
     in ``token_logprobs``). ``torch.compile`` (``fullgraph=True``) sees it as one custom op
     (and one for its backward).
+
+    Args (vocabulary-parallel heads):
+        process_group: the tensor-parallel group when ``weight`` (and ``bias``) hold only
+            this rank's contiguous slice of the vocabulary rows (slices may be uneven;
+            targets stay full-vocabulary ids): the results are the full-vocabulary ones on
+            every rank, the weight and bias gradients this rank's slice, and dL/dhidden the
+            full one (summed over the group: one all-reduce of ``[B, T, H]``); row
+            statistics cost two all-reduces of 20-24 bytes a row
+            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
+            chunks (the default chunk is sized by the widest slice).
+        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
+            from the slice widths, all-gathered once per group and width. When given with
+            uneven slices, give ``chunk_tokens`` or ``chunk_size`` too (the default chunk is
+            then sized by the local width, and must be the same on every rank).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -593,6 +645,8 @@ def linear_token_logprobs(
     check_chunk_args(chunk_size, chunk_tokens, packed)
     hidden, targets, flat = _as_batch(hidden, targets)
     temperature = check_temperature(temperature)
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     logp, entropy, _ = linear_token_logprobs_op(hidden, weight, bias, targets, temperature,
                                                 int(ignore_index), bool(return_entropy),
                                                 backend, chunk_size, chunk_tokens, cu_seqlens)

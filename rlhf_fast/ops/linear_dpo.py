@@ -30,14 +30,16 @@ run inside the custom op ``rlhf_fast::linear_dpo_loss`` (one opaque node for
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS
 from ..preference_coefficients import preference_coefficients, preference_metrics
-from ..preference_config import PreferenceLossConfig
+from ..preference_config import BATCH_SORTED_LOSSES, PreferenceLossConfig
 from ..validation import check_loss_scale
 from .chunking import check_chunk_args, plan_chunks
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
@@ -66,6 +68,7 @@ from .lm_head import (
 )
 from .policy_loss import IGNORE, token_inputs
 from .row_sweeps import grad_sweep, stats_sweep
+from .vocab_parallel import shard_backend
 
 
 def pair_chunks(num_pairs: int, pairs_per_chunk: int, device: torch.device
@@ -97,7 +100,7 @@ def _scaled(coef, loss_scale: float):
 
 
 def _pair_pass(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-               loss_scale, head, num_pairs, chosen_tokens, pairs_per_chunk):
+               loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk):
     """One pass over chunks of whole pairs (padded): (loss, chosen, rejected, parts)."""
     seq_len, vocab = hidden.shape[1], weight.shape[0]
     chunks = pair_chunks(num_pairs, pairs_per_chunk, hidden.device)
@@ -121,7 +124,7 @@ def _pair_pass(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight
         coef, grad = preference_forward(
             logits, targets_c, _rows(valid, index), ref_c, c, backend,
             num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=True, out=logits,
-            loss_scale=loss_scale)
+            loss_scale=loss_scale, chosen_sequences=chosen_sequences)
         loss += coef.loss
         parts.append(coef.pairs)
         chosen[pairs] = coef.pairs["logps_chosen"].float()
@@ -137,20 +140,24 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
                      main_grad):
     write_grad = any(needs)
     c = decode_config(PreferenceLossConfig, config)
-    targets, valid = token_inputs(mask, targets, weight.shape[0])
-    layout, num_pairs, chosen_tokens = pair_layout(cu_seqlens, valid)
+    targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
+    layout, num_pairs, chosen_tokens, chosen_sequences = pair_layout(cu_seqlens, valid)
     batch, seq_len = hidden.shape[:2]
     packed = cu_seqlens is not None
-    tokens = _tokens_per_chunk(chunk_tokens, hidden, weight)
-    head = HeadGradients(hidden, weight, bias, needs, main_grad) if write_grad else None
+    tokens = _tokens_per_chunk(chunk_tokens, hidden, weight, backend)
+    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend) if write_grad \
+        else None
     single = batch * seq_len <= tokens and chunk_size is None
-    if write_grad and not packed and (chunk_size is not None or 2 * seq_len <= tokens
-                                      or single):
+    # AOT sorts the margins over the whole batch: chunks of pairs cannot hold it, so more
+    # than one chunk takes the pre-pass (the pair step then sees the whole batch, exactly).
+    pairs_split = c.loss_type in BATCH_SORTED_LOSSES and not single
+    if write_grad and not packed and not pairs_split \
+            and (chunk_size is not None or 2 * seq_len <= tokens or single):
         pairs_per_chunk = chunk_size if chunk_size is not None \
             else max(1, tokens // max(1, 2 * seq_len))
         loss, chosen, rejected, parts = _pair_pass(
             hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-            loss_scale, head, num_pairs, chosen_tokens, pairs_per_chunk)
+            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk)
     elif write_grad and single:
         # Packed, one chunk: the whole batch in one pass, its sequences given by the layout.
         targets_c, ref_c = targets, ref
@@ -162,7 +169,7 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
         coef, grad = preference_forward(
             logits, targets_c, valid, ref_c, c, backend, num_pairs=num_pairs,
             chosen_tokens=chosen_tokens, write_grad=True, out=logits, loss_scale=loss_scale,
-            layout=layout)
+            layout=layout, chosen_sequences=chosen_sequences)
         head.add(grad.view(hidden_c.shape[0], -1), hidden_c, (0, hidden_c.shape[0]))
         del logits, grad
         loss, parts = coef.loss, [coef.pairs]
@@ -171,14 +178,14 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     else:
         loss, chosen, rejected, parts = _two_passes(
             hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-            loss_scale, head, num_pairs, chosen_tokens, layout, tokens)
+            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens)
     metrics = pack_metrics(preference_metrics(parts, chosen_tokens), PREFERENCE_METRICS)
     grads = head.result() if head is not None else (None, None, None)
     return (loss.float(), chosen, rejected, metrics, *head_outputs(grads, hidden))
 
 
 def _two_passes(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-                loss_scale, head, num_pairs, chosen_tokens, layout, tokens):
+                loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens):
     """No-grad pre-pass over chunks of tokens, the pair step on the whole batch, then the
     gradient pass when ``head`` is given: (loss, chosen, rejected, parts)."""
     batch, seq_len = hidden.shape[:2]
@@ -200,7 +207,8 @@ def _two_passes(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weigh
         if stats is not None:
             at(stats, chunk, (3,)).copy_(stats_c)
     coef = _scaled(preference_coefficients(logp, valid, ref_all, c, num_pairs=num_pairs,
-                                           chosen_tokens=chosen_tokens, layout=layout),
+                                           chosen_tokens=chosen_tokens,
+                                           chosen_sequences=chosen_sequences, layout=layout),
                    loss_scale)
     if head is not None:
         no_entropy = logp.new_empty(0)
@@ -290,7 +298,7 @@ def linear_dpo_loss(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     average_logprobs: bool | None = None,
     nll_coef: float = 0.0,
@@ -298,12 +306,20 @@ def linear_dpo_loss(
     reference_free: bool = False,
     temperature: float = 1.0,
     discopop_tau: float | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    ld_alpha: float | None = None,
+    nll_aggregation: str = "token_mean",
+    alphapo: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
     chunk_tokens: int | None = None,
     cu_seqlens: Tensor | None = None,
     main_grad: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
 ) -> PreferenceLossOutput:
     """``dpo_loss`` on ``logits = hidden @ weight.T (+ bias)`` without materialising them.
 
@@ -328,11 +344,30 @@ def linear_dpo_loss(
       coefficients, so the GEMMs produce them scaled (no extra pass).
 
     Every other argument as in ``rlhf_fast.dpo_loss``.
+    per chunk under no_grad (both at once raise). ``chunk_size``: pairs per chunk (default:
+    as many as fit ``CHUNK_BUDGET_BYTES`` of logits). ``loss_scale`` multiplies the loss and
+    the three gradients through the per-token coefficients, so the GEMMs produce them scaled
+    (no extra pass). Every other argument as in ``rlhf_fast.dpo_loss``, and:
+
+        process_group: the tensor-parallel group when ``weight`` (and ``bias``,
+            ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows
+            (slices may be uneven; targets stay full-vocabulary ids): the results are the
+            full-vocabulary ones on every rank, the weight and bias gradients this rank's
+            slice, and dL/dhidden the full one (summed over the group: one all-reduce of
+            ``[B, T, H]``); row statistics cost two all-reduces of 20-24 bytes a row
+            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
+            chunks (sized by the widest slice).
+        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
+            from the slice widths, all-gathered once per group and width. When given with
+            uneven slices, give ``chunk_size`` too (chunks are then sized by the local width,
+            and must be the same on every rank).
     """
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
                          reference_free=reference_free, temperature=temperature,
-                         discopop_tau=discopop_tau)
+                         discopop_tau=discopop_tau, f_divergence=f_divergence,
+                         f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
+                         alphapo=alphapo, loss_weights=loss_weights)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
@@ -342,6 +377,8 @@ def linear_dpo_loss(
     check_main_grad(main_grad, weight)
     if sequences is None:
         check_pair_batch(tuple(hidden.shape), "hidden")
+    backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
+                            hidden.device)
     logits_like = hidden.new_zeros(1).expand(*hidden.shape[:-1], weight.shape[0])  # shape
     ref_hidden, ref_weight = check_ref_model(
         ref_hidden, ref_weight, hidden, weight, False,

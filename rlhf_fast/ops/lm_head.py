@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .row_sweeps import stats_sweep
+from .vocab_parallel import all_reduce_hidden_grad
 
 UPCAST_BLOCK_BYTES = 16 * 2**20
 """Bound on the float32 copy of a chunk's 16-bit gradient that the CPU's weight-gradient GEMM
@@ -198,12 +199,15 @@ class HeadGradients:
     """The gradients of ``logits = hidden @ weight.T (+ bias)`` summed over chunks: GEMM 2
     into ``grad_hidden``, GEMM 3 into the float32 ``WeightGradAccumulator``, the bias sum in
     float32. Inputs that need no gradient get none (their GEMM is skipped); ``main_grad``
-    receives the weight's gradient instead of a new tensor."""
+    receives the weight's gradient instead of a new tensor. With a vocabulary shard in
+    ``backend`` the weight holds this rank's rows only, and ``grad_hidden`` is summed over
+    the group in ``result`` (``vocab_parallel.py``)."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                 needs: tuple[bool, bool, bool], main_grad: Tensor | None = None):
+                 needs: tuple[bool, bool, bool], main_grad: Tensor | None = None,
+                 backend: str = "auto"):
         need_h, need_w, need_b = needs
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.backend = weight, bias, backend
         # Every token belongs to exactly one chunk: each row is written once, no fill.
         self.hidden = hidden.new_empty(hidden.shape) if need_h else None
         self.hidden_flat = self.hidden.view(-1, hidden.shape[-1]) if need_h else None
@@ -233,6 +237,8 @@ class HeadGradients:
         """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where not
         needed (or where ``main_grad`` took the weight's); the float32 accumulators are cast
         once."""
+        if self.hidden is not None:
+            all_reduce_hidden_grad(self.hidden, self.backend)
         return (self.hidden,
                 self.weight_acc.result() if self.weight_acc is not None else None,
                 self.bias_acc.to(self.bias.dtype) if self.bias_acc is not None else None)

@@ -37,6 +37,10 @@ class Padded:
         """``[B]`` per-sequence values as ``[B, 1]``, broadcasting against ``[B, T]``."""
         return s.unsqueeze(-1)
 
+    def first(self, x: Tensor) -> Tensor:
+        """Each sequence's first per-token value ``[B]`` (of ``[B, T]``; T >= 1)."""
+        return x[:, 0] if x.shape[-1] > 0 else x.new_zeros(x.shape[0])
+
 
 class Packed:
     """Per-token tensors ``[1, N]`` holding S sequences back to back (module docstring)."""
@@ -63,6 +67,16 @@ class Packed:
     def per_token(self, s: Tensor) -> Tensor:
         """``[S]`` per-sequence values as ``[1, N]``: each token gets its sequence's value."""
         return s.index_select(0, self.seq_ids).unsqueeze(0)
+
+    def first(self, x: Tensor) -> Tensor:
+        """Each sequence's first per-token value ``[S]`` of ``[1, N]`` (an empty sequence gets
+        a neighbour's value: callers mask its tokens, which do not exist)."""
+        flat = x.reshape(-1)
+        if flat.numel() == 0:
+            return flat.new_zeros(self.num_sequences)
+        ids = torch.arange(self.num_sequences, device=flat.device)
+        starts = torch.searchsorted(self.seq_ids, ids).clamp(max=flat.numel() - 1)
+        return flat.index_select(0, starts)
 
 
 Layout = Padded | Packed

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ..backend import BACKENDS, resolve_backend
 from ..config import PolicyLossConfig
@@ -38,7 +39,6 @@ from ..validation import (
     check_logits,
     check_loss_scale,
     check_mask,
-    check_target_range,
     check_token_tensor,
     float_token_tensor,
     mask_to_bool,
@@ -47,7 +47,8 @@ from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_m
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .launch import FUSED_MAX_REGISTERS, row_launch, same_alignment
 from .packing import Layout, Packed, check_cu_seqlens, expand_advantages
-from .row_sweeps import grad_sweep, stats_sweep
+from .row_sweeps import check_targets, grad_sweep, stats_sweep
+from .vocab_parallel import is_sharded, shard_backend
 
 IGNORE = -100
 """Targets of masked positions are replaced by this: their rows are skipped by both sweeps."""
@@ -65,10 +66,18 @@ def fused_token_level(c: PolicyLossConfig, old: Tensor | None) -> bool:
     """True when every token's coefficient depends only on the token and on weights known
     from the mask, so one kernel can compute loss and gradient."""
     token_rollout = c.rollout_correction in (None, "token_truncate", "token_mask")
-    return (c.ratio_level == "token" and c.objective != "gmpo"
+    return (c.ratio_level == "token" and c.objective in OBJECTIVE_CODES
             and c.entropy_advantage_alpha is None and c.top_entropy_quantile is None
             # On-policy rollout weights depend on logp itself: not known before the sweep.
-            and token_rollout and (c.rollout_correction is None or old is not None))
+            and token_rollout and (c.rollout_correction is None or old is not None)
+            # Not in the kernel yet (the two-sweep path computes them): other KL estimators
+            # and gradients, per-term aggregations, empty-sequence counts, batch-normalised
+            # rollout weights, the off-policy mask and the covariance selection.
+            and c.kl_estimator in KL_CODES and c.kl_gradient == "estimator"
+            and not c.kl_ratio_weighted and c.kl_aggregation is None
+            and c.entropy_aggregation is None and not c.count_empty_sequences
+            and not c.rollout_normalize and c.off_policy_mask_threshold is None
+            and c.cov_selection is None)
 
 
 def _kl_mode(c: PolicyLossConfig, ref: Tensor | None) -> int:
@@ -153,12 +162,14 @@ OUTPUT_GRADIENT_REMEDY = (
     "return_entropy=True), whose outputs are differentiable.")
 
 
-def token_inputs(mask: Tensor, targets: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+def token_inputs(mask: Tensor, targets: Tensor, n_cols: int,
+                 backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(targets with ``IGNORE`` where the token does not count, bool ``valid``) from a bool or
-    0/1 mask; the mask values and the target range are checked on the device."""
+    0/1 mask; the mask values and the target range are checked on the device (for a
+    vocabulary shard in ``backend``, by the sharded stats sweep)."""
     valid = mask_to_bool(mask) & (targets != IGNORE)
     targets = torch.where(valid, targets, torch.full_like(targets, IGNORE))
-    check_target_range(targets, n_cols, IGNORE)
+    check_targets(targets, n_cols, IGNORE, backend)
     return targets, valid
 
 
@@ -193,7 +204,7 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
     extra = dict(layout=layout, weights=weights, rollout_weight=rollout_weight,
                  sequence_norm=sequence_norm)
     if (write_grad and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
-            and resolve_backend(backend, logits) == "triton"):
+            and not is_sharded(backend) and resolve_backend(backend, logits) == "triton"):
         kernel_config, kernel_scale = config, loss_scale
         if weights is not None:
             # Weights from the whole batch (a chunk, a packed batch): the kernel takes them as
@@ -229,14 +240,14 @@ def packed_inputs(c: PolicyLossConfig, cu_seqlens: Tensor | None, valid: Tensor,
     layout = Packed.from_cu_seqlens(cu_seqlens, valid.shape[-1])
     advantages = expand_advantages(advantages, layout, valid)
     weights = aggregation_weights(valid.float(), c.aggregation, c.normalizer, c.max_length,
-                                  layout)
+                                  c.count_empty_sequences, layout)
     return layout, advantages, weights
 
 
 def _policy_loss_impl(logits, targets, advantages, mask, old, ref, rollout, config, backend,
                       loss_scale, write_grad, out, cu_seqlens):
     c = decode_config(PolicyLossConfig, config)
-    targets, valid = token_inputs(mask, targets, logits.shape[-1])
+    targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
     layout, advantages, weights = packed_inputs(c, cu_seqlens, valid, advantages)
     coef, logp, entropy, grad = policy_forward(
         logits, targets, advantages, valid, old, ref, rollout, c, backend,
@@ -352,6 +363,8 @@ def policy_loss(
     loss_scale: float = 1.0,
     backend: str = "auto",
     cu_seqlens: Tensor | None = None,
+    process_group: ProcessGroup | None = None,
+    vocab_offset: int | None = None,
     **overrides: object,
 ) -> PolicyLossOutput:
     """Policy-gradient loss straight from the logits, in two reads and one write of them.
@@ -391,6 +404,13 @@ def policy_loss(
             the aggregations and their counts follow the boundaries, and the results equal
             those of the same sequences padded to ``[S, T]``. ``seq_mean_token_sum_norm``
             needs ``max_length`` (or ``normalizer``) then: a packed batch has no padded T.
+        process_group: the tensor-parallel group when ``logits`` hold only this rank's
+            contiguous slice of the vocabulary columns (slices may be uneven; targets stay
+            full-vocabulary ids): the results are the full-vocabulary ones on every rank and
+            the gradient is this rank's slice, the row statistics combined by two
+            all-reduces of 20-24 bytes a row (``rlhf_fast.ops.vocab_parallel``).
+        vocab_offset: the full-vocabulary id of this rank's first column; None: from the
+            slice widths, all-gathered once per group and width.
 
     Advantages and the old / reference / rollout log-probs are constants of the loss: no
     gradient flows to them (as in TRL, verl and OpenRLHF).
@@ -409,6 +429,8 @@ def policy_loss(
     check_logits(logits)
     check_token_tensor(targets, "targets", logits, integer=True)
     sequences = check_packed(c, cu_seqlens, logits, "logits")
+    backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
+                            logits.device)
     flat = logits.dim() == 2
     if flat:
         logits = logits.unsqueeze(0)
@@ -493,10 +515,13 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
                          "reference log-probs would come from two places)")
     if c.rollout_correction is not None and rollout is None:
         raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.rollout_correction is None and rollout is not None:
-        raise ValueError("rollout_logprobs are given but rollout_correction is None, so they "
-                         "would be ignored: set rollout_correction ('token_truncate', "
-                         "'token_mask', 'sequence_truncate', 'sequence_mask') or drop them")
+    if c.rollout_correction is None and c.off_policy_mask_threshold is None \
+            and rollout is not None:
+        raise ValueError("rollout_logprobs are given but rollout_correction is None (and so "
+                         "is off_policy_mask_threshold), so they would be ignored: set "
+                         "rollout_correction ('token_truncate', 'token_mask', "
+                         "'sequence_truncate', 'sequence_mask', 'sequence_gate') or "
+                         "off_policy_mask_threshold, or drop them")
     has_ref = ref is not None or bool(ref_model)
     if c.kl_reference == "old" and has_ref:
         raise ValueError(f"ref_logprobs{alternatives} are given but kl_reference='old' (the "

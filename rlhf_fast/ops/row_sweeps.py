@@ -7,7 +7,9 @@ coefficient per token).
 
 Triton launchers here (device code in ``kernels/token_logprobs.py``, launch shapes in
 ``launch.py``); the torch backend in ``rlhf_fast/torch_backend/token_logprobs.py``.
-``backend`` is resolved per call.
+``backend`` is resolved per call. A ``backend`` string carrying a vocabulary shard
+(``vocab_parallel.shard_backend``) runs the same sweeps over this rank's slice of the
+vocabulary and combines the row statistics across the group (``vocab_parallel.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ..torch_backend import token_logprobs as torch_impl
+from ..validation import check_target_range
 from .launch import grad_launch, row_launch, same_alignment
+from .vocab_parallel import sharded_grad_targets, sharded_stats_sweep, split_backend
 
 
 def _unit_column_stride(logits: Tensor) -> Tensor:
     # The kernels need unit column stride; any row / batch strides are read in place.
     return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def check_targets(targets: Tensor, n_cols: int, ignore_index: int, backend: str) -> None:
+    """Every target in ``[0, n_cols)`` or ``ignore_index`` (``check_target_range``); with a
+    vocabulary shard the check happens after the statistics are combined (a target is in
+    range when exactly one rank's slice holds it)."""
+    if split_backend(backend)[1] is None:
+        check_target_range(targets, n_cols, ignore_index)
 
 
 def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
@@ -33,6 +45,16 @@ def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_inde
     ``[0]``, stats ``[B, T, 3]``), all float32. ``stats`` are what ``grad_sweep`` of the same
     backend needs, in that backend's units (Triton: the raw logits' max, the log-sum-exp
     below it and 1 - p_y)."""
+    backend, shard = split_backend(backend)
+    if shard is not None:
+        return sharded_stats_sweep(_local_stats_sweep, logits, targets, temperature,
+                                   ignore_index, with_entropy, backend, shard)
+    return _local_stats_sweep(logits, targets, temperature, ignore_index, with_entropy,
+                              backend)
+
+
+def _local_stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+                       with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if resolve_backend(backend, logits) == "torch":
         return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
                                                  with_entropy)
@@ -70,6 +92,10 @@ def grad_sweep(c_logp: Optional[Tensor], c_entropy: Optional[Tensor], logits: Te
     """
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    backend, shard = split_backend(backend)
+    if shard is not None:  # this rank's slice: stats from the sharded stats sweep
+        targets, ignore_index = sharded_grad_targets(targets, shard, logits.shape[-1],
+                                                     ignore_index)
     if resolve_backend(backend, logits) == "torch":
         return torch_impl.token_logprobs_backward(c_logp, c_entropy, logits, targets, entropy,
                                                   stats, temperature, ignore_index, out=out)

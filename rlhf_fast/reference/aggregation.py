@@ -9,8 +9,9 @@ cannot hide here. ``m`` is the 0/1 mask of the tokens that count, ``L`` the per-
     seq_mean_token_sum       sum_i (sum_t m L) / N_seq          over non-empty sequences
     seq_mean_token_sum_norm  sum_{i,t} m L / (B * max_length)   max_length default T
 
-``normalizer`` replaces the denominator (N_tok, N_seq or B * max_length). An empty batch
-(or an empty sequence) adds 0: a count of 0 is never divided by.
+``normalizer`` replaces the denominator (N_tok, N_seq or B * max_length). With
+``count_empty`` the sequence count N_seq is B, empty sequences included (TRL's grpo, verl's
+geo_mean). An empty batch (or an empty sequence) adds 0: a count of 0 is never divided by.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
 
 
 def aggregate(values: Tensor, mask: Tensor, aggregation: str, normalizer: float | None = None,
-              max_length: int | None = None) -> Tensor:
+              max_length: int | None = None, count_empty: bool = False) -> Tensor:
     """The aggregated scalar of ``values`` ``[B, T]`` over ``mask`` ``[B, T]`` (0/1 or bool),
     differentiable in ``values``; computed in ``values``' dtype, without a host sync."""
     if aggregation not in AGGREGATIONS:
@@ -46,15 +47,19 @@ def aggregate(values: Tensor, mask: Tensor, aggregation: str, normalizer: float 
     per_sequence = picked.sum(dim=1)
     if aggregation == "seq_mean_token_mean":
         per_sequence = per_sequence / torch.where(non_empty, lengths, 1)
-    return sequence_mean(per_sequence, non_empty, normalizer)
+    return sequence_mean(per_sequence, non_empty, normalizer, count_empty)
 
 
-def sequence_mean(values: Tensor, non_empty: Tensor, normalizer: float | None = None) -> Tensor:
+def sequence_mean(values: Tensor, non_empty: Tensor, normalizer: float | None = None,
+                  count_empty: bool = False) -> Tensor:
     """Sum of per-sequence ``values`` ``[B]`` over the non-empty sequences, divided by their
-    number (or by ``normalizer``): the sequence-level mean (and GMPO's)."""
+    number (all B with ``count_empty``; or by ``normalizer``): the sequence-level mean (and
+    GMPO's)."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     total = torch.where(non_empty, values, zero).sum()
     if normalizer is not None:
         return total / normalizer
+    if count_empty:
+        return total / max(values.shape[0], 1)
     count = non_empty.sum().to(values.dtype)
     return torch.where(count > 0, total / torch.where(count > 0, count, 1), zero)

@@ -2,13 +2,25 @@
 written in the papers / TRL, autograd for gradients (float64 in the tests).
 
 Only the raw fields of ``PreferenceLossConfig`` are read; what they imply is spelled out
-here from the formulas (``PreferenceLossConfig``'s docstring), not taken from the config's
-helper properties: EXO's epsilon is 1e-3 when ``label_smoothing`` is 0; ORPO adds its NLL
-term with weight 1 on top of ``nll_coef``; SimPO and ORPO read no reference model.
+here from the formulas (``PreferenceLossConfig``'s docstring, AOT's sorts included), not
+taken from the config's helper properties: EXO's epsilon is 1e-3 when ``label_smoothing``
+is 0; ORPO adds its NLL term with weight 1 on top of ``nll_coef``; SimPO and ORPO read no
+reference model.
+
+Peer options: ``f_divergence`` maps each sequence's log-ratio D to f'(e^D) before the margin
+losses (forward_kl 1 - e^-D, js_divergence log 2 + log s(D), alpha_divergence
+(exp(min((a-1) D, 80)) - 1) / (a-1)); ``ld_alpha`` weighs a sequence's valid tokens beyond
+the shorter sequence of its pair by ld_alpha (policy and reference sums alike);
+``nll_aggregation="sequence_mean"`` is the mean over non-empty chosen sequences of their
+token-mean NLL; ``loss_weight`` and ``mixture`` ((type, weight), ...) make the loss a
+weighted sum of pair losses, each on the same scores; ``alphapo`` = a != 0 replaces the
+(reference-free) score D by the reward (1 - e^(-a D)) / a, in the loss and in the reported
+rewards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -77,6 +89,20 @@ def _pair_loss(w: Tensor, lo: Tensor, config: PreferenceLossConfig) -> Tensor:
     raise ValueError(f"unknown loss_type {kind!r}")
 
 
+def _f_divergence(d: Tensor, config: PreferenceLossConfig) -> Tensor:
+    if config.alphapo != 0:
+        return (1 - torch.exp(-config.alphapo * d)) / config.alphapo
+    kind = config.f_divergence
+    if kind == "forward_kl":
+        return 1 - torch.exp(-d)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(d)
+    if kind == "alpha_divergence" and abs(config.f_alpha - 1) >= 1e-6:
+        a = config.f_alpha
+        return (torch.exp(torch.clamp((a - 1) * d, max=80.0)) - 1) / (a - 1)
+    return d
+
+
 def dpo_loss(
     logits: Tensor,
     targets: Tensor,
@@ -103,27 +129,60 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
     bool mask of the tokens that count."""
     m = valid.to(logp.dtype)
     length = m.sum(-1)
-    policy = (logp * m).sum(-1)
+    b = logp.shape[0] // 2
+    weight = m.clone()
+    if config.ld_alpha is not None:
+        for i in range(2 * b):
+            shared = min(int(length[i % b]), int(length[b + i % b]))
+            seen = 0
+            for t in range(m.shape[1]):
+                if valid[i, t]:
+                    seen += 1
+                    if seen > shared:
+                        weight[i, t] = config.ld_alpha
+    policy = (logp * weight).sum(-1)
     ref = torch.zeros_like(policy)
     if _uses_reference(config):
         ref = ref_logprobs.to(logp.dtype)
-        ref = torch.where(valid, ref, 0).sum(-1) if ref.dim() == 2 else ref
+        ref = torch.where(valid, ref * weight, 0).sum(-1) if ref.dim() == 2 else ref
     if config.average_logprobs:
         policy, ref = policy / length.clamp(min=1), ref / length.clamp(min=1)
-    b = logp.shape[0] // 2
     d = policy - ref
-    if config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
+    scored = _f_divergence(d, config)
+    if config.loss_type in ("aot", "aot_unpaired"):
+        if config.loss_type == "aot":
+            first = torch.sort(policy[:b] - policy[b:]).values
+            second = torch.sort(ref[:b] - ref[b:]).values
+        else:
+            first, second = torch.sort(d[:b]).values, torch.sort(d[b:]).values
+        x = config.beta * (first - second)
+        eps = config.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    elif config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
         both = (length[:b] > 0) & (length[b:] > 0)
         safe = torch.full_like(d[:b], -1.0)
         losses = torch.where(both, _pair_loss(torch.where(both, d[:b], safe),
                                               torch.where(both, d[b:], safe), config), 0.0)
     else:
-        losses = _pair_loss(d[:b], d[b:], config)
+        members = ((config.loss_type, config.loss_weight), *config.mixture)
+        losses = 0.0 * d[:b]
+        for kind, weight in members:
+            member = dataclasses.replace(config, loss_type=kind, mixture=())
+            margin = kind in ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "ipo",
+                              "simpo")
+            x = scored if margin else d   # TRL: the f-divergence scores feed the margin losses
+            losses = losses + weight * _pair_loss(x[:b], x[b:], member)
     loss = losses.mean() if b > 0 else losses.sum()
     nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
     if _nll_weight(config) != 0:
-        loss = loss + _nll_weight(config) * nll
-    r_w, r_l = config.beta * d[:b].detach(), config.beta * d[b:].detach()
+        if config.nll_aggregation == "sequence_mean":
+            per_sequence = [-(logp[i] * m[i]).sum() / length[i] for i in range(b) if length[i] > 0]
+            nll_term = sum(per_sequence) / len(per_sequence) if per_sequence else 0.0 * nll
+        else:
+            nll_term = nll
+        loss = loss + _nll_weight(config) * nll_term
+    rewarded = scored if config.alphapo != 0 else d
+    r_w, r_l = config.beta * rewarded[:b].detach(), config.beta * rewarded[b:].detach()
 
     def mean(x: Tensor) -> Tensor:
         return x.sum() / max(b, 1)

@@ -2,12 +2,17 @@
 
 Schulman's estimators of KL(q || p) from a sample y of q, with log x = log p(y) - log q(y):
 
-    k1 = -log x          k2 = (log x)^2 / 2          k3 = x - 1 - log x
+    k1 = -log x          k2 = (log x)^2 / 2          k3 = x - 1 - log x          abs = |log x|
 
 ``kl_reference="ref"`` (GRPO): q = pi (the policy), p = ref, so log x = ref - logp;
 ``kl_reference="old"`` (PPO-penalty): q = pi_old, p = pi, so log x = logp - old.
 With ``kl_clamp`` (verl's low-variance KL) log x is first clamped to +-log_ratio_clamp and
 the estimate to +-kl_clamp; without it nothing is clamped.
+
+``kl_gradient`` keeps the estimate's value and swaps its gradient (straight-through,
+``g - sg(g) + sg(k)``): ``k2`` takes g = (log x)^2 / 2 of the unclamped log x (verl's "k3+");
+``k2_weighted`` takes g = sg(min(exp(logp - old), 10)) * (log x)^2 / 2 (OpenRLHF's
+unbiased-gradient KL).
 
 Controllers (one update per iteration, on the host):
     adaptive (PPO paper):  beta / 2 if KL < target / 1.5;  beta * 2 if KL > 1.5 target
@@ -30,6 +35,8 @@ def estimator(log_x: Tensor, name: str) -> Tensor:
         return log_x**2 / 2
     if name == "k3":
         return torch.exp(log_x) - 1 - log_x
+    if name == "abs":
+        return torch.abs(log_x)
     raise ValueError(f"unknown KL estimator {name!r}")
 
 
@@ -44,11 +51,20 @@ def kl_estimate(logp: Tensor, old: Tensor, ref: Tensor | None,
     else:
         log_x = logp - old
     if config.kl_clamp is None:
-        return estimator(log_x, config.kl_estimator)
-    if config.log_ratio_clamp is not None:
-        log_x = torch.clamp(log_x, -config.log_ratio_clamp, config.log_ratio_clamp)
-    return torch.clamp(estimator(log_x, config.kl_estimator), -config.kl_clamp,
-                       config.kl_clamp)
+        value = estimator(log_x, config.kl_estimator)
+    else:
+        clamped = log_x
+        if config.log_ratio_clamp is not None:
+            clamped = torch.clamp(log_x, -config.log_ratio_clamp, config.log_ratio_clamp)
+        value = torch.clamp(estimator(clamped, config.kl_estimator), -config.kl_clamp,
+                            config.kl_clamp)
+    if config.kl_gradient == "estimator":
+        return value
+    surrogate = log_x**2 / 2
+    if config.kl_gradient == "k2_weighted":
+        weight = torch.clamp(torch.exp(logp.detach() - old.detach()), max=10.0)
+        surrogate = weight * surrogate
+    return surrogate - surrogate.detach() + value.detach()
 
 
 def token_kl(logprobs: Tensor, ref_logprobs: Tensor, name: str = "k1") -> Tensor:

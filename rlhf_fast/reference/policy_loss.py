@@ -15,7 +15,8 @@ from ..config import PolicyLossConfig
 from .aggregation import aggregate, sequence_mean
 from .entropy import entropy_advantage, top_entropy_mask
 from .kl import kl_estimate
-from .rollout import rollout_weights
+from .rollout import off_policy_mask, rollout_weights
+from .selection import covariance_selection, dppo_keep, vespo_weights
 from .token_logprobs import token_logprobs
 
 
@@ -98,21 +99,29 @@ def policy_loss_from_logprobs(
         ratio = torch.exp(log_s.unsqueeze(-1) + logp - logp.detach())
 
     is_weight = rollout_weights(old.detach(), rollout_logprobs, m, c)
+    behaviour = rollout_logprobs if rollout_logprobs is not None else old
+    keep_off_policy = off_policy_mask(adv, logp.detach(), behaviour.detach().to(dtype), m,
+                                      c.off_policy_mask_threshold)
 
-    def agg(values: Tensor) -> Tensor:
-        return aggregate(values, m, c.aggregation, c.normalizer, c.max_length)
+    def agg(values: Tensor, aggregation: str | None = None, normalizer: float | None = None,
+            mask: Tensor = m) -> Tensor:
+        if aggregation is None:
+            aggregation, normalizer = c.aggregation, c.normalizer
+        return aggregate(values, mask, aggregation, normalizer, c.max_length,
+                         c.count_empty_sequences)
 
     hi_const = 1.0 + c.clip_eps_high
     lo_const = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else None
 
     if c.objective == "gmpo":
         sign = torch.sign(adv)
-        clipped = log_ratio.clamp(-c.gmpo_clip, c.gmpo_clip)
+        high = c.gmpo_clip_high if c.gmpo_clip_high is not None else c.gmpo_clip
+        clipped = log_ratio.clamp(-c.gmpo_clip, high)
         log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * clipped)
         seq_ratio = torch.exp((log_ratio_c * m).sum(-1) / safe_lengths)
         mean_adv = (adv * m).sum(-1) / safe_lengths
         seq_loss = -mean_adv * seq_ratio * is_weight[:, 0]
-        pg_loss = sequence_mean(seq_loss, lengths > 0, c.normalizer)
+        pg_loss = sequence_mean(seq_loss, lengths > 0, c.normalizer, c.count_empty_sequences)
     else:
         if c.objective == "pg":
             per_token = -ratio * adv
@@ -124,6 +133,13 @@ def policy_loss_from_logprobs(
             if lo_const is not None:
                 w = w.clamp(min=lo_const)
             per_token = -w * adv * logp
+        elif c.objective in ("dppo_tv", "dppo_kl"):
+            w = ratio.detach().clamp(max=c.dppo_ratio_cap)
+            keep = dppo_keep(logp.detach(), old.detach(), adv, c)
+            per_token = -w * keep * adv * logp
+        elif c.objective == "vespo":
+            phi = vespo_weights(log_ratio.detach(), adv, m, is_weight, c)
+            per_token = -phi * adv * logp
         else:
             hi = hi_const * ratio / ratio.detach() if c.clip_gradient != "zero" else hi_const
             lo = lo_const
@@ -139,14 +155,33 @@ def policy_loss_from_logprobs(
             if c.dual_clip_c is not None:
                 capped = torch.minimum(per_token, -c.dual_clip_c * adv)
                 per_token = torch.where(adv < 0, capped, per_token)
-        pg_loss = agg(per_token * is_weight * entropy_mask)
+        if c.cov_selection == "clip_cov":
+            plain = ratio.detach().clamp(max=hi_const)
+            if lo_const is not None:
+                plain = plain.clamp(min=lo_const)
+            clipped_by_ppo = -adv * plain > -adv * ratio.detach()
+            chosen = covariance_selection(adv, logp.detach(), m, ~clipped_by_ppo, c)
+            per_token = per_token * (1 - chosen)
+        elif c.cov_selection == "kl_cov":
+            chosen = covariance_selection(adv, logp.detach(), m, torch.ones_like(m).bool(), c)
+            per_token = per_token + chosen * c.cov_kl_coef * torch.abs(log_ratio)
+        weight = keep_off_policy * entropy_mask
+        if c.objective != "vespo":  # VESPO's rollout weight is inside phi
+            weight = weight * is_weight
+        pg_loss = agg(per_token * weight)
 
     loss = pg_loss
     kl = kl_estimate(logp, old, ref_logprobs.to(dtype) if ref_logprobs is not None else None, c)
     if kl is not None and c.kl_coef != 0:
-        loss = loss + c.kl_coef * agg(kl)
+        kl_term = kl * ratio if c.kl_ratio_weighted else kl
+        loss = loss + c.kl_coef * agg(kl_term, c.kl_aggregation, c.kl_normalizer)
     if c.entropy_coef != 0:
-        loss = loss - c.entropy_coef * agg(entropy_mask * entropy)
+        if c.entropy_aggregation is None:
+            bonus = agg(entropy_mask * entropy)
+        else:
+            bonus = agg(entropy, c.entropy_aggregation, c.entropy_normalizer,
+                        mask=m * entropy_mask)
+        loss = loss - c.entropy_coef * bonus
 
     return loss, _metrics(ratio.detach(), adv, m, kl, ent, c)
 

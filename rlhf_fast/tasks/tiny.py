@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import char_tokenizer
+from .tokenizer import char_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,19 @@ def demonstration(example: dict, restate: bool) -> str:
     return f"{example['answer']}={example['answer']}" if restate else example["answer"]
 
 
+def demonstration_batch(task, tokenizer, rng: random.Random,
+                        config: WarmupConfig) -> dict[str, torch.Tensor]:
+    """One warm-up batch: the task's own ``demonstration_batch`` when it has one (the
+    agentic task's multi-turn demonstrations), else answers restated in
+    ``restate_fraction`` of them."""
+    if hasattr(task, "demonstration_batch"):
+        return task.demonstration_batch(tokenizer, rng, config)
+    examples = task.train_prompts(config.batch_size, seed=rng.randrange(2**31))
+    completions = [demonstration(ex, rng.random() < config.restate_fraction)
+                   for ex in examples]
+    return supervised_batch(tokenizer, examples, completions)
+
+
 def warm_up(model, tokenizer, task, config: WarmupConfig = WarmupConfig()):
     """Teacher-force demonstrations of ``task`` for ``config.steps`` steps (in place);
     returns the model."""
@@ -124,10 +137,7 @@ def warm_up(model, tokenizer, task, config: WarmupConfig = WarmupConfig()):
                                                           eta_min=config.lr * 0.1)
     model.train()
     for _ in range(config.steps):
-        examples = task.train_prompts(config.batch_size, seed=rng.randrange(2**31))
-        completions = [demonstration(ex, rng.random() < config.restate_fraction)
-                       for ex in examples]
-        batch = supervised_batch(tokenizer, examples, completions)
+        batch = demonstration_batch(task, tokenizer, rng, config)
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits[:, :-1]     # [B, L-1, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten())
@@ -148,21 +158,25 @@ def _cache_key(task, shape: TinyModelConfig, warmup: WarmupConfig) -> str:
 
 
 def warmed_up_tiny_model(task, cache_dir: str | Path, *,
-                         shape: TinyModelConfig = TinyModelConfig(),
-                         warmup: WarmupConfig = WarmupConfig()):
+                         shape: TinyModelConfig | None = None,
+                         warmup: WarmupConfig | None = None):
     """(model, tokenizer): the tiny model warmed up on ``task``, built once per cache key.
 
     The first call builds and trains it (deterministic for a seed on one machine) and saves
     it under ``cache_dir/tiny-<task>-<key>/``; later calls load that directory, which is also
-    a valid ``--model PATH``.
+    a valid ``--model PATH``. A task may bring its own ``tokenizer()``, ``tiny_shape``,
+    ``warmup_config`` and ``demonstration_batch`` (the agentic task does); ``shape`` and
+    ``warmup`` default to the task's, else to ``TinyModelConfig()`` / ``WarmupConfig()``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    shape = shape or getattr(task, "tiny_shape", TinyModelConfig())
+    warmup = warmup or getattr(task, "warmup_config", WarmupConfig())
     path = Path(cache_dir) / f"tiny-{task.name}-{_cache_key(task, shape, warmup)}"
     if (path / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
-    tokenizer = char_tokenizer()
+        return model.eval(), load_tokenizer(path)
+    tokenizer = task.tokenizer() if hasattr(task, "tokenizer") else char_tokenizer()
     model = warm_up(tiny_model(tokenizer, shape, seed=warmup.seed), tokenizer, task, warmup)
     tmp = path.with_name(path.name + f".tmp{random.randrange(2**31)}")
     model.save_pretrained(tmp)

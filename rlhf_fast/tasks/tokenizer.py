@@ -36,3 +36,25 @@ def char_tokenizer(charset: str = CHARSET):
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
                                    eos_token=EOS, unk_token=PAD, padding_side="left")
+
+
+def load_tokenizer(path):
+    """The tokenizer saved in the local directory ``path``: ``AutoTokenizer``, except that a
+    tokenizer saved as a plain fast tokenizer (``tokenizer_class`` ``TokenizersBackend`` or
+    ``PreTrainedTokenizerFast``, as ``char_tokenizer`` saves) loads as exactly that.
+
+    Transformers 5 gives some model types their own tokenizer class whatever the saved
+    config says (``qwen2``: ``Qwen2Tokenizer``), and that class rebuilds the pre-tokenizer
+    (byte-level: a character tokenizer would lose its spaces).
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.exists() \
+        else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -9,9 +9,13 @@ paper's objective to code line by line:
 - ``dapo.py``: DAPO (clip-higher, dynamic sampling, token-level loss, overlong penalty);
 - ``gspo.py``: GSPO, GSPO-token, GMPO (sequence-level ratios);
 - ``cispo.py``: CISPO, SAPO (bounded importance weights);
-- ``reinforce.py``: REINFORCE++, REINFORCE++-baseline, RLOO (KL in the reward).
+- ``reinforce.py``: REINFORCE++, REINFORCE++-baseline, RLOO (KL in the reward);
+- ``ppo.py`` (+ ``critic.py``): PPO with a critic (four models), PPO-penalty, TRPO-style;
+- ``dpo.py`` (+ ``pairs.py``): DPO and the preference losses, offline or online.
+- ``agentic.py``: ARPO, AEPO (multi-turn rollouts with tools, entropy-guided rollout trees).
 
-``registry.ALGORITHMS`` names them all (``rlhf-fast train ALGO``).
+``registry.ALGORITHMS`` and ``registry.AGENTIC_ALGORITHMS`` name them all (``rlhf-fast train
+ALGO``).
 
 Where later trainers plug in (documented in each module):
 
@@ -31,24 +35,31 @@ Where later trainers plug in (documented in each module):
 - metrics: the keys listed in ``metrics.py``.
 """
 
+from .agentic import AEPOConfig, AEPOTrainer, ARPOConfig, ARPOTrainer
 from .batch import RolloutBatch, Segment, Trajectory
 from .cispo import CISPOConfig, CISPOTrainer
 from .config import TrainerConfig
 from .core import Trainer
+from .critic import Critic
 from .dapo import DAPOConfig, DAPOTrainer
+from .dpo import DPOConfig, DPOTrainer
 from .generation import Completion, Generator, HFGenerator, SamplingParams
 from .grpo import GRPOConfig, GRPOTrainer
 from .gspo import GSPOConfig, GSPOTrainer
+from .pairs import PairBatch, arithmetic_pairs, load_pairs
 from .policy import Policy, ReferencePolicy
-from .registry import ALGORITHMS, make_config, make_trainer
+from .ppo import PPOConfig, PPOTrainer
+from .registry import AGENTIC_ALGORITHMS, ALGORITHMS, make_config, make_trainer
 from .reinforce import ReinforceConfig, ReinforceTrainer
 from .rewards import RewardModel
 from .statistics import BatchStatistics
 
 __all__ = [
-    "ALGORITHMS", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion",
-    "DAPOConfig", "DAPOTrainer", "GRPOConfig", "GRPOTrainer", "GSPOConfig", "GSPOTrainer",
-    "Generator", "HFGenerator", "Policy", "ReferencePolicy", "ReinforceConfig",
-    "ReinforceTrainer", "RewardModel", "RolloutBatch", "SamplingParams", "Segment",
-    "Trainer", "TrainerConfig", "Trajectory", "make_config", "make_trainer",
+    "AGENTIC_ALGORITHMS", "ALGORITHMS", "AEPOConfig", "AEPOTrainer", "ARPOConfig",
+    "ARPOTrainer", "BatchStatistics", "CISPOConfig", "CISPOTrainer", "Completion", "Critic",
+    "DAPOConfig", "DAPOTrainer", "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer",
+    "GSPOConfig", "GSPOTrainer", "Generator", "HFGenerator", "PPOConfig", "PPOTrainer",
+    "PairBatch", "Policy", "ReferencePolicy", "ReinforceConfig", "ReinforceTrainer",
+    "RewardModel", "RolloutBatch", "SamplingParams", "Segment", "Trainer", "TrainerConfig",
+    "Trajectory", "arithmetic_pairs", "load_pairs", "make_config", "make_trainer",
 ]

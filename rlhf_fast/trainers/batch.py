@@ -95,6 +95,11 @@ class RolloutBatch:
     """``[B, T]`` float32 log-probs of the reference model (None: no KL term)."""
     advantages: Tensor | None = None
     """``[B]`` (per sequence) or ``[B, T]`` (per token) float32."""
+    values: Tensor | None = None
+    """``[B, T]`` float32 value estimates of the critic at rollout time (PPO), 0 where the
+    loss mask is 0."""
+    returns: Tensor | None = None
+    """``[B, T]`` float32 targets of the critic (GAE returns, ``advantages + values``)."""
 
     # --- views ----------------------------------------------------------------------------
 
@@ -230,7 +235,8 @@ def _repad(b: RolloutBatch, prompt_width: int, width: int) -> RolloutBatch:
         return torch.nn.functional.pad(x, (l, r))
 
     per_token = {name: pad(getattr(b, name), 0, right)
-                 for name in ("loss_mask", "sampler_logprobs", "old_logprobs", "ref_logprobs")
+                 for name in ("loss_mask", "sampler_logprobs", "old_logprobs", "ref_logprobs",
+                              "values", "returns")
                  if getattr(b, name) is not None}
     adv = b.advantages
     if adv is not None and adv.dim() == 2:

@@ -22,9 +22,11 @@ Seams for the trainers that build on this one:
   ``attention_mask``;
 - statistics: ``self.statistics`` (``BatchStatistics``), the one place for normalisers,
   gathered advantage inputs and logged means (a distributed subclass all-reduces);
-- the loss: ``loss_config_for(mini_batch)`` and ``backward(mini_batch)``; a critic adds its
-  value loss there;
-- checkpoint state: ``extra_state`` / ``load_extra_state`` (KL controllers, counters);
+- the loss: ``loss_config_for(mini_batch)``, ``micro_batch_losses(micro, config)`` (a critic
+  adds its value loss there) and ``backward(mini_batch)``; ``apply_gradients`` (a second
+  optimiser steps there) and ``stop_update`` (a KL bound ends the epoch loop);
+- checkpoint state: ``extra_state`` / ``load_extra_state`` (KL controllers, counters),
+  ``save_files`` / ``load_files`` (files beside the model: a critic's weights);
 - metrics: the keys in ``metrics.py``, algorithm keys under the algorithm's name.
 """
 
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..config import PolicyLossConfig
+from ..ops.policy_loss import PolicyLossOutput
 from .batch import RolloutBatch, Segment, Trajectory
 from .checkpoint import (
     MODEL_DIR,
@@ -101,6 +104,12 @@ class Trainer:
     is_main_process: bool = True
     """Whether this process writes the metrics log, the curves and the progress bar (under
     torchrun: rank 0 only; every rank still calls ``save``)."""
+
+    rank: int = 0
+    """This process's data-parallel rank (0 outside torchrun)."""
+
+    world_size: int = 1
+    """Data-parallel processes (1 outside torchrun); a ``DataParallelTrainer`` sets both."""
 
     def __init__(self, model, tokenizer, prompts, reward_functions,
                  config: TrainerConfig | None = None, *, eval_prompts=None,
@@ -298,6 +307,14 @@ class Trainer:
         normalizer = self.statistics.normalizer(mini_batch.loss_mask, self.loss_config)
         return self.loss_config.replace(normalizer=normalizer)
 
+    def micro_batch_losses(self, micro: RolloutBatch, config: PolicyLossConfig
+                           ) -> tuple[PolicyLossOutput, Tensor | None]:
+        """The policy loss of one micro-batch and a term added to it before backward (None:
+        nothing; a critic returns its weighted value loss)."""
+        c = self.config
+        return micro_batch_loss(self.policy, micro, config, mode=c.loss_impl,
+                                backend=c.backend), None
+
     def backward(self, mini_batch: RolloutBatch) -> dict[str, float]:
         """Accumulate the mini-batch's gradient micro-batch by micro-batch; returns its loss
         and token-weighted policy metrics."""
@@ -306,9 +323,8 @@ class Trainer:
         losses, parts = [], []
         with self._model_mode(train=c.gradient_checkpointing):
             for micro in mini_batch.split(c.micro):
-                out = micro_batch_loss(self.policy, micro, config, mode=c.loss_impl,
-                                       backend=c.backend)
-                out.loss.backward()
+                out, extra = self.micro_batch_losses(micro, config)
+                (out.loss if extra is None else out.loss + extra).backward()
                 losses.append(out.loss.detach().double())
                 parts.append(out.metrics)
         stats = self.statistics
@@ -325,12 +341,23 @@ class Trainer:
         metrics["policy/ratio_min"] = -float(stats.all_reduce_max(-ratio_min))
         return metrics
 
-    def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
-        """zero_grad, ``backward``, clip, AdamW step, LR schedule step."""
+    def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float] | None:
+        """zero_grad, ``backward``, then (unless ``stop_update`` says so: None) clip, AdamW
+        step, LR schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(mini_batch)
-        metrics["policy/grad_norm"] = self.clip_gradients()
-        metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.stop_update(metrics):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stopped_metrics = metrics
+            return None
+        metrics.update(self.apply_gradients())
+        return metrics
+
+    def apply_gradients(self) -> dict[str, float]:
+        """Clip the accumulated gradients (``clip_gradients``), AdamW step, LR schedule step;
+        returns the norm and the learning rate."""
+        metrics = {"policy/grad_norm": self.clip_gradients(),
+                   "policy/lr": self.optimizer.param_groups[0]["lr"]}
         self.optimizer.step()
         self.scheduler.step()
         return metrics
@@ -343,9 +370,15 @@ class Trainer:
                                               max_norm if max_norm is not None else math.inf)
         return float(norm)
 
+    def stop_update(self, metrics: dict[str, float]) -> bool:
+        """Hook, after a mini-batch's backward and before its optimiser step: True drops
+        that step and ends the update's epoch loop (a KL bound, TRPO-style)."""
+        return False
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """``epochs`` passes of mini-batch optimiser steps over the rollout batch; metrics
-        are means over the optimiser steps (the LR: the last one's)."""
+        """``epochs`` passes of mini-batch optimiser steps over the rollout batch (fewer
+        when ``stop_update`` ends them); metrics are means over the optimiser steps taken
+        (the LR: the last one's)."""
         c = self.config
         mini = self.local_mini_batch_size
         steps = []
@@ -354,7 +387,16 @@ class Trainer:
             order = (torch.randperm(batch.size, generator=self.shuffle_rng) if shuffle
                      else torch.arange(batch.size))
             for s in range(0, batch.size, mini):
-                steps.append(self.optimizer_step(batch.select(order[s:s + mini])))
+                metrics = self.optimizer_step(batch.select(order[s:s + mini]))
+                if metrics is None:
+                    break
+                steps.append(metrics)
+            else:
+                continue
+            break
+        if not steps:      # stopped before the first step: its metrics, nothing applied
+            steps = [{**self.stopped_metrics, "policy/grad_norm": 0.0,
+                      "policy/lr": self.optimizer.param_groups[0]["lr"]}]
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics["policy/lr"] = steps[-1]["policy/lr"]
         return metrics
@@ -404,6 +446,11 @@ class Trainer:
 
     # --- evaluation, training loop, checkpoints -------------------------------------------
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether ``evaluate`` has something to measure (held-out prompts here)."""
+        return self.eval_prompts is not None
+
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str | Mapping] | None = None) -> dict[str, float]:
         """Greedy completions of the held-out prompts, scored by every reward function
@@ -431,7 +478,7 @@ class Trainer:
         log = MetricsLog(log_dir, total=steps, progress=self.progress and self.is_main_process,
                          start=self.step_count)
         try:
-            if self.step_count == 0 and self.eval_prompts is not None:
+            if self.step_count == 0 and self.evaluates:
                 log.log({"step": 0, **self.evaluate()})
             while self.step_count < steps:
                 metrics = self.step()
@@ -465,7 +512,15 @@ class Trainer:
                     "rng": rng_state(self.prompt_rng, self.shuffle_rng),
                     "algorithm": self.extra_state(), "config": repr(self.config)},
                    path / STATE_FILE)
+        self.save_files(path)
         return path
+
+    def save_files(self, path: Path) -> None:
+        """Hook: files an algorithm adds to a checkpoint directory (a critic's weights),
+        written by the main process after the model and ``trainer_state.pt``."""
+
+    def load_files(self, path: Path) -> None:
+        """Hook: restore ``save_files`` (every process)."""
 
     def load(self, path: str | Path) -> None:
         """Restore a ``save``: weights, optimiser, schedule, step, RNGs, algorithm state."""
@@ -479,6 +534,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.prompt_rng, self.shuffle_rng)
         self.load_extra_state(state["algorithm"])
+        self.load_files(path)
 
     class _Mode:
         def __init__(self, model, train: bool):

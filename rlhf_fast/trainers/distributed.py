@@ -451,7 +451,7 @@ class DataParallelTrainer(Trainer):
         there are fewer than ranks); the means are global."""
         rows = prompt_rows(prompts) if prompts is not None else self.eval_prompts
         if rows is None:
-            return {}
+            return super().evaluate()     # what else the algorithm evaluates (DPO's pairs)
         if len(rows) >= self.world_size:
             bounds = [len(rows) * k // self.world_size for k in range(self.world_size + 1)]
             rows = rows[bounds[self.rank]:bounds[self.rank + 1]]

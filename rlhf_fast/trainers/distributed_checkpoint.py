@@ -9,7 +9,8 @@
   ``full_state_dict=True``) and the tokenizer: the same directory a single-process run writes,
   loadable with ``--model PATH``;
 - ``trainer_state.pt``: step, LR schedule, algorithm state, config, the world size and every
-  rank's RNG states (torch, CUDA, the prompt and shuffle generators).
+  rank's RNG states (torch, CUDA, the prompt and shuffle generators);
+- what the algorithm adds (``Trainer.save_files``: PPO's critic), written by rank 0.
 
 Resuming (same model, config and world size; the trainer built as at the start) continues
 bit-identically on the CPU, as the single-process path does.
@@ -58,6 +59,7 @@ def save_distributed(trainer, path) -> Path:
                     "rng_per_rank": rngs, "world_size": trainer.world_size,
                     "algorithm": trainer.extra_state(), "config": repr(trainer.config)},
                    path / STATE_FILE)
+        trainer.save_files(path)
     dist.barrier(group=group)
     return path
 
@@ -85,3 +87,4 @@ def load_distributed(trainer, path) -> None:
     trainer.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng_per_rank"][trainer.rank], trainer.prompt_rng, trainer.shuffle_rng)
     trainer.load_extra_state(state["algorithm"])
+    trainer.load_files(path)

@@ -5,7 +5,10 @@ log-probs out.
 multi-turn (tool-using) rollout calls it again on ``prefix + completion + tool result`` with
 a stop string at the tool-call tag. ``HFGenerator`` runs Hugging Face ``model.generate``; a
 faster engine (vLLM, SGLang) plugs in by implementing the same method and returning the
-log-probs of its processed distribution (after temperature / top-p).
+log-probs of its processed distribution (after temperature / top-p), and for the agentic
+trainers (ARPO / AEPO branch on the policy's uncertainty) that distribution's entropy at each
+token (``Completion.entropies``; an engine that only returns top-k log-probs can report the
+entropy of those).
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Completion:
     """The sampler's log-prob of each token (its processed distribution; 0 when greedy)."""
     finish_reason: str
     """``"eos"``, ``"stop"`` (a stop string) or ``"length"``."""
+    entropies: list[float] | None = None
+    """The entropy (nats) of the sampler's distribution at each token, the one the token was
+    drawn from (after temperature / top-p); None when the generator does not report it
+    (``HFGenerator``: greedy decoding). ARPO / AEPO branch on it."""
 
 
 class Generator(Protocol):
@@ -79,16 +86,20 @@ class _StopOnStrings:
 
 
 def _truncate(ids: list[int], logprobs: list[float], eos_ids: set[int], tokenizer,
-              stop_strings: Sequence[str]) -> Completion:
+              stop_strings: Sequence[str], entropies: list[float] | None = None) -> Completion:
     """Cut at the first end-of-sequence token or stop string (kept), else ``length``."""
+    def cut(n: int, reason: str) -> Completion:
+        return Completion(ids[:n], logprobs[:n], reason,
+                          entropies[:n] if entropies is not None else None)
+
     for i, token in enumerate(ids):
         if token in eos_ids:
-            return Completion(ids[:i + 1], logprobs[:i + 1], "eos")
+            return cut(i + 1, "eos")
         if stop_strings:
             text = tokenizer.decode(ids[:i + 1], skip_special_tokens=True)
             if any(text.endswith(s) or s in text for s in stop_strings):
-                return Completion(ids[:i + 1], logprobs[:i + 1], "stop")
-    return Completion(ids, logprobs, "length")
+                return cut(i + 1, "stop")
+    return cut(len(ids), "length")
 
 
 class HFGenerator:
@@ -136,7 +147,8 @@ class HFGenerator:
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None,
+            # top_k=0, not None: None falls back to Hugging Face's default of 50.
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
             output_scores=not greedy, return_dict_in_generate=True)
         stopping = StoppingCriteriaList()
@@ -149,13 +161,21 @@ class HFGenerator:
                                      generation_config=config, stopping_criteria=stopping)
         self.model.train(was_training)
         new = result.sequences[:, width:].cpu()                                   # [b, n]
+        entropies = None
         if greedy:
             logprobs = torch.zeros(new.shape, dtype=torch.float32)
         else:
             # One step at a time: never a [b, n, V] float32 copy of the scores.
             sampled = result.sequences[:, width:]
-            logprobs = torch.stack([
-                torch.log_softmax(step.float(), -1).gather(-1, sampled[:, k:k + 1]).squeeze(-1)
-                for k, step in enumerate(result.scores)], 1).cpu()                 # [b, n]
-        return [_truncate(ids, lps, self.eos_ids, self.tokenizer, sampling.stop_strings)
-                for ids, lps in zip(new.tolist(), logprobs.tolist(), strict=True)]
+            per_step, step_entropy = [], []
+            for k, step in enumerate(result.scores):
+                logp = torch.log_softmax(step.float(), -1)                          # [b, V]
+                per_step.append(logp.gather(-1, sampled[:, k:k + 1]).squeeze(-1))
+                # entr(p) = -p log p, 0 where top-p removed a token (p = 0).
+                step_entropy.append(torch.special.entr(logp.exp()).sum(-1))
+            logprobs = torch.stack(per_step, 1).cpu()                             # [b, n]
+            entropies = torch.stack(step_entropy, 1).cpu().tolist()               # [b, n]
+        return [_truncate(ids, lps, self.eos_ids, self.tokenizer, sampling.stop_strings,
+                          entropies[i] if entropies is not None else None)
+                for i, (ids, lps) in enumerate(zip(new.tolist(), logprobs.tolist(),
+                                                   strict=True))]

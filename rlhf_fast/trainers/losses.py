@@ -23,11 +23,15 @@ LOSS_MODES = ("fused", "reference")
 
 
 def micro_batch_loss(policy, batch: RolloutBatch, config: PolicyLossConfig, *,
-                     mode: str = "fused", backend: str = "auto") -> PolicyLossOutput:
+                     mode: str = "fused", backend: str = "auto",
+                     hidden: Tensor | None = None) -> PolicyLossOutput:
     """Loss (differentiable w.r.t. the policy's parameters), per-token log-probs and entropy
-    ``[b, T]`` and metrics of one micro-batch."""
+    ``[b, T]`` and metrics of one micro-batch. ``hidden``: the policy's
+    ``completion_hidden(batch)`` when the caller already ran the backbone (a critic head on
+    the shared backbone reads the same states)."""
     device = policy.weight.device
-    hidden = policy.completion_hidden(batch)                               # [b, T, H]
+    if hidden is None:
+        hidden = policy.completion_hidden(batch)                           # [b, T, H]
     targets = batch.targets.to(device)                                     # [b, T]
     mask = batch.loss_mask.to(device)                                      # [b, T]
     advantages = batch.advantages.to(device)                               # [b] or [b, T]
@@ -52,11 +56,13 @@ def micro_batch_loss(policy, batch: RolloutBatch, config: PolicyLossConfig, *,
 
 @torch.no_grad()
 def sequence_logprobs(model, batch: RolloutBatch, temperature: float, *, mode: str = "fused",
-                      backend: str = "auto") -> Tensor:
+                      backend: str = "auto", hidden: Tensor | None = None) -> Tensor:
     """``[b, T]`` float32 log-probs of ``batch.targets`` under ``model`` (a ``Policy`` or
-    ``ReferencePolicy``), 0 where the loss mask is 0."""
+    ``ReferencePolicy``), 0 where the loss mask is 0; ``hidden`` as in
+    ``micro_batch_loss``."""
     device = model.weight.device
-    hidden = model.completion_hidden(batch)                                # [b, T, H]
+    if hidden is None:
+        hidden = model.completion_hidden(batch)                            # [b, T, H]
     targets = batch.targets.to(device)
     if mode == "fused":
         logp = linear_token_logprobs(hidden, model.weight, targets, bias=model.bias,

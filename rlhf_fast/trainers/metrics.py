@@ -26,7 +26,29 @@ Keys (every trainer logs the same names; detached float values):
 
 Token metrics are means over valid tokens of the whole batch (never over padding), taken
 through the trainer's ``BatchStatistics``. Algorithms add their own keys under their name
-(``dapo/...``, ``reinforce/...``).
+(``dapo/...``, ``reinforce/...``); the agentic trainers log theirs under ``agent/...``
+(tool calls and errors, masked share, rollout-tree statistics: ``trainers/agentic.py``).
+
+PPO (``ppo.py``) adds:
+
+- ``critic/value_loss``: the clipped value loss (before ``vf_coef``), mean over optimiser
+  steps; ``critic/clip_frac``: share of tokens whose clipped term is the larger;
+  ``critic/value_mean``: mean value over valid tokens; ``critic/grad_norm``,
+  ``critic/lr``: the critic's optimiser;
+- ``critic/explained_variance``: ``1 - Var(R - V) / Var(R)`` of the rollout's returns and
+  values; ``critic/return_mean``;
+- ``ppo/kl_coef``: the controlled beta used this step; ``ppo/kl_measured``: the KL the
+  controller saw; ``ppo/kl_ref``, ``ppo/kl_ref_sequence``: KL(old || ref) of the rollout per
+  token and per sequence (k3, whatever the penalty's estimator); ``ppo/kl_old``: KL(old ||
+  pi) after the update (PPO-penalty, TRPO); ``ppo/approx_kl``: KL(old || pi) in the
+  mini-batches' forward passes (k3);
+  ``ppo/optimizer_steps``, ``ppo/early_stop``: steps taken, and 1 when ``kl_stop`` ended
+  the epochs early.
+
+DPO (``dpo.py``) adds ``dpo/rewards_{chosen,rejected,margin,accuracy}`` (implicit rewards
+``beta * (log pi - log pi_ref)``, margin, share of pairs ranked right), ``dpo/logps_*``,
+``dpo/nll``, ``dpo/pairs``, ``dpo/{chosen,rejected}_length``, and on held-out pairs
+``eval/pair_accuracy`` and ``eval/pair_margin``.
 """
 
 from __future__ import annotations
@@ -38,11 +60,15 @@ from pathlib import Path
 
 PROGRESS_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("policy/kl", "kl"),
                  ("policy/entropy", "H"), ("policy/clip_frac_low", "clip_lo"),
-                 ("policy/clip_frac_high", "clip_hi"))
+                 ("policy/clip_frac_high", "clip_hi"), ("agent/tool_calls", "calls"),
+                 ("agent/branches_per_prompt", "branches"))
 """Shown on the progress bar (key, label)."""
 
 PLOT_KEYS = ("reward/mean", "eval/accuracy", "policy/kl", "policy/entropy",
-             "policy/clip_frac_high", "rollout/completion_length")
+             "policy/clip_frac_high", "rollout/completion_length", "eval/sampled_accuracy",
+             "agent/tool_calls", "agent/branches_per_prompt", "agent/distinct_per_prompt",
+             "critic/value_loss", "critic/explained_variance", "ppo/kl_coef",
+             "dpo/rewards_accuracy", "dpo/rewards_margin", "eval/pair_accuracy")
 """Panels of the PNG."""
 
 

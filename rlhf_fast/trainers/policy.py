@@ -118,8 +118,14 @@ class Policy:
         hidden = self.hidden_states(batch.input_ids.to(device),
                                     batch.attention_mask.to(device),
                                     batch.position_ids.to(device))
-        p, t = batch.prompt_width, batch.targets.shape[1]
-        return hidden[:, p - 1:p + t - 1]
+        return completion_columns(hidden, batch)
+
+
+def completion_columns(hidden: Tensor, batch) -> Tensor:
+    """``[B, T, H]`` of full-row states ``[B, P + T, H]``: the columns ``P - 1 ... P + T - 2``,
+    whose states score (or, for a critic, value the state before) ``batch.targets``."""
+    p, t = batch.prompt_width, batch.targets.shape[1]
+    return hidden[:, p - 1:p + t - 1]
 
 
 class ReferencePolicy:
@@ -171,7 +177,9 @@ def attention_implementation() -> str:
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory: bf16 on CUDA (float32 on the CPU) unless
     ``dtype`` is given, flash-attention 2 when installed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..tasks.tokenizer import load_tokenizer
 
     cuda = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -179,7 +187,7 @@ def load_causal_lm(path: str, dtype: torch.dtype | None = None):
         path, dtype=dtype, attn_implementation=attention_implementation())
     if cuda:
         model = model.cuda()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

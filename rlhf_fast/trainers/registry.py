@@ -1,15 +1,19 @@
-"""Every trainer by name: ``ALGORITHMS[name] = (trainer class, config overrides)``, the names
-``rlhf-fast train ALGO`` accepts."""
+"""Every trainer by name: ``ALGORITHMS[name] = (trainer class, config overrides)`` (and
+``AGENTIC_ALGORITHMS`` for the tool-calling ones), the names ``rlhf-fast train ALGO``
+accepts."""
 
 from __future__ import annotations
 
 from ..config import PolicyLossConfig
+from .agentic import AEPOTrainer, ARPOTrainer
 from .cispo import CISPOTrainer
 from .config import TrainerConfig
 from .core import Trainer
 from .dapo import DAPOTrainer
+from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .gspo import GSPOTrainer
+from .ppo import PPOTrainer
 from .reinforce import ReinforceTrainer
 
 
@@ -31,14 +35,27 @@ ALGORITHMS: dict[str, tuple[type[Trainer], dict]] = {
     "reinforce_pp_baseline": (ReinforceTrainer, {"estimator": "reinforce_pp_baseline"}),
     "rloo": (ReinforceTrainer, {"estimator": "rloo",
                                 "loss": _preset("ppo", aggregation="seq_mean_token_sum")}),
+    "ppo": (PPOTrainer, {}),
+    "ppo_penalty": (PPOTrainer, {"loss": _preset("ppo_penalty"), "kl_controller": "adaptive"}),
+    "trpo": (PPOTrainer, {"loss": _preset("ppo_penalty"), "kl_controller": "adaptive",
+                          "kl_stop": 0.015}),
+    "dpo": (DPOTrainer, {}),
 }
 """Name -> (trainer class, fields of its config that differ from the class defaults)."""
 
+AGENTIC_ALGORITHMS: dict[str, tuple[type[Trainer], dict]] = {
+    "arpo": (ARPOTrainer, {}),
+    "aepo": (AEPOTrainer, {}),
+}
+"""The trainers whose rollouts call tools (``rlhf_fast.agents``): they train on an agentic
+task (``rlhf-fast train arpo|aepo`` defaults to the embedded ``shop``)."""
+
 
 def algorithm(name: str) -> tuple[type[Trainer], dict]:
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; algorithms: {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    table = {**ALGORITHMS, **AGENTIC_ALGORITHMS}
+    if name not in table:
+        raise ValueError(f"unknown algorithm {name!r}; algorithms: {sorted(table)}")
+    return table[name]
 
 
 def make_config(name: str, **overrides) -> TrainerConfig:

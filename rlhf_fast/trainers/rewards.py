@@ -75,6 +75,7 @@ class RewardModel:
             raise ValueError("RewardModel needs the model's tokenizer")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        check_reward_model(model, tokenizer)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.__name__ = "reward_model"
@@ -89,3 +90,29 @@ class RewardModel:
                                  padding=True).to(device)
             scores.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(scores)
+
+
+def check_reward_model(model, tokenizer) -> None:
+    """A reward model gives one score per text, and its tokenizer must be its own: every id
+    inside its embedding, and the padding id the one the model skips when it picks the last
+    token's score (``config.pad_token_id``; set from the tokenizer when the config has
+    none)."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    labels = getattr(config, "num_labels", None)
+    if labels != 1:
+        raise ValueError(f"reward model {name} has {labels} outputs (num_labels={labels}); a "
+                         "reward model scores each text with 1 (load it with num_labels=1)")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the reward model's tokenizer has {len(tokenizer)} tokens but "
+                         f"{name}'s embedding has {rows} rows: the tokenizer does not belong "
+                         "to the reward model (pass the reward model's own tokenizer; the "
+                         "policy's may differ, completions reach the reward model as text)")
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif config.pad_token_id != tokenizer.pad_token_id:
+        raise ValueError(f"the reward model's tokenizer pads with id {tokenizer.pad_token_id} "
+                         f"but {name} skips id {config.pad_token_id} "
+                         "(config.pad_token_id) when it picks the last token: the tokenizer "
+                         "does not belong to the reward model")
