@@ -342,3 +342,66 @@ def test_chunk_plans():
     assert chunking.plan_chunks(3, 4, False, 50, None, True).chunks[0].shape == (3, 4)
     assert chunking.plan_chunks(3, 4, False, 2, 2, False).chunks[0].shape == (2, 4)
     assert chunking.plan_chunks(0, 4, False, 2, None, False).chunks == ()
+
+
+# --- the peers' settings under token chunks and packing ---------------------------------------
+
+PEERS_CONFIGS = {
+    "kl_cov": PolicyLossConfig.preset("dapo", cov_selection="kl_cov", cov_ratio=0.2),
+    "rollout_normalize": PolicyLossConfig.preset(
+        "grpo", rollout_correction="token_truncate", rollout_floor=0.8, rollout_normalize=True),
+    "sequence_normalize": PolicyLossConfig.preset(
+        "grpo", rollout_correction="sequence_mask", rollout_normalize=True),
+    "sequence_gate": PolicyLossConfig.preset("grpo", rollout_correction="sequence_gate",
+                                             rollout_floor=0.5),
+    "kl_aggregation": PolicyLossConfig.preset("grpo", kl_aggregation="token_mean"),
+    "entropy_aggregation": PolicyLossConfig.preset(
+        "dapo", entropy_coef=0.01, entropy_aggregation="seq_mean_token_mean"),
+    "count_empty": PolicyLossConfig.preset("grpo", count_empty_sequences=True),
+    "off_policy_mask": PolicyLossConfig.preset("grpo", off_policy_mask_threshold=0.0),
+    "vespo": PolicyLossConfig(objective="vespo", rollout_correction="token_truncate"),
+    "dppo_tv": PolicyLossConfig(objective="dppo_tv", clip_eps_low=0.2),
+    "gmpo_clip_high": PolicyLossConfig.preset("gmpo", gmpo_clip_high=0.6),
+    "kl_gradient_k2": PolicyLossConfig.preset("grpo", kl_gradient="k2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEERS_CONFIGS))
+def test_peers_settings_chunked_and_packed(name):
+    """Token chunks of 5 (sequences of 4 cut across chunks, or chunks of whole sequences for
+    the sequence-level settings; the whole-batch settings through the pre-pass) and the
+    packed layout give the one-chunk padded loss, log-probs and gradients."""
+    p, lengths = packed_problem(seed=len(name))
+    rollout = p["old"] + 0.3 * torch.randn(p["old"].shape,
+                                           generator=torch.Generator().manual_seed(3))
+    config = PEERS_CONFIGS[name]
+    uses_rollout = config.rollout_correction is not None \
+        or config.off_policy_mask_threshold is not None
+    padded_rollout = dict(rollout_logprobs=rollout) if uses_rollout else {}
+    packed_rollout = dict(rollout_logprobs=pack(rollout, lengths)) if uses_rollout else {}
+    whole, whole_grads = _linear_policy(p, config, "torch", **padded_rollout)
+    scale = loss_scale({"mask": p["mask"], "advantages": p["adv"]}, config, whole.loss.item())
+    runs = [(_linear_policy(p, config, "torch", chunk_tokens=5, **padded_rollout), None),
+            (_linear_policy(p, config, "torch", lengths, chunk_tokens=5, **packed_rollout),
+             lengths)]
+    for (out, grads), packed_lengths in runs:
+        def layout(x, packed_lengths=packed_lengths):
+            return pack(x, packed_lengths) if packed_lengths is not None else x
+        assert abs(out.loss.item() - whole.loss.item()) <= 1e-5 * scale, name
+        torch.testing.assert_close(out.logprobs, layout(whole.logprobs), rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads[0], layout(whole_grads[0]), rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads[1:], whole_grads[1:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_peers_paths():
+    """The peers' settings that need statistics beyond a token take the sequence or batch
+    pre-pass when chunks cut what they need."""
+    kinds = {name: prepass_kind(config, True) for name, config in PEERS_CONFIGS.items()}
+    assert kinds == {"kl_cov": "batch", "rollout_normalize": "batch",
+                     "sequence_normalize": "batch", "sequence_gate": None,
+                     "kl_aggregation": "batch", "entropy_aggregation": "batch",
+                     "count_empty": "batch", "off_policy_mask": "sequence",
+                     "vespo": "sequence", "dppo_tv": None, "gmpo_clip_high": "sequence",
+                     "kl_gradient_k2": None}
+    assert prepass_kind(PEERS_CONFIGS["sequence_gate"], False) == "sequence"
