@@ -168,9 +168,11 @@ def test_linear_token_logprobs_chunks_and_packing(backend):
 
 # --- linear_dpo_loss: pairs cut by the chunks, packed pairs ---------------------------------
 
-@pytest.mark.parametrize("kwargs", [dict(loss_type="sigmoid", nll_coef=0.5),
-                                    dict(loss_type="ipo"), dict(loss_type="orpo")],
-                         ids=["rpo", "ipo", "orpo"])
+@pytest.mark.parametrize("kwargs", [
+    dict(loss_type="sigmoid", nll_coef=0.5), dict(loss_type="ipo"), dict(loss_type="orpo"),
+    dict(loss_type="aot"), dict(loss_type="aot_unpaired"), dict(loss_type="sigmoid", ld_alpha=0.3),
+    dict(loss_type="sigmoid", nll_coef=0.5, nll_aggregation="sequence_mean")],
+    ids=["rpo", "ipo", "orpo", "aot", "aot_unpaired", "ld-dpo", "rpo-sequence-mean"])
 def test_linear_dpo_token_chunks(kwargs, backend, device):
     """Chunks of 4 tokens cut the pairs (T = 5): the pre-pass path, against float64."""
     p = pair_problem(seed=11, device=device)

@@ -120,8 +120,12 @@ def pair_problem(dtype, seed=0):
 @pytest.mark.parametrize(("kwargs", "ref_layout"), [
     (dict(loss_type="sigmoid", nll_coef=0.3), "token"),
     (dict(loss_type="sigmoid", nll_coef=0.3), "sequence"),
-    (dict(loss_type="ipo"), "token"), (dict(loss_type="orpo"), None)],
-    ids=["sigmoid-rpo-token", "sigmoid-rpo-sequence", "ipo-token", "orpo"])
+    (dict(loss_type="ipo"), "token"), (dict(loss_type="orpo"), None),
+    (dict(loss_type="sigmoid", ld_alpha=0.5), "token"),
+    (dict(loss_type="sigmoid", nll_coef=0.3, nll_aggregation="sequence_mean"), "token"),
+    (dict(loss_type="aot"), "token")],
+    ids=["sigmoid-rpo-token", "sigmoid-rpo-sequence", "ipo-token", "orpo", "ld-dpo",
+         "rpo-sequence-mean", "aot"])
 def test_dpo_loss_packed_equals_padded(kwargs, ref_layout, dtype, backend):
     p, lengths = pair_problem(dtype, seed=3)
     config = preference_config(**kwargs)
