@@ -343,24 +343,20 @@ def linear_dpo_loss(
     - ``loss_scale`` multiplies the loss and the three gradients through the per-token
       coefficients, so the GEMMs produce them scaled (no extra pass).
 
-    Every other argument as in ``rlhf_fast.dpo_loss``.
-    per chunk under no_grad (both at once raise). ``chunk_size``: pairs per chunk (default:
-    as many as fit ``CHUNK_BUDGET_BYTES`` of logits). ``loss_scale`` multiplies the loss and
-    the three gradients through the per-token coefficients, so the GEMMs produce them scaled
-    (no extra pass). Every other argument as in ``rlhf_fast.dpo_loss``, and:
+    - ``process_group``: the tensor-parallel group when ``weight`` (and ``bias``,
+      ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows (slices
+      may be uneven; targets stay full-vocabulary ids): the results are the full-vocabulary
+      ones on every rank, the weight and bias gradients this rank's slice, and dL/dhidden
+      the full one (summed over the group: one all-reduce of ``[2B, T, H]``); row statistics
+      cost two all-reduces of 20-24 bytes a row (``rlhf_fast.ops.vocab_parallel``). Every
+      rank cuts the batch into the same chunks (the default chunk is sized by the widest
+      slice). Works with ``cu_seqlens`` too.
+    - ``vocab_offset``: the full-vocabulary id of this rank's first row of ``weight``; None:
+      from the slice widths, all-gathered once per group and width. When given with uneven
+      slices, give ``chunk_tokens`` or ``chunk_size`` too (the default chunk is then sized
+      by the local width, and must be the same on every rank).
 
-        process_group: the tensor-parallel group when ``weight`` (and ``bias``,
-            ``ref_weight``) hold only this rank's contiguous slice of the vocabulary rows
-            (slices may be uneven; targets stay full-vocabulary ids): the results are the
-            full-vocabulary ones on every rank, the weight and bias gradients this rank's
-            slice, and dL/dhidden the full one (summed over the group: one all-reduce of
-            ``[B, T, H]``); row statistics cost two all-reduces of 20-24 bytes a row
-            (``rlhf_fast.ops.vocab_parallel``). Every rank cuts the batch into the same
-            chunks (sized by the widest slice).
-        vocab_offset: the full-vocabulary id of this rank's first row of ``weight``; None:
-            from the slice widths, all-gathered once per group and width. When given with
-            uneven slices, give ``chunk_size`` too (chunks are then sized by the local width,
-            and must be the same on every rank).
+    Every other argument as in ``rlhf_fast.dpo_loss``.
     """
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          average_logprobs=average_logprobs, nll_coef=nll_coef, gamma=gamma,
