@@ -3,6 +3,10 @@
 None of these carries a gradient: they are the aggregation weights, the entropy-aware
 advantage, the top-entropy mask and the rollout importance weights. The reference and the
 fused op both use them; what the two compute independently is everything differentiable.
+
+Sequences are rows of ``[B, T]`` tensors, or, for packed batches, the spans of a ``[1, N]``
+row given by a ``layout`` (``rlhf_fast.ops.packing``: ``seq_sum`` and ``per_token``); the
+default is the padded layout, and its results are the same to the bit either way.
 """
 
 from __future__ import annotations
@@ -11,19 +15,30 @@ import torch
 from torch import Tensor
 
 from .config import ROLLOUT_NORMALIZE_MIN, VESPO_LOG_W_BOUNDS, VESPO_MIN_LAMBDA, PolicyLossConfig
+from .ops.packing import Layout, Padded
+
+
+def _layout(layout: Layout | None, mask: Tensor) -> Layout:
+    return layout if layout is not None else Padded(mask.shape[0])
 
 
 def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None = None,
-                        max_length: int | None = None, count_empty: bool = False) -> Tensor:
-    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` of 0/1 in the working dtype.
+                        max_length: int | None = None, count_empty: bool = False,
+                        layout: Layout | None = None) -> Tensor:
+    """w with ``aggregated loss = sum(w * L)``; mask ``[B, T]`` (or ``[1, N]`` packed) of 0/1
+    in the working dtype.
 
     ``token_mean``: 1 / sum(m); ``seq_mean_token_mean``: 1 / (L_i * non-empty sequences);
     ``seq_mean_token_sum``: 1 / non-empty sequences; ``seq_mean_token_sum_norm``:
-    1 / (B * max_length), max_length defaulting to T. ``normalizer`` replaces the count;
-    ``count_empty``: the sequence count is B (empty sequences count).
+    1 / (B * max_length), max_length defaulting to T (a packed batch has no T: it needs
+    ``max_length`` or ``normalizer``). ``normalizer`` replaces the count; ``count_empty``:
+    the sequence count is B (S packed; empty sequences count).
     """
-    lengths = mask.sum(-1, keepdim=True)
-    n_seq = (lengths > 0).sum().clamp(min=1) if not count_empty else max(mask.shape[0], 1)
+    layout = _layout(layout, mask)
+    seq_lengths = layout.seq_sum(mask)
+    lengths = layout.per_token(seq_lengths)
+    n_seq = (seq_lengths > 0).sum().clamp(min=1) if not count_empty \
+        else max(layout.num_sequences, 1)
     norm = normalizer
     if aggregation == "token_mean":
         return mask / (norm if norm is not None else mask.sum().clamp(min=1))
@@ -33,42 +48,51 @@ def aggregation_weights(mask: Tensor, aggregation: str, normalizer: float | None
         return mask / (norm if norm is not None else n_seq)
     if aggregation != "seq_mean_token_sum_norm":
         raise ValueError(f"unknown aggregation {aggregation!r}")
+    if norm is None and max_length is None and not isinstance(layout, Padded):
+        raise ValueError("aggregation='seq_mean_token_sum_norm' on a packed batch needs "
+                         "max_length (or normalizer): a packed batch has no padded length")
     max_length = max_length if max_length is not None else mask.shape[-1]
-    return mask / (norm if norm is not None else mask.shape[0] * max_length)
+    return mask / (norm if norm is not None else layout.num_sequences * max_length)
 
 
-def term_weights(mask: Tensor, entropy_mask: Tensor, config: PolicyLossConfig
+def term_weights(mask: Tensor, entropy_mask: Tensor, config: PolicyLossConfig,
+                 layout: Layout | None = None, policy: Tensor | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Aggregation weights of the policy, KL and entropy terms, ``[B, T]`` each.
+    """Aggregation weights of the policy, KL and entropy terms, ``[B, T]`` (``[1, N]``) each.
 
-    The policy term uses ``aggregation`` / ``normalizer``; the KL term the same unless
+    The policy term uses ``aggregation`` / ``normalizer`` (or ``policy``, weights computed
+    over the whole batch by a caller that sees a chunk of it); the KL term the same unless
     ``kl_aggregation`` is set (then with ``kl_normalizer``); the entropy bonus the policy
     weights times the top-entropy mask unless ``entropy_aggregation`` is set, in which case
     it is aggregated over the tokens it acts on (``mask * entropy_mask``) alone."""
     c = config
-    policy = aggregation_weights(mask, c.aggregation, c.normalizer, c.max_length,
-                                 c.count_empty_sequences)
+    if policy is None:
+        policy = aggregation_weights(mask, c.aggregation, c.normalizer, c.max_length,
+                                     c.count_empty_sequences, layout)
     kl = policy
     if c.kl_aggregation is not None:
         kl = aggregation_weights(mask, c.kl_aggregation, c.kl_normalizer, c.max_length,
-                                 c.count_empty_sequences)
+                                 c.count_empty_sequences, layout)
     entropy = policy * entropy_mask
     if c.entropy_aggregation is not None:
         entropy = aggregation_weights(mask * entropy_mask, c.entropy_aggregation,
                                       c.entropy_normalizer, c.max_length,
-                                      c.count_empty_sequences)
+                                      c.count_empty_sequences, layout)
     return policy, kl, entropy
 
 
-def sequence_count(mask: Tensor, config: PolicyLossConfig) -> Tensor:
+def sequence_count(mask: Tensor, config: PolicyLossConfig,
+                   layout: Layout | None = None) -> Tensor:
     """Denominator of per-sequence losses (GMPO): ``normalizer``, or the non-empty sequences
-    (all B with ``count_empty_sequences``)."""
+    (all B, or S packed, with ``count_empty_sequences``)."""
     if config.normalizer is not None:
         # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
         return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
+    layout = _layout(layout, mask)
     if config.count_empty_sequences:
-        return torch.full((), max(mask.shape[0], 1), dtype=mask.dtype, device=mask.device)
-    return (mask.sum(-1) > 0).sum().clamp(min=1).to(mask.dtype)
+        return torch.full((), max(layout.num_sequences, 1), dtype=mask.dtype,
+                          device=mask.device)
+    return (layout.seq_sum(mask) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def entropy_statistics(entropy: Tensor, mask: Tensor, quantile: float | None) -> dict:
@@ -119,38 +143,52 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
     return (entropy >= stats["threshold"]).to(entropy.dtype)
 
 
+def _rollout_log_weights(old: Tensor, rollout: Tensor, config: PolicyLossConfig) -> Tensor:
+    log_w = old - rollout.to(old.dtype)
+    if config.log_ratio_clamp is not None:
+        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    return log_w
+
+
 def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
-                    config: PolicyLossConfig) -> Tensor:
+                    config: PolicyLossConfig, layout: Layout | None = None) -> Tensor:
     """Importance weights against the inference engine (1 when off): truncated or masked
     to [rollout_floor, rollout_cap], per token or per sequence, or token weights gated by the
     sequence's geometric mean; optionally divided by their batch mean."""
     mode = config.rollout_correction
     if mode is None or rollout is None:
         return torch.ones_like(old)
-    log_w = old - rollout.to(old.dtype)
-    if config.log_ratio_clamp is not None:
-        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    layout = _layout(layout, mask)
+    log_w = _rollout_log_weights(old, rollout, config)
     per_sequence = mode in ("sequence_truncate", "sequence_mask")
-    sequence_log_w = (log_w * mask).sum(-1, keepdim=True)
+    seq_log_w = layout.seq_sum(log_w * mask)                        # [B] / [S]
+    sequence_log_w = layout.per_token(seq_log_w)
     if per_sequence:
         log_w = sequence_log_w.expand_as(old)
     w = torch.exp(log_w)
     cap, floor = config.rollout_cap, config.rollout_floor
     if mode == "sequence_gate":
-        gate = torch.exp(sequence_log_w / mask.sum(-1, keepdim=True).clamp(min=1))
+        lengths = layout.per_token(layout.seq_sum(mask))
+        gate = torch.exp(sequence_log_w / lengths.clamp(min=1))
         w = torch.where(_in_band(gate, floor, cap), w, torch.zeros_like(w))
-    elif mode.endswith("truncate"):
-        w = torch.clamp(w, min=floor, max=cap)
     else:
-        w = torch.where(_in_band(w, floor, cap), w, torch.zeros_like(w))
+        w = _bounded(w, mode, floor, cap)
     if config.rollout_normalize:
-        if per_sequence:
-            units, counted = w[:, :1], (mask.sum(-1, keepdim=True) > 0).to(w.dtype)
+        if per_sequence:  # one unit per sequence (its weight), the non-empty ones counted
+            units = _bounded(torch.exp(seq_log_w), mode, floor, cap)
+            counted = (layout.seq_sum(mask) > 0).to(w.dtype)
         else:
             units, counted = w, mask
         mean = (units * counted).sum() / counted.sum().clamp(min=1)
         w = torch.where(mean > ROLLOUT_NORMALIZE_MIN, w / mean, w)
     return w
+
+
+def _bounded(w: Tensor, mode: str, floor: float | None, cap: float) -> Tensor:
+    """Truncated to [floor, cap] (``*_truncate``), or zero outside it (``*_mask``)."""
+    if mode.endswith("truncate"):
+        return torch.clamp(w, min=floor, max=cap)
+    return torch.where(_in_band(w, floor, cap), w, torch.zeros_like(w))
 
 
 def _in_band(x: Tensor, floor: float | None, cap: float) -> Tensor:
@@ -159,13 +197,14 @@ def _in_band(x: Tensor, floor: float | None, cap: float) -> Tensor:
 
 
 def off_policy_mask(advantages: Tensor, logp: Tensor, behaviour: Tensor, mask: Tensor,
-                    threshold: float | None) -> Tensor:
+                    threshold: float | None, layout: Layout | None = None) -> Tensor:
     """DeepSeek-V3.2's off-policy sequence mask: 0 for the tokens with A < 0 of a sequence
     whose mean of (behaviour - logp) over valid tokens exceeds ``threshold``, else 1."""
     if threshold is None:
         return torch.ones_like(logp)
-    divergence = ((behaviour - logp) * mask).sum(-1, keepdim=True)
-    mean = divergence / mask.sum(-1, keepdim=True).clamp(min=1)
+    layout = _layout(layout, mask)
+    divergence = layout.per_token(layout.seq_sum((behaviour - logp) * mask))
+    mean = divergence / layout.per_token(layout.seq_sum(mask)).clamp(min=1)
     return ((advantages >= 0) | (mean <= threshold)).to(logp.dtype)
 
 
@@ -186,18 +225,20 @@ def dppo_keep(logp: Tensor, old: Tensor, advantages: Tensor, config: PolicyLossC
 
 
 def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, is_weight: Tensor,
-                  config: PolicyLossConfig) -> Tensor:
+                  config: PolicyLossConfig, layout: Layout | None = None) -> Tensor:
     """VESPO's detached gamma weight phi ``[B, T]``: log W = clamp(sum_t m log r_t (+ the
     rollout correction's log rho, once per sequence or summed over valid tokens), log 1e-8,
     20); log phi = lam + k log W - lam W with (k, lam) by A >= 0; non-finite phi -> 0."""
     low, high = VESPO_LOG_W_BOUNDS
-    log_w = (log_ratio * mask).sum(-1, keepdim=True)
+    layout = _layout(layout, mask)
+    log_w = layout.seq_sum(log_ratio * mask)                         # [B] / [S]
     if config.rollout_correction is not None:
         log_rho = torch.log(is_weight).clamp(low, high)
         if config.rollout_correction in ("sequence_truncate", "sequence_mask"):
-            log_w = log_w + log_rho[:, :1]
+            log_w = log_w + layout.first(log_rho)
         else:
-            log_w = log_w + (log_rho * mask).sum(-1, keepdim=True)
+            log_w = log_w + layout.seq_sum(log_rho * mask)
+    log_w = layout.per_token(log_w)
     log_w = log_w.clamp(low, high)
     nonneg = advantages >= 0
     k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)

@@ -9,6 +9,10 @@ Every derivative is written out by hand and mirrors the autograd of
 ``rlhf_fast.reference.policy_loss`` exactly, including the conventions of torch's
 ``clamp`` (gradient passes at the bounds) and ``minimum`` (half to each side on ties).
 Sums are taken in float64 so the loss keeps its relative accuracy at any token count.
+
+Sequences are rows of the ``[B, T]`` inputs, or spans of a packed ``[1, N]`` row given by a
+``layout`` (``rlhf_fast.ops.packing``); every per-sequence statistic goes through the
+layout's ``seq_sum`` / ``per_token``, so one code serves both layouts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .loss_weights import (
     top_entropy_mask,
     vespo_weights,
 )
+from .ops.packing import Layout, Padded
 
 
 @dataclass
@@ -131,21 +136,32 @@ def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
 def policy_coefficients(
     logp: Tensor, entropy: Tensor, valid: Tensor, advantages: Tensor,
     old_logprobs: Tensor | None, ref_logprobs: Tensor | None, rollout_logprobs: Tensor | None,
-    config: PolicyLossConfig, entropy_stats: dict | None = None,
+    config: PolicyLossConfig, entropy_stats: dict | None = None, *,
+    layout: Layout | None = None, weights: Tensor | None = None,
+    rollout_weight: Tensor | None = None, sequence_norm: Tensor | None = None,
 ) -> Coefficients:
-    """Loss, coefficients and metrics from per-token values (all ``[B, T]``).
+    """Loss, coefficients and metrics from per-token values (all ``[B, T]``, or ``[1, N]``
+    for a packed batch described by ``layout``).
 
     logp, entropy: float32 from the stats sweep; valid: bool mask (mask and target !=
-    ignore_index); advantages: ``[B]`` or ``[B, T]``; old / ref / rollout: float32 or None
-    (old None: on-policy, r = 1 carrying the gradient of logp). ``entropy_stats``: the
-    batch's entropy mean / std / quantile threshold when this call sees only part of the
-    batch (``rlhf_fast.loss_weights.entropy_statistics``); None computes them here.
+    ignore_index); advantages: ``[B]`` (``[S]``) or per token; old / ref / rollout: float32
+    or None (old None: on-policy, r = 1 carrying the gradient of logp). ``entropy_stats``:
+    the batch's entropy mean / std / quantile threshold when this call sees only part of
+    the batch (``rlhf_fast.loss_weights.entropy_statistics``); None computes them here.
+
+    A call that sees a chunk of the batch (``rlhf_fast.ops.linear``) passes what the chunk
+    cannot know, computed over the whole batch: ``weights`` (the aggregation weights, per
+    token), ``rollout_weight`` (the rollout-correction weights, per token) and
+    ``sequence_norm`` (GMPO's sequence count). Statistics of the chunk's own sequences
+    (lengths, sequence ratios) are then taken over the chunk: it must hold whole sequences
+    when the loss has any.
     """
     c = config
     f32 = torch.float32
+    layout = layout if layout is not None else Padded(logp.shape[0])
     m = valid.to(f32)
     adv = advantages.to(f32)
-    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    adv = layout.per_token(adv).expand_as(logp) if adv.dim() == 1 else adv
     old = logp if old_logprobs is None else old_logprobs.to(f32)
     rollout = rollout_logprobs.to(f32) if rollout_logprobs is not None else None
     if entropy_stats is None and (c.entropy_advantage_alpha is not None
@@ -154,20 +170,27 @@ def policy_coefficients(
     if c.entropy_advantage_alpha is not None:
         adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha, entropy_stats)
     entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile, entropy_stats)
-    is_weight = rollout_weights(old, rollout, m, c)
-    weights, kl_weights, entropy_weights = term_weights(m, entropy_mask, c)
+    is_weight = rollout_weight if rollout_weight is not None \
+        else rollout_weights(old, rollout, m, c, layout)
+    # ``weights`` (the policy term's) from the whole batch; the KL and entropy terms' own
+    # aggregations (kl_aggregation, entropy_aggregation) are taken over what this call sees,
+    # so a chunked caller runs those configs on the whole batch (PolicyLossConfig.
+    # needs_whole_batch).
+    weights, kl_weights, entropy_weights = term_weights(m, entropy_mask, c, layout, weights)
     policy_weights = weights * entropy_mask * off_policy_mask(
-        adv, logp, rollout if rollout is not None else old, m, c.off_policy_mask_threshold)
+        adv, logp, rollout if rollout is not None else old, m, c.off_policy_mask_threshold,
+        layout)
     if c.objective != "vespo":  # VESPO folds the rollout weight into its gamma weight
         policy_weights = policy_weights * is_weight
 
-    lengths = m.sum(-1, keepdim=True)
-    safe_lengths = lengths.clamp(min=1)
+    seq_lengths = layout.seq_sum(m)                       # [B] / [S]
+    seq_safe_lengths = seq_lengths.clamp(min=1)
+    safe_lengths = layout.per_token(seq_safe_lengths)
     log_ratio, d_log_ratio = _clamped(logp - old, c.log_ratio_clamp)
     if c.ratio_level == "token":
         ratio = torch.exp(log_ratio)
     else:
-        log_s = (log_ratio * m).sum(-1, keepdim=True) / safe_lengths
+        log_s = layout.per_token(layout.seq_sum(log_ratio * m)) / safe_lengths
         ratio = torch.exp(log_s).expand_as(logp)
 
     if c.objective == "gmpo":
@@ -177,12 +200,14 @@ def policy_coefficients(
         high = c.gmpo_clip_high if c.gmpo_clip_high is not None else c.gmpo_clip
         log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-low, high))
         kept = ((sign > 0) & (log_ratio <= high)) | ((sign < 0) & (log_ratio >= -low))
-        seq_ratio = torch.exp((log_ratio_c * m).sum(-1, keepdim=True) / safe_lengths)
-        mean_adv = (adv * m).sum(-1, keepdim=True) / safe_lengths
-        nonempty = (lengths > 0).to(f32)
-        scale = nonempty * is_weight[:, :1] / sequence_count(m, c)
+        seq_ratio = torch.exp(layout.seq_sum(log_ratio_c * m) / seq_safe_lengths)
+        mean_adv = layout.seq_sum(adv * m) / seq_safe_lengths
+        nonempty = (seq_lengths > 0).to(f32)
+        norm = sequence_norm if sequence_norm is not None else sequence_count(m, c, layout)
+        scale = nonempty * layout.first(is_weight) / norm
         pg_loss = (-mean_adv * seq_ratio * scale).double().sum()
-        c_logp = (-mean_adv * seq_ratio * scale) * m * kept.to(f32) * d_log_ratio / safe_lengths
+        c_logp = (layout.per_token(-mean_adv * seq_ratio * scale) * m * kept.to(f32)
+                  * d_log_ratio / safe_lengths)
     elif c.objective in ("cispo", "dppo_tv", "dppo_kl", "vespo"):
         # -sg(w) * A * logp: the gradient is -w * A, with a detached per-token weight w.
         if c.objective == "cispo":
@@ -190,7 +215,7 @@ def policy_coefficients(
             if c.clip_eps_low is not None:
                 w = w.clamp(min=1.0 - c.clip_eps_low)
         elif c.objective == "vespo":
-            w = vespo_weights(log_ratio, adv, m, is_weight, c)
+            w = vespo_weights(log_ratio, adv, m, is_weight, c, layout)
         else:
             w = ratio.clamp(max=c.dppo_ratio_cap) * dppo_keep(logp, old, adv, c)
         pg_loss = (policy_weights * -w * adv * logp).double().sum()
@@ -209,7 +234,7 @@ def policy_coefficients(
             c_logp = g_ratio * ratio     # log r_t = sg(log s) + logp_t - sg(logp_t)
         else:
             # s_i = exp(mean_t m log r_t): every token of sequence i gets sum_u dL/ds_i.
-            g_seq = g_ratio.sum(-1, keepdim=True)
+            g_seq = layout.per_token(layout.seq_sum(g_ratio))
             c_logp = g_seq * ratio * m * d_log_ratio / safe_lengths
         if d_cov is not None:
             c_logp = c_logp + policy_weights * d_cov
@@ -225,8 +250,8 @@ def policy_coefficients(
             elif c.ratio_level == "sequence_token":
                 d_ratio_kl = weighted * ratio
             else:  # the sequence ratio s_i multiplies every token's estimate of sequence i
-                d_ratio_kl = weighted.sum(-1, keepdim=True) * ratio * m * d_log_ratio \
-                    / safe_lengths
+                d_ratio_kl = layout.per_token(layout.seq_sum(weighted)) * ratio * m \
+                    * d_log_ratio / safe_lengths
             value, d_value = value * ratio, d_value * ratio
             c_logp = c_logp + c.kl_coef * d_ratio_kl
         loss = loss + c.kl_coef * (kl_weights * value).double().sum()

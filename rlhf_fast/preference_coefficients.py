@@ -8,6 +8,10 @@ reference in ``rlhf_fast.reference.dpo`` uses autograd); everything is ``[2b]`` 
 
 Each token of sequence i gets ``c_t = dL/dlogp(y_i)`` (divided by the length when the
 sequence log-probs are averaged), plus ``-nll_weight / chosen_tokens`` on chosen tokens.
+
+Sequences are the rows of ``[2b, T]``, or the spans of a packed ``[1, N]`` row described by
+a ``layout`` (``rlhf_fast.ops.packing``): the 2b sequences of a packed batch are the b
+chosen ones, then their b rejected partners in the same order, as the padded rows are.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.packing import Layout, Padded
 from .preference_config import F_ALPHA_EXP_CAP, F_DIVERGENCE_LOSSES, PreferenceLossConfig
 
 
@@ -30,37 +35,48 @@ class PairCoefficients:
     pairs: dict[str, Tensor]   # float64 [b] per-pair values (and the scalar "nll_sum")
 
 
-def token_weights(valid: Tensor, config: PreferenceLossConfig) -> Tensor:
-    """float64 ``[2b, T]``: each token's weight in its sequence's log-prob sum, the mask, or
-    with ``ld_alpha`` (LD-DPO) ``ld_alpha`` on the valid tokens beyond the pair's shorter
-    length."""
+def token_weights(valid: Tensor, config: PreferenceLossConfig,
+                  layout: Layout | None = None) -> Tensor:
+    """float64 ``[2b, T]`` (``[1, N]`` packed): each token's weight in its sequence's log-prob
+    sum, the mask, or with ``ld_alpha`` (LD-DPO) ``ld_alpha`` on the valid tokens beyond the
+    pair's shorter length."""
     m = valid.double()
     if config.ld_alpha is None:
         return m
-    b = m.shape[0] // 2
-    length = m.sum(-1)
+    layout = layout if layout is not None else Padded(m.shape[0])
+    if isinstance(layout, Padded):
+        b = m.shape[0] // 2
+        length = m.sum(-1)
+        shared = torch.minimum(length[:b], length[b:]).repeat(2)
+        position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
+        return torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
+    length = layout.seq_sum(m)                      # [2b]: chosen sequences first
+    b = length.shape[0] // 2
     shared = torch.minimum(length[:b], length[b:]).repeat(2)
-    position = m.cumsum(-1)  # 1-based index of each valid token in its sequence
-    return torch.where(position <= shared[:, None], 1.0, config.ld_alpha) * m
+    before = length.cumsum(0) - length              # valid tokens of earlier sequences
+    position = m.cumsum(-1) - layout.per_token(before)
+    return torch.where(position <= layout.per_token(shared), 1.0, config.ld_alpha) * m
 
 
 def sequence_scores(logp: Tensor, valid: Tensor, ref: Tensor | None,
-                    config: PreferenceLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+                    config: PreferenceLossConfig, layout: Layout | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(policy score, reference score, d score / d logp_t) per sequence, float64 ``[2b]``
     (the last times ``token_weights`` is the per-token derivative).
 
-    ``ref``: None, sums ``[2b]`` over the same masked tokens, or per-token ``[2b, T]``. With
-    ``average_logprobs`` both scores are divided by the sequence's token count (an empty
-    sequence scores 0); with ``ld_alpha`` the tokens weigh ``token_weights`` (per-token
-    ``ref`` only)."""
-    weight = token_weights(valid, config)
-    length = valid.double().sum(-1)
+    ``ref``: None, sums ``[2b]`` over the same masked tokens, or per token (``[2b, T]``,
+    ``[1, N]`` packed). With ``average_logprobs`` both scores are divided by the sequence's
+    token count (an empty sequence scores 0); with ``ld_alpha`` the tokens weigh
+    ``token_weights`` (per-token ``ref`` only)."""
+    layout = layout if layout is not None else Padded(logp.shape[0])
+    weight = token_weights(valid, config, layout)
+    length = layout.seq_sum(valid.double())
     scale = 1.0 / length.clamp(min=1) if config.average_logprobs else torch.ones_like(length)
-    score = (torch.where(valid, logp.double(), 0.0) * weight).sum(-1) * scale
+    score = layout.seq_sum(torch.where(valid, logp.double(), 0.0) * weight) * scale
     if not config.uses_reference:
         ref_score = torch.zeros_like(score)
     elif ref.dim() == 2:
-        ref_score = (torch.where(valid, ref.double(), 0.0) * weight).sum(-1) * scale
+        ref_score = layout.seq_sum(torch.where(valid, ref.double(), 0.0) * weight) * scale
     else:
         ref_score = ref.double() * scale
     return score, ref_score, scale
@@ -209,24 +225,34 @@ def orpo_pairs(a_w: Tensor, a_l: Tensor, nonempty: Tensor, config: PreferenceLos
             torch.where(both, g_l, 0.0))
 
 
+def chosen_token_mask(layout: Layout, like: Tensor) -> Tensor:
+    """Bool, broadcasting against the per-token tensors: the tokens of the first half of the
+    sequences (the chosen ones)."""
+    s = layout.num_sequences
+    return layout.per_token(torch.arange(s, device=like.device) < s // 2)
+
+
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
-                            chosen_tokens: Tensor, chosen_sequences: Tensor | None = None
-                            ) -> PairCoefficients:
+                            chosen_tokens: Tensor, chosen_sequences: Tensor | None = None,
+                            layout: Layout | None = None) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
-    logp, valid ``[2b, T]`` (chosen rows first); ``num_pairs``, ``chosen_tokens`` and
-    ``chosen_sequences`` (0-dim tensors, kept on the device: no host sync; the last only for
-    ``nll_aggregation="sequence_mean"``) are the whole batch's pair count, chosen-token count
-    and non-empty chosen sequence count (the normalisers of the pair mean and of the NLL), so
-    chunks of pairs add up to the batch's loss and gradient exactly.
+    logp, valid ``[2b, T]`` (chosen rows first), or ``[1, N]`` packed with ``layout``;
+    ``num_pairs``, ``chosen_tokens`` and ``chosen_sequences`` (0-dim tensors, kept on the
+    device: no host sync; the last only for ``nll_aggregation="sequence_mean"``) are the whole
+    batch's pair count, chosen-token count and non-empty chosen sequence count (the
+    normalisers of the pair mean and of the NLL), so chunks of pairs add up to the batch's
+    loss and gradient exactly.
     """
-    score, ref_score, scale = sequence_scores(logp, valid, ref, config)
-    d_score = token_weights(valid, config) * scale[:, None]
+    layout = layout if layout is not None else Padded(logp.shape[0])
+    score, ref_score, scale = sequence_scores(logp, valid, ref, config, layout)
+    d_score = token_weights(valid, config, layout) * layout.per_token(scale)
     b = score.shape[0] // 2
     d = score - ref_score
     if config.loss_type == "orpo":
-        loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], valid.any(-1), config)
+        nonempty = layout.seq_sum(valid.double()) > 0
+        loss_pairs, g_w, g_l = orpo_pairs(d[:b], d[b:], nonempty, config)
     elif config.loss_type in ("aot", "aot_unpaired"):
         loss_pairs, g_w, g_l = sorted_pairs(score, ref_score, config)
     else:
@@ -240,22 +266,24 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                                         zip((loss_pairs, g_w, g_l), more, strict=True))
     pairs_norm = float(max(num_pairs, 1))
     g_seq = torch.cat([g_w, g_l]) / pairs_norm
-    c = g_seq.unsqueeze(-1) * d_score
+    c = layout.per_token(g_seq) * d_score
     loss = loss_pairs.sum() / pairs_norm
-    chosen_logp = torch.where(valid[:b], logp[:b].double(), 0.0)
+    chosen_valid = valid & chosen_token_mask(layout, valid)
+    chosen_logp = torch.where(chosen_valid, logp.double(), 0.0)
     nll_sum = -chosen_logp.sum()
     if config.nll_weight != 0:
-        m_w = valid[:b].double()
+        m_w = chosen_valid.double()
         if config.nll_aggregation == "sequence_mean":
-            count = chosen_sequences if chosen_sequences is not None else valid[:b].any(-1).sum()
-            per_token = m_w / m_w.sum(-1, keepdim=True).clamp(min=1)
+            lengths = layout.seq_sum(m_w)
+            count = chosen_sequences if chosen_sequences is not None else (lengths > 0).sum()
+            per_token = m_w / layout.per_token(lengths).clamp(min=1)
             share = config.nll_weight / count.double().clamp(min=1)
             loss = loss - share * (chosen_logp * per_token).sum()
-            c[:b] -= share * per_token
+            c = c - share * per_token
         else:
             nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
             loss = loss + nll_share * nll_sum
-            c[:b] -= nll_share * m_w
+            c = c - nll_share * m_w
     rewarded = transformed_scores(d, config)[0] if config.alphapo != 0 else d
     pairs = {"logps_chosen": score[:b], "logps_rejected": score[b:],
              "rewards_chosen": config.beta * rewarded[:b],

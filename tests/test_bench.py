@@ -43,10 +43,10 @@ def test_useful_bytes_formulas():
     assert dpo_suite.useful_flops(Case(8, 300, "bfloat16", "linear", 16)) == 8 * 8 * 16 * 300
 
 
-@pytest.mark.parametrize("mode", ["logits", "linear"])
+@pytest.mark.parametrize("mode", ["logits", *dpo_suite.LINEAR_MODES])
 @pytest.mark.parametrize("impl", ["rlhf_fast", "reference"])
 def test_dpo_case(impl, mode):
-    case = Case(64, 300, "float32", mode, 16 if mode == "linear" else 0)
+    case = Case(64, 300, "float32", mode, 0 if mode == "logits" else 16)
     r = dpo_suite.run_case(case, impl, CPU, warmup=0, reps=1)
     assert r["status"] == "ok" and r["median_ms"] > 0
     assert r["err_loss"] < 1e-5 and r["err_grad"] < 1e-5
@@ -58,7 +58,11 @@ def test_dpo_case(impl, mode):
 def test_linear_case(impl, mode):
     case = Case(32, 300, "float32", mode, 16)
     r = linear_suite.run_case(case, impl, CPU, warmup=0, reps=1)
-    assert r["status"] == "ok" and r["useful_flops"] == 6 * 32 * 16 * 300
+    # packed: only the real tokens (lengths T/2..T) are run, and counted
+    tokens = linear_suite.make_inputs(case, CPU)["packed_hidden"].shape[0] \
+        if mode == "packed" else 32
+    assert mode != "packed" or 16 <= tokens < 32
+    assert r["status"] == "ok" and r["useful_flops"] == 6 * tokens * 16 * 300
     assert r["err_loss"] < 1e-5 and r["err_grad"] < 1e-5
     for peer in ("liger", "cce"):
         assert linear_suite.run_case(case, peer, CPU, warmup=0, reps=1)["status"] == "absent"

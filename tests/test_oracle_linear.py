@@ -39,10 +39,20 @@ def test_empty_sequences_across_chunks(name, chunk_size):
         assert_grad_close(got, expected, torch.float32)
 
 
-def test_gmpo_with_token_mean_is_refused():
-    p = problem(batch=2, seq_len=3)
-    with pytest.raises(ValueError, match="seq_mean_"):
-        run_linear(p, PolicyLossConfig.preset("gmpo", aggregation="token_mean"), "torch")
+@pytest.mark.parametrize("chunking", [dict(chunk_size=1), dict(chunk_tokens=3)])
+def test_gmpo_with_token_mean(chunking):
+    """GMPO's loss is per sequence whatever the aggregation field says (the reference ignores
+    it): the fused-linear op, which once refused a token aggregation with GMPO, now takes the
+    sequence count from the whole batch and equals the reference, with chunks of whole
+    sequences and with token chunks that cut them (the pre-pass)."""
+    p = problem(batch=3, seq_len=4, seed=2)
+    p["mask"][1] = False
+    config = PolicyLossConfig.preset("gmpo", aggregation="token_mean")
+    out, grads = run_linear(p, config, "torch", **chunking)
+    loss, ref_grads, _ = run_reference(p, config)
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        assert_grad_close(got, expected, torch.float32)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "orpo", "simpo", "ipo"])

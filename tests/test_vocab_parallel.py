@@ -60,7 +60,8 @@ VALUE_CASES = ["token_logprobs_float32", "token_logprobs_bfloat16",
                "token_logprobs_no_entropy_given_offset", "out_of_range_unchecked",
                "token_logprobs_ignore_index_0", "policy_ppo_kl_entropy", "policy_gspo",
                "policy_inplace", "dpo_sigmoid_nll",
-               "linear_token_logprobs", "linear_policy_loss", "linear_dpo_simpo"]
+               "linear_token_logprobs", "linear_policy_loss", "linear_dpo_simpo",
+               "packed_linear_policy_gspo", "packed_policy_dapo", "packed_linear_dpo_simpo"]
 
 
 @pytest.mark.parametrize("case", VALUE_CASES)

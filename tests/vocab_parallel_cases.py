@@ -333,6 +333,61 @@ def run_cases(group, rank: int, world: int, traffic: Traffic, backend: str) -> d
         res, ref, heads, forward, 20, False,
         {"loss": (res.loss, ref.loss), "chosen": (res.chosen_logprobs, ref.chosen_logprobs),
          "rejected": (res.rejected_logprobs, ref.rejected_logprobs)})
+
+    # Packed (cu_seqlens) and sharded together: three sequences of 5, 0 and 7 tokens (12
+    # rows) with token chunks of 5 that cut sequences (GSPO: the pre-pass), and pairs.
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    packed_hidden = hidden.reshape(-1, 8)[:12]
+    packed_targets = targets.reshape(-1)[:12]
+    g = torch.Generator().manual_seed(17)
+    side = dict(advantages=torch.randn(3, generator=g), mask=torch.rand(12, generator=g) > 0.2,
+                old_logprobs=-torch.rand(12, generator=g) * 3)
+
+    def packed_head(sharded_head: bool):
+        _, w, b = head(sharded_head)
+        return packed_hidden.clone().requires_grad_(), w, b
+
+    heads = packed_head(True), packed_head(False)
+    ref = linear_policy_loss(heads[1][0], heads[1][1], packed_targets, bias=heads[1][2],
+                             config="gspo", kl_coef=0.0, backend=backend, chunk_tokens=5,
+                             cu_seqlens=cu, **side)
+    ref.loss.backward()
+    res = linear_policy_loss(heads[0][0], heads[0][1], packed_targets, bias=heads[0][2],
+                             config="gspo", kl_coef=0.0, backend=backend, chunk_tokens=5,
+                             cu_seqlens=cu, process_group=group, **side)
+    res.loss.backward()
+    out["packed_linear_policy_gspo"] = linear_record(
+        res, ref, heads, [], 12, True,
+        {"loss": (res.loss, ref.loss), "logprobs": (res.logprobs, ref.logprobs)})
+
+    packed_logits = torch.randn(12, V, generator=g) * 2
+    full = packed_logits.clone().requires_grad_()
+    ref = policy_loss(full, packed_targets, config="dapo", backend=backend, cu_seqlens=cu,
+                      **side)
+    ref.loss.backward()
+    part = sharded(packed_logits)
+    res = policy_loss(part, packed_targets, config="dapo", backend=backend, cu_seqlens=cu,
+                      process_group=group, **side)
+    res.loss.backward()
+    out["packed_policy_dapo"] = dict(
+        values={"loss": (res.loss, ref.loss), "logprobs": (res.logprobs, ref.logprobs)},
+        grads={"logits": (part.grad, full.grad[..., cols])})
+
+    pair_cu = torch.tensor([0, 3, 7, 10, 12], dtype=torch.int32)  # chosen 3, 4; rejected 3, 2
+    pair_mask = torch.ones(12, dtype=torch.bool)
+    heads = packed_head(True), packed_head(False)
+    ref = linear_dpo_loss(heads[1][0], heads[1][1], packed_targets, pair_mask,
+                          bias=heads[1][2], loss_type="simpo", backend=backend,
+                          chunk_tokens=5, cu_seqlens=pair_cu)
+    ref.loss.backward()
+    res = linear_dpo_loss(heads[0][0], heads[0][1], packed_targets, pair_mask,
+                          bias=heads[0][2], loss_type="simpo", backend=backend,
+                          chunk_tokens=5, cu_seqlens=pair_cu, process_group=group)
+    res.loss.backward()
+    out["packed_linear_dpo_simpo"] = linear_record(
+        res, ref, heads, [], 12, False,
+        {"loss": (res.loss, ref.loss), "chosen": (res.chosen_logprobs, ref.chosen_logprobs),
+         "rejected": (res.rejected_logprobs, ref.rejected_logprobs)})
     return out
 
 

@@ -10,6 +10,12 @@ Modes:
   in the loop, as Liger does). Useful FLOPs 8*N*H*V: the three GEMMs of the policy and the
   reference model's logits GEMM, against the rate of the case's GEMMs run alone just before
   (``ceilings.linear_gemm_tflops``).
+- ``packed``: ``linear`` on the same pairs packed back to back (``[N', H]`` with
+  ``cu_seqlens``, each sequence up to its last response token, no padding); the reference
+  runs on the padded layout, which the packed results must equal. 8*N'*H*V (real tokens).
+- ``long``: ``linear`` on ONE pair of N/2-token sequences, which ``rlhf_fast`` cuts into
+  four token chunks: the sequence log-probs come from the no-grad pre-pass (10*N*H*V FLOPs
+  run, 8*N*H*V counted as useful).
 
 Implementations: ``rlhf_fast``; ``reference`` (the float32 reference on materialised logits,
 eager); ``liger`` (Liger-Kernel's ``LigerFusedLinearDPOLoss``, linear mode, when installed,
@@ -44,6 +50,9 @@ QUICK_SHAPES = {"cpu": {"logits": [(512, 32000)], "linear": [(256, 128, 32000)]}
 FULL_SHAPES = {"logits": [(16384, 128256), (16384, 151936), (32768, 151936)],
                "linear": [(16384, 4096, 128256), (32768, 4096, 151936)]}
 TINY_SHAPES = {"logits": [(64, 1000)], "linear": [(64, 32, 1000)]}
+LINEAR_MODES = ("linear", "packed", "long")
+LONG_CHUNKS = 4
+"""``long`` mode: ``rlhf_fast`` cuts its pair into this many token chunks."""
 """``--shapes tiny``: the harness end to end in seconds (tests); the timings mean nothing."""
 
 
@@ -54,16 +63,19 @@ def useful_bytes(case: Case) -> int:
 
 def useful_flops(case: Case) -> int:
     """linear mode: three GEMMs of N x H x V and the reference model's one, 8*N*H*V."""
-    return 8 * case.n * case.h * case.v if case.mode == "linear" else 0
+    return 8 * case.n * case.h * case.v if case.mode in LINEAR_MODES else 0
 
 
 def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Case]:
     grid = {"quick": QUICK_SHAPES[device.type], "full": FULL_SHAPES, "tiny": TINY_SHAPES}[shapes]
     return ([Case(n, v, dtype, "logits") for n, v in grid["logits"]]
-            + [Case(n, v, dtype, "linear", h) for n, h, v in grid["linear"]])
+            + [Case(n, v, dtype, mode, h) for n, h, v in grid["linear"]
+               for mode in LINEAR_MODES])
 
 
 def _pairs(case: Case) -> tuple[int, int]:
+    if case.mode == "long":
+        return 1, case.n // 2
     seq_len = min(SEQ_LEN, case.n // 2)
     return case.n // (2 * seq_len), seq_len
 
@@ -93,14 +105,37 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
     ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, device=device, generator=g,
                                             dtype=dtype)
     inputs.update(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=weight.clone())
+    if case.mode == "packed":                 # each sequence up to its last response token
+        keep = t < stop
+        cu = torch.zeros(2 * pairs + 1, dtype=torch.int32, device=device)
+        cu[1:] = stop.squeeze(-1).cumsum(0)
+        inputs.update(keep=keep, cu_seqlens=cu, packed_hidden=hidden[keep].contiguous(),
+                      packed_targets=inputs["targets"][keep], packed_mask=mask[keep],
+                      packed_ref_hidden=ref_hidden[keep].contiguous())
     return inputs
+
+
+def _hidden(case: Case, inputs: dict) -> torch.Tensor:
+    return inputs["packed_hidden" if case.mode == "packed" else "hidden"]
+
+
+def _padded(h: torch.Tensor, p: dict) -> torch.Tensor:
+    """Packed hidden states ``[N', H]`` back at their padded positions ``[2B, T, H]``
+    (differentiable: the reference's gradient comes back packed)."""
+    if "keep" not in p:
+        return h
+    out = h.new_zeros((*p["keep"].shape, h.shape[-1]))
+    out[p["keep"]] = h
+    return out
 
 
 def absent_reason(case: Case, impl: str, device: torch.device) -> str | None:
     if impl != "liger":
         return None
-    if case.mode != "linear":
+    if case.mode == "logits":
         return "Liger's DPO loss is fused-linear only"
+    if case.mode != "linear":
+        return "liger is compared in linear mode only"
     if device.type != "cuda":
         return "liger-kernel needs CUDA"
     try:
@@ -119,12 +154,19 @@ def _liger_module() -> torch.nn.Module:
     return LigerFusedLinearDPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
 
 
-def _linear_fn(impl: str) -> Callable:
+def _linear_fn(impl: str, mode: str = "linear") -> Callable:
+    if impl == "rlhf_fast" and mode == "packed":
+        return lambda h, w, p: rlhf_fast.linear_dpo_loss(
+            h, w, p["packed_targets"], p["packed_mask"], ref_hidden=p["packed_ref_hidden"],
+            ref_weight=p["ref_weight"], beta=BETA, cu_seqlens=p["cu_seqlens"]).loss
     if impl == "rlhf_fast":
         def ours(h, w, p):
+            chunk = {"chunk_tokens": max(1, h.shape[0] * h.shape[1] // LONG_CHUNKS)} \
+                if mode == "long" else {}
             return rlhf_fast.linear_dpo_loss(h, w, p["targets"], p["mask"],
                                              ref_hidden=p["ref_hidden"],
-                                             ref_weight=p["ref_weight"], beta=BETA).loss
+                                             ref_weight=p["ref_weight"], beta=BETA,
+                                             **chunk).loss
         return ours
     if impl == "liger":
         module = _liger_module()
@@ -139,7 +181,7 @@ def _linear_fn(impl: str) -> Callable:
         with torch.no_grad():
             ref_logp = reference.token_logprobs((p["ref_hidden"] @ p["ref_weight"].T).float(),
                                                 p["targets"])
-        return reference.dpo_loss((h @ w.T).float(), p["targets"], p["mask"],
+        return reference.dpo_loss((_padded(h, p) @ w.T).float(), p["targets"], p["mask"],
                                   ref_logprobs=ref_logp, config=CONFIG)[0]
     return ref
 
@@ -162,8 +204,8 @@ def make_step(case: Case, impl: str, inputs: dict) -> Callable[[], object]:
             loss_fn(leaf, inputs).backward()
             return leaf.grad
         return logits_step
-    loss_fn = _linear_fn(impl)
-    h = inputs["hidden"].detach().requires_grad_()
+    loss_fn = _linear_fn(impl, case.mode)
+    h = _hidden(case, inputs).detach().requires_grad_()
     w = inputs["weight"].detach().requires_grad_()
 
     def linear_step():
@@ -181,12 +223,12 @@ def _float64(case: Case, inputs: dict) -> tuple[float, tuple[torch.Tensor, ...]]
                                  ref_logprobs=inputs["ref"].double(), config=CONFIG)[0]
         ref.backward()
         return ref.item(), (xr.grad,)
-    hr = inputs["hidden"].detach().double().requires_grad_()
+    hr = _hidden(case, inputs).detach().double().requires_grad_()
     wr = inputs["weight"].detach().double().requires_grad_()
     with torch.no_grad():
         ref_logp = reference.token_logprobs(
             inputs["ref_hidden"].double() @ inputs["ref_weight"].double().T, inputs["targets"])
-    ref = reference.dpo_loss(hr @ wr.T, inputs["targets"], inputs["mask"],
+    ref = reference.dpo_loss(_padded(hr, inputs) @ wr.T, inputs["targets"], inputs["mask"],
                              ref_logprobs=ref_logp, config=CONFIG)[0]
     ref.backward()
     return ref.item(), (hr.grad, wr.grad)
@@ -201,9 +243,9 @@ def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
         leaves = (inputs["logits"].detach().requires_grad_(),)
         loss = _logits_fn(impl)(*leaves, inputs)
     else:
-        leaves = (inputs["hidden"].detach().requires_grad_(),
+        leaves = (_hidden(case, inputs).detach().requires_grad_(),
                   inputs["weight"].detach().requires_grad_())
-        loss = _linear_fn(impl)(*leaves, inputs)
+        loss = _linear_fn(impl, case.mode)(*leaves, inputs)
     loss.backward()
     ref, ref_grads = float64_reference((SUITE, case), lambda: _float64(case, inputs))
     err_grad = max(((leaf.grad.double() - g).norm() / g.norm()).item()
@@ -215,18 +257,22 @@ def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: 
     record = {"suite": SUITE, "case": asdict(case), "label": case.label, "mode": case.mode,
               "impl": impl, "useful_bytes": useful_bytes(case),
               "bytes_formula": "2*N*V*s" if case.mode == "logits" else "-"}
-    if case.mode == "linear":
+    if case.mode in LINEAR_MODES:
         record.update(useful_flops=useful_flops(case), flops_formula="8*N*H*V")
     reason = absent_reason(case, impl, device)
     if reason:
         return {**record, "status": "absent", "reason": reason}
-    if case.mode == "linear":
+    if case.mode in LINEAR_MODES:
         record["gemm_tflops"] = linear_gemm_tflops(case.n, case.h, case.v, case.dtype, device)
     if case.mode == "logits":
         step = rotating(lambda i: make_step(case, impl, make_inputs(case, device, seed=i)),
                         case.logit_bytes, device)
     else:
-        step = make_step(case, impl, make_inputs(case, device))
+        inputs = make_inputs(case, device)
+        if case.mode == "packed":               # no padding: only the real tokens are run
+            record.update(useful_flops=8 * inputs["packed_hidden"].shape[0] * case.h * case.v,
+                          flops_formula="8*N'*H*V (N' real tokens)")
+        step = make_step(case, impl, inputs)
     record["median_ms"] = median_ms(step, device, warmup=warmup, reps=reps)
     record["peak_extra_mib"] = peak_extra_mib(step, device)
     del step

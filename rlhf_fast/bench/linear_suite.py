@@ -1,9 +1,13 @@
 """The ``linear`` suite: from hidden states and lm_head, forward + backward.
 
-Modes: ``policy`` (``linear_policy_loss``, DAPO) and ``logprobs`` (``linear_token_logprobs``,
-loss ``sum(logp)``). Implementations: ``rlhf_fast`` (chunked, never holding the logits),
-``materialised`` (``hidden @ weight.T`` then ``policy_loss`` / ``token_logprobs``),
-``reference`` (the float32 reference on materialised logits, eager) and the peers, when
+Modes: ``policy`` (``linear_policy_loss``, DAPO), ``logprobs`` (``linear_token_logprobs``,
+loss ``sum(logp)``), ``packed`` (DAPO on the same sequences packed back to back, ``[N, H]``
+with ``cu_seqlens``, no padding) and ``long`` (GSPO on ONE sequence of N tokens, cut into
+four token chunks by ``rlhf_fast``, so its sequence statistics come from the no-grad
+pre-pass: 8*N*H*V FLOPs run, 6*N*H*V counted as useful; ``packed`` counts its real tokens).
+Implementations: ``rlhf_fast`` (chunked, never holding the logits), ``materialised``
+(``hidden @ weight.T`` then ``policy_loss`` / ``token_logprobs``), ``reference`` (the
+float32 reference on materialised logits, eager) and the peers, when
 installed, on CUDA: ``liger`` (``LigerFusedLinearGRPOLoss``, policy mode) and ``cce`` (Cut
 Cross-Entropy's ``linear_cross_entropy``, logprobs mode). Useful FLOPs: 6*N*H*V (logits
 GEMM, grad_hidden GEMM, grad_weight GEMM) against the rate of the same three GEMMs run alone
@@ -29,8 +33,11 @@ from .measure import median_ms, peak_extra_mib
 
 SUITE = "linear"
 IMPLS = ("rlhf_fast", "materialised", "reference", "liger", "cce")
-MODES = ("policy", "logprobs")
+MODES = ("policy", "logprobs", "packed", "long")
 CONFIG = PolicyLossConfig.preset("dapo")
+CONFIGS = {"policy": CONFIG, "packed": CONFIG, "long": PolicyLossConfig.preset("gspo")}
+LONG_CHUNKS = 4
+"""``long`` mode: ``rlhf_fast`` cuts its one sequence into this many token chunks."""
 SEQ_LEN = 128
 QUICK_SHAPES = {"cpu": [(256, 256, 32000)], "cuda": [(8192, 4096, 151936)]}
 FULL_SHAPES = [(n, h, v) for n in (8192, 32768) for h in (4096, 5120) for v in (128256, 151936)]
@@ -53,7 +60,11 @@ def cases(shapes: str, device: torch.device, dtype: str = "bfloat16") -> list[Ca
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
-    seq_len = min(SEQ_LEN, case.n)
+    """Padded ``[B, T]`` inputs (``long``: B = 1, T = N); ``packed`` adds the same sequences
+    back to back: ``packed_hidden`` ``[N', H]``, ``packed_targets`` / ``packed_old`` /
+    ``packed_mask`` ``[N']`` (N' = the real tokens), ``cu_seqlens``, per-token
+    ``packed_advantages``."""
+    seq_len = case.n if case.mode == "long" else min(SEQ_LEN, case.n)
     batch = case.n // seq_len
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, case.dtype)
@@ -63,10 +74,23 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
     with torch.no_grad():
         logp = rlhf_fast.linear_token_logprobs(hidden, weight, targets)
     lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), device=device, generator=g)
+    if case.mode == "long":
+        lengths.fill_(seq_len)
     mask = torch.arange(seq_len, device=device) < lengths.unsqueeze(-1)
-    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask,
-                old=logp + 0.1 * torch.randn(batch, seq_len, device=device, generator=g),
-                advantages=torch.randn(batch, device=device, generator=g))
+    # long (GSPO): on-policy, old = logp. GSPO clips the sequence ratio at 1 -/+ 3e-4 / 4e-4,
+    # which the noise of the other modes would push out of range, zeroing every gradient.
+    noise = 0.0 if case.mode == "long" else 0.1
+    inputs = dict(hidden=hidden, weight=weight, targets=targets, mask=mask,
+                  old=logp + noise * torch.randn(batch, seq_len, device=device, generator=g),
+                  advantages=torch.randn(batch, device=device, generator=g))
+    if case.mode == "packed":
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        cu[1:] = lengths.cumsum(0)
+        inputs.update(packed_hidden=hidden[mask].contiguous(), packed_targets=targets[mask],
+                      packed_old=inputs["old"][mask], packed_mask=mask[mask],
+                      packed_advantages=inputs["advantages"].unsqueeze(-1).expand(
+                          batch, seq_len)[mask], cu_seqlens=cu)
+    return inputs
 
 
 def absent_reason(case: Case, impl: str, device: torch.device) -> str | None:
@@ -98,18 +122,41 @@ def _logprobs_fn(impl: str) -> Callable:
     return lambda h, w, p: reference.token_logprobs((h @ w.T).float(), p["targets"]).sum()
 
 
+def _packed_fn(impl: str) -> Callable:
+    """DAPO (token mean) on the packed tokens; the reference sees them as one row ``[1, N']``
+    with per-token advantages, which a token mean cannot tell from the sequences."""
+    if impl == "rlhf_fast":
+        return lambda h, w, p: rlhf_fast.linear_policy_loss(
+            h, w, p["packed_targets"], p["advantages"], p["packed_mask"],
+            old_logprobs=p["packed_old"], config=CONFIG, cu_seqlens=p["cu_seqlens"]).loss
+    if impl == "materialised":
+        return lambda h, w, p: rlhf_fast.policy_loss(
+            (h @ w.T).unsqueeze(0), p["packed_targets"].unsqueeze(0),
+            p["packed_advantages"].unsqueeze(0), p["packed_mask"].unsqueeze(0),
+            old_logprobs=p["packed_old"].unsqueeze(0), config=CONFIG).loss
+    return lambda h, w, p: reference.policy_loss(
+        (h @ w.T).float().unsqueeze(0), p["packed_targets"].unsqueeze(0),
+        p["packed_advantages"].unsqueeze(0), p["packed_mask"].unsqueeze(0),
+        old_logprobs=p["packed_old"].unsqueeze(0), config=CONFIG)[0]
+
+
 def _loss_fn(impl: str, mode: str = "policy") -> Callable:
     if mode == "logprobs":
         return _logprobs_fn(impl)
+    if mode == "packed":
+        return _packed_fn(impl)
+    config = CONFIGS[mode]
     if impl == "rlhf_fast":
         def ours(h, w, p):
+            chunk = {"chunk_tokens": max(1, h.shape[1] // LONG_CHUNKS)} if mode == "long" else {}
             return rlhf_fast.linear_policy_loss(h, w, p["targets"], p["advantages"], p["mask"],
-                                                old_logprobs=p["old"], config=CONFIG).loss
+                                                old_logprobs=p["old"], config=config,
+                                                **chunk).loss
         return ours
     if impl == "materialised":
         def materialised(h, w, p):
             return rlhf_fast.policy_loss(h @ w.T, p["targets"], p["advantages"], p["mask"],
-                                         old_logprobs=p["old"], config=CONFIG).loss
+                                         old_logprobs=p["old"], config=config).loss
         return materialised
     if impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -125,13 +172,17 @@ def _loss_fn(impl: str, mode: str = "policy") -> Callable:
 
     def ref(h, w, p):
         return reference.policy_loss((h @ w.T).float(), p["targets"], p["advantages"],
-                                     p["mask"], old_logprobs=p["old"], config=CONFIG)[0]
+                                     p["mask"], old_logprobs=p["old"], config=config)[0]
     return ref
+
+
+def _hidden(case: Case, inputs: dict) -> torch.Tensor:
+    return inputs["packed_hidden" if case.mode == "packed" else "hidden"]
 
 
 def make_step(case: Case, impl: str, inputs: dict) -> Callable[[], object]:
     loss_fn = _loss_fn(impl, case.mode)
-    h = inputs["hidden"].detach().requires_grad_()
+    h = _hidden(case, inputs).detach().requires_grad_()
     w = inputs["weight"].detach().requires_grad_()
 
     def step():
@@ -146,20 +197,27 @@ def errors(case: Case, impl: str, inputs: dict) -> dict[str, float]:
     float64 reference on the same hidden states and weight (quick shapes only)."""
     if case.n * case.v > 2**26:
         return {}
-    h = inputs["hidden"].detach().requires_grad_()
+    h = _hidden(case, inputs).detach().requires_grad_()
     w = inputs["weight"].detach().requires_grad_()
     loss = _loss_fn(impl, case.mode)(h, w, inputs)
     loss.backward()
 
     def float64():
-        hr = inputs["hidden"].detach().double().requires_grad_()
+        hr = _hidden(case, inputs).detach().double().requires_grad_()
         wr = inputs["weight"].detach().double().requires_grad_()
         if case.mode == "logprobs":
             ref = reference.token_logprobs(hr @ wr.T, inputs["targets"]).sum()
+        elif case.mode == "packed":
+            p = inputs
+            ref = reference.policy_loss(
+                (hr @ wr.T).unsqueeze(0), p["packed_targets"].unsqueeze(0),
+                p["packed_advantages"].double().unsqueeze(0), p["packed_mask"].unsqueeze(0),
+                old_logprobs=p["packed_old"].double().unsqueeze(0), config=CONFIG)[0]
         else:
             ref = reference.policy_loss(hr @ wr.T, inputs["targets"],
                                         inputs["advantages"].double(), inputs["mask"],
-                                        old_logprobs=inputs["old"].double(), config=CONFIG)[0]
+                                        old_logprobs=inputs["old"].double(),
+                                        config=CONFIGS[case.mode])[0]
         ref.backward()
         return ref.item(), hr.grad, wr.grad
     ref, grad_h, grad_w = float64_reference((SUITE, case), float64)
@@ -179,6 +237,9 @@ def run_case(case: Case, impl: str, device: torch.device, *, warmup: int, reps: 
         return {**record, "status": "absent", "reason": reason}
     record["gemm_tflops"] = linear_gemm_tflops(case.n, case.h, case.v, case.dtype, device)
     inputs = make_inputs(case, device)
+    if case.mode == "packed":                   # no padding: only the real tokens are run
+        record["useful_flops"] = 6 * inputs["packed_hidden"].shape[0] * case.h * case.v
+        record["flops_formula"] = "6*N'*H*V (N' real tokens)"
     step = make_step(case, impl, inputs)
     record["median_ms"] = median_ms(step, device, warmup=warmup, reps=reps)
     record["peak_extra_mib"] = peak_extra_mib(step, device)

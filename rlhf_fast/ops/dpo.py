@@ -23,6 +23,7 @@ from torch.distributed import ProcessGroup
 from ..backend import BACKENDS
 from ..preference_coefficients import (
     PairCoefficients,
+    chosen_token_mask,
     preference_coefficients,
     preference_metrics,
 )
@@ -36,6 +37,7 @@ from ..validation import (
 )
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
+from .packing import Layout, Packed, check_cu_seqlens
 from .policy_loss import IGNORE, token_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 from .vocab_parallel import shard_backend
@@ -77,6 +79,21 @@ class PreferenceInputs(NamedTuple):
     ref: Tensor | None      # float32 [2B] or [2B, T]; None when the loss reads no reference
 
 
+def check_packed_pairs(cu_seqlens: object, rows: Tensor, name: str) -> int | None:
+    """None without ``cu_seqlens``; else check that ``rows`` are packed ``[N, ...]`` with an
+    even number of sequences (B chosen, then their B rejected partners) and return 2B."""
+    if cu_seqlens is None:
+        return None
+    sequences = check_cu_seqlens(cu_seqlens, rows)
+    if rows.dim() != 2:
+        raise ValueError(f"with cu_seqlens, {name} must be packed rows [N, ...] (the tokens "
+                         f"of the 2B sequences back to back), got shape {tuple(rows.shape)}")
+    if sequences % 2:
+        raise ValueError(f"cu_seqlens must hold an even number of sequences (B chosen, then "
+                         f"their B rejected partners in the same order); got {sequences}")
+    return sequences
+
+
 def check_pair_batch(shape: tuple[int, ...], name: str) -> int:
     """``shape`` is ``[2B, T, ...]``: return B, or say how the batch is malformed."""
     if len(shape) < 3:
@@ -107,20 +124,28 @@ def loss_config(*, beta: float, loss_type: str | Sequence[str], label_smoothing:
 
 def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Tensor,
                       mask: object, ref_logprobs: object,
-                      ref_model: bool | None = None) -> PreferenceInputs:
+                      ref_model: bool | None = None,
+                      sequences: int | None = None) -> PreferenceInputs:
     """Check targets ``[2B, T]``, mask ``[2B, T]`` and ``ref_logprobs`` (``[2B]`` sums or
     ``[2B, T]`` per token) against ``logits`` ``[2B, T, V]`` (only shape and device are
     used; no data is read). ``ref_model``: None when the caller takes no reference model,
-    else whether its hidden states were given (they replace ``ref_logprobs``)."""
+    else whether its hidden states were given (they replace ``ref_logprobs``).
+    ``sequences``: 2B of a packed batch, whose logits are ``[N, V]`` and per-token inputs
+    ``[N]`` (returned as ``[1, N]``; sequence sums stay ``[2B]``)."""
     check_token_tensor(targets, "targets", logits, integer=True)
-    shape = tuple(logits.shape[:2])
+    shape = tuple(logits.shape[:-1])
     mask = check_mask(mask, shape, logits)
-    ref = _check_ref_logprobs(config, ref_logprobs, shape, logits, ref_model)
+    ref = _check_ref_logprobs(config, ref_logprobs, shape, logits, ref_model, sequences)
+    if sequences is not None:
+        targets, mask = targets.reshape(1, -1), mask.reshape(1, -1)
+        if ref is not None and tuple(ref.shape) == shape and shape != (sequences,):
+            ref = ref.reshape(1, -1)
     return PreferenceInputs(targets, mask, ref)
 
 
-def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, int],
-                  logits: Tensor, ref_model: bool | None) -> Tensor | None:
+def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, ...],
+                        logits: Tensor, ref_model: bool | None,
+                        sequences: int | None = None) -> Tensor | None:
     alternatives = " or ref_hidden / ref_weight" if ref_model is not None else ""
     if ref is not None and ref_model:
         raise ValueError("pass ref_logprobs or ref_hidden / ref_weight, not both (the "
@@ -133,13 +158,17 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
         return None
     if ref_model:
         return None
-    allowed = f"[2B] = {shape[:1]} (sequence sums) or [2B, T] = {shape} (per token)"
+    if sequences is not None:
+        sums, allowed = (sequences,), f"[2B] = ({sequences},) (sequence sums) or [N] = {shape}"
+    else:
+        sums = shape[:1]
+        allowed = f"[2B] = {shape[:1]} (sequence sums) or [2B, T] = {shape} (per token)"
     if ref is None:
         raise ValueError(f"loss_type={config.loss_type!r} compares with a reference model: "
                          f"pass ref_logprobs {allowed}{alternatives}, or reference_free=True")
     if not isinstance(ref, Tensor) or not ref.dtype.is_floating_point:
         raise TypeError(f"ref_logprobs must be a float tensor {allowed}")
-    if tuple(ref.shape) not in (shape[:1], shape):
+    if tuple(ref.shape) not in (sums, shape):
         raise ValueError(f"ref_logprobs must be {allowed}, got {tuple(ref.shape)}")
     if config.ld_alpha is not None and tuple(ref.shape) != shape:
         raise ValueError(f"ld_alpha weighs the reference's tokens too: pass ref_logprobs per "
@@ -152,17 +181,18 @@ def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[
 def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tensor | None,
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
                        chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None,
-                       loss_scale: float = 1.0, chosen_sequences: Tensor | None = None
+                       loss_scale: float = 1.0, layout: Layout | None = None,
+                       chosen_sequences: Tensor | None = None
                        ) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
-    (chosen rows first): (coefficients, dL/dlogits or None), both times ``loss_scale``.
-    ``targets`` hold ``IGNORE`` at masked positions, whose rows are neither read nor written
-    (their gradient is 0)."""
+    (chosen rows first; ``[1, N, V]`` packed with ``layout``): (coefficients, dL/dlogits or
+    None), both times ``loss_scale``. ``targets`` hold ``IGNORE`` at masked positions, whose
+    rows are neither read nor written (their gradient is 0)."""
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, False,
                                        backend)
     coef = preference_coefficients(logp, valid, ref, config, num_pairs=num_pairs,
                                    chosen_tokens=chosen_tokens,
-                                   chosen_sequences=chosen_sequences)
+                                   chosen_sequences=chosen_sequences, layout=layout)
     if loss_scale != 1.0:
         coef = dataclasses.replace(coef, loss=coef.loss * loss_scale,
                                    c_logp=coef.c_logp * loss_scale)
@@ -175,15 +205,29 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
 
 # --- custom ops: everything that reads data runs inside them, opaque to torch.compile -------
 
-def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, write_grad, out):
+def pair_layout(cu_seqlens: Tensor | None, valid: Tensor
+                ) -> tuple[Layout | None, int, Tensor, Tensor]:
+    """(layout, pair count, chosen-token count, non-empty chosen sequence count) of a padded
+    ``[2B, T]`` or packed ``[1, N]`` preference batch (the counts stay on the device)."""
+    if cu_seqlens is None:
+        num_pairs = valid.shape[0] // 2
+        return (None, num_pairs, valid[:num_pairs].sum(),
+                valid[:num_pairs].any(-1).sum())
+    layout = Packed.from_cu_seqlens(cu_seqlens, valid.shape[-1])
+    chosen_valid = valid & chosen_token_mask(layout, valid)
+    chosen_sequences = (layout.seq_sum(chosen_valid.to(torch.int64)) > 0).sum()
+    return layout, layout.num_sequences // 2, chosen_valid.sum(), chosen_sequences
+
+
+def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, write_grad, out,
+                   cu_seqlens):
     c = decode_config(PreferenceLossConfig, config)
     targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
-    num_pairs = logits.shape[0] // 2
-    chosen_tokens = valid[:num_pairs].sum()
+    layout, num_pairs, chosen_tokens, chosen_sequences = pair_layout(cu_seqlens, valid)
     coef, grad = preference_forward(
         logits, targets, valid, ref, c, backend, num_pairs=num_pairs,
         chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale,
-        chosen_sequences=valid[:num_pairs].any(-1).sum())
+        layout=layout, chosen_sequences=chosen_sequences)
     metrics = pack_metrics(preference_metrics([coef.pairs], chosen_tokens), PREFERENCE_METRICS)
     return (coef.loss.float(), coef.pairs["logps_chosen"].float(),
             coef.pairs["logps_rejected"].float(), metrics, grad)
@@ -191,37 +235,44 @@ def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, writ
 
 @torch.library.custom_op("rlhf_fast::dpo_loss", mutates_args=())
 def dpo_loss_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
-                config: str, backend: str, loss_scale: float, write_grad: bool
+                config: str, backend: str, loss_scale: float, write_grad: bool,
+                cu_seqlens: Optional[Tensor] = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, chosen ``[B]``, rejected ``[B]``, metrics ``[8]``, dL/dlogits ``[2B, T, V]`` or
-    ``[0]`` without ``write_grad``) of ``[2B, T, V]`` logits."""
+    ``[0]`` without ``write_grad``) of ``[2B, T, V]`` logits (``[1, N, V]`` packed, with
+    ``cu_seqlens`` of 2B sequences)."""
     *outputs, grad = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
-                                    write_grad, None)
+                                    write_grad, None, cu_seqlens)
     return (*outputs, grad if grad is not None else logits.new_empty(0))
 
 
 @dpo_loss_op.register_fake
-def _dpo_loss_fake(logits, targets, mask, ref, config, backend, loss_scale, write_grad):
-    return (*_dpo_outputs_fake(logits), logits.new_empty(logits.shape if write_grad else (0,)))
+def _dpo_loss_fake(logits, targets, mask, ref, config, backend, loss_scale, write_grad,
+                   cu_seqlens=None):
+    return (*_dpo_outputs_fake(logits, cu_seqlens),
+            logits.new_empty(logits.shape if write_grad else (0,)))
 
 
 @torch.library.custom_op("rlhf_fast::dpo_loss_inplace", mutates_args=("logits",))
 def dpo_loss_inplace_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
-                        config: str, backend: str, loss_scale: float
+                        config: str, backend: str, loss_scale: float,
+                        cu_seqlens: Optional[Tensor] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dpo_loss_op`` writing dL/dlogits over ``logits`` (unit column stride)."""
     *outputs, _ = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
-                                 True, logits)
+                                 True, logits, cu_seqlens)
     return tuple(outputs)
 
 
 @dpo_loss_inplace_op.register_fake
-def _dpo_loss_inplace_fake(logits, targets, mask, ref, config, backend, loss_scale):
-    return _dpo_outputs_fake(logits)
+def _dpo_loss_inplace_fake(logits, targets, mask, ref, config, backend, loss_scale,
+                           cu_seqlens=None):
+    return _dpo_outputs_fake(logits, cu_seqlens)
 
 
-def _dpo_outputs_fake(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    pairs = logits.shape[0] // 2
+def _dpo_outputs_fake(logits: Tensor, cu_seqlens: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    pairs = (logits.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1) // 2
     return (logits.new_empty((), dtype=torch.float32),
             logits.new_empty((pairs,), dtype=torch.float32),
             logits.new_empty((pairs,), dtype=torch.float32),
@@ -236,15 +287,16 @@ class _PreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, mask, ref, config, backend, inplace, loss_scale,
-                grad_enabled):
+                grad_enabled, cu_seqlens):
         # needs_input_grad follows requires_grad even under no_grad: nothing to write then.
         write_grad = grad_enabled and ctx.needs_input_grad[0]
         args = (targets, mask, ref, config, backend, loss_scale)
         if write_grad and inplace:
-            loss, chosen, rejected, metrics = dpo_loss_inplace_op(logits, *args)
+            loss, chosen, rejected, metrics = dpo_loss_inplace_op(logits, *args, cu_seqlens)
             grad = logits
         else:
-            loss, chosen, rejected, metrics, grad = dpo_loss_op(logits, *args, write_grad)
+            loss, chosen, rejected, metrics, grad = dpo_loss_op(logits, *args, write_grad,
+                                                                cu_seqlens)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         if write_grad:
@@ -257,9 +309,9 @@ class _PreferenceLoss(torch.autograd.Function):
                                              "out.rejected_logprobs": grad_rejected},
                                 OUTPUT_GRADIENT_REMEDY)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
         (grad,) = scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss)
-        return (grad,) + (None,) * 8
+        return (grad,) + (None,) * 9
 
 
 def dpo_loss(
@@ -286,6 +338,7 @@ def dpo_loss(
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
     process_group: ProcessGroup | None = None,
     vocab_offset: int | None = None,
 ) -> PreferenceLossOutput:
@@ -333,6 +386,11 @@ def dpo_loss(
             coefficients in the forward pass, e.g. ``1 / grad_accum_steps``; the metrics are
             not scaled.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        cu_seqlens: ``[2B + 1]`` int32 offsets of 2B packed sequences (padding-free layout,
+            ``rlhf_fast.ops.packing``): the B chosen sequences, then their B rejected
+            partners in the same order, as the padded rows are stacked. ``logits`` are then
+            ``[N, V]``, ``targets`` / ``mask`` ``[N]`` and ``ref_logprobs`` ``[2B]`` or
+            ``[N]``; the results equal those of the same sequences padded to ``[2B, T]``.
         process_group: the tensor-parallel group when ``logits`` hold only this rank's
             contiguous slice of the vocabulary columns (slices may be uneven; targets stay
             full-vocabulary ids): the results are the full-vocabulary ones on every rank and
@@ -356,15 +414,20 @@ def dpo_loss(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
     check_logits(logits)
-    check_pair_batch(tuple(logits.shape), "logits")
+    sequences = check_packed_pairs(cu_seqlens, logits, "logits")
+    if sequences is None:
+        check_pair_batch(tuple(logits.shape), "logits")
     backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
                             logits.device)
-    inputs = preference_inputs(config, logits, targets, mask, ref_logprobs)
+    inputs = preference_inputs(config, logits, targets, mask, ref_logprobs,
+                               sequences=sequences)
+    if sequences is not None:
+        logits = logits.unsqueeze(0)
     grad_enabled = torch.is_grad_enabled()
     if inplace:
         check_inplace(logits, grad_enabled and logits.requires_grad)
     loss, chosen, rejected, metrics = _PreferenceLoss.apply(
         logits, inputs.targets, inputs.mask, inputs.ref, encode_config(config), backend,
-        bool(inplace), loss_scale, grad_enabled)
+        bool(inplace), loss_scale, grad_enabled, cu_seqlens)
     return PreferenceLossOutput(loss, chosen, rejected,
                                 unpack_metrics(metrics, PREFERENCE_METRICS))

@@ -46,6 +46,7 @@ from ..validation import (
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
 from .launch import FUSED_MAX_REGISTERS, row_launch, same_alignment
+from .packing import Layout, Packed, check_cu_seqlens, expand_advantages
 from .row_sweeps import check_targets, grad_sweep, stats_sweep
 from .vocab_parallel import is_sharded, shard_backend
 
@@ -186,27 +187,41 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
                    old: Tensor | None, ref: Tensor | None, rollout: Tensor | None,
                    config: PolicyLossConfig, backend: str, *, write_grad: bool,
                    out: Tensor | None = None, entropy_stats: dict | None = None,
-                   loss_scale: float | Tensor = 1.0):
+                   loss_scale: float | Tensor = 1.0, layout: Layout | None = None,
+                   weights: Tensor | None = None, rollout_weight: Tensor | None = None,
+                   sequence_norm: Tensor | None = None):
     """One forward over ``[B, T, V]`` logits: (coefficients, logp, entropy, grad or None).
 
     ``targets`` already hold ``IGNORE`` at masked positions. With ``write_grad`` the gradient
     is written (into ``out`` when given, possibly the logits themselves): in one kernel for
     token-level losses on Triton, else by the gradient sweep. ``entropy_stats`` carries
     batch-wide entropy statistics computed elsewhere (chunked callers). ``loss_scale``
-    (a float or a 0-dim tensor) multiplies the loss and the gradient.
+    (a float or a 0-dim tensor) multiplies the loss and the gradient. ``layout``: a packed
+    batch's sequences (``[1, N, V]`` logits); ``weights`` / ``rollout_weight`` /
+    ``sequence_norm``: what ``policy_coefficients`` takes from the whole batch when these
+    logits are only a chunk of it (per-token ``advantages`` then).
     """
+    extra = dict(layout=layout, weights=weights, rollout_weight=rollout_weight,
+                 sequence_norm=sequence_norm)
     if (write_grad and FUSE_TOKEN_LEVEL and fused_token_level(config, old)
             and not is_sharded(backend) and resolve_backend(backend, logits) == "triton"):
+        kernel_config, kernel_scale = config, loss_scale
+        if weights is not None:
+            # Weights from the whole batch (a chunk, a packed batch): the kernel takes them as
+            # a per-token scale on a unit token-mean aggregation (weight = mask * 1 * scale).
+            kernel_config = config.replace(aggregation="token_mean", normalizer=1.0)
+            kernel_scale = weights * loss_scale
         logp, entropy, grad = _fused_token_policy(logits, targets, advantages, valid, old, ref,
-                                                  rollout, config, out, loss_scale=loss_scale)
+                                                  rollout, kernel_config, out,
+                                                  loss_scale=kernel_scale)
         coef = policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
-                                   entropy_stats)
+                                   entropy_stats, **extra)
         return scale_coefficients(coef, loss_scale), logp, entropy, grad
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, True,
                                        backend)
     coef = scale_coefficients(
         policy_coefficients(logp, entropy, valid, advantages, old, ref, rollout, config,
-                            entropy_stats), loss_scale)
+                            entropy_stats, **extra), loss_scale)
     grad = None
     if write_grad:
         grad = grad_sweep(coef.c_logp, coef.c_entropy, logits, targets, entropy, stats,
@@ -216,33 +231,48 @@ def policy_forward(logits: Tensor, targets: Tensor, advantages: Tensor, valid: T
 
 # --- custom ops: everything that reads data runs inside them, opaque to torch.compile -------
 
+def packed_inputs(c: PolicyLossConfig, cu_seqlens: Tensor | None, valid: Tensor,
+                  advantages: Tensor) -> tuple[Layout | None, Tensor, Tensor | None]:
+    """(layout, per-token advantages, aggregation weights) of a packed batch (``[1, N]``
+    tensors), or (None, advantages, None) for a padded one."""
+    if cu_seqlens is None:
+        return None, advantages, None
+    layout = Packed.from_cu_seqlens(cu_seqlens, valid.shape[-1])
+    advantages = expand_advantages(advantages, layout, valid)
+    weights = aggregation_weights(valid.float(), c.aggregation, c.normalizer, c.max_length,
+                                  c.count_empty_sequences, layout)
+    return layout, advantages, weights
+
+
 def _policy_loss_impl(logits, targets, advantages, mask, old, ref, rollout, config, backend,
-                      loss_scale, write_grad, out):
+                      loss_scale, write_grad, out, cu_seqlens):
     c = decode_config(PolicyLossConfig, config)
     targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
+    layout, advantages, weights = packed_inputs(c, cu_seqlens, valid, advantages)
     coef, logp, entropy, grad = policy_forward(
         logits, targets, advantages, valid, old, ref, rollout, c, backend,
-        write_grad=write_grad, out=out, loss_scale=loss_scale)
+        write_grad=write_grad, out=out, loss_scale=loss_scale, layout=layout, weights=weights)
     return coef.loss.float(), logp, entropy, pack_metrics(coef.metrics, POLICY_METRICS), grad
 
 
 @torch.library.custom_op("rlhf_fast::policy_loss", mutates_args=())
 def policy_loss_op(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor,
                    old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor],
-                   config: str, backend: str, loss_scale: float, write_grad: bool
+                   config: str, backend: str, loss_scale: float, write_grad: bool,
+                   cu_seqlens: Optional[Tensor] = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, logp ``[B, T]``, entropy ``[B, T]``, metrics ``[9]``, dL/dlogits ``[B, T, V]``
-    or ``[0]`` without ``write_grad``) of ``[B, T, V]`` logits; ``config`` from
-    ``encode_config``."""
+    or ``[0]`` without ``write_grad``) of ``[B, T, V]`` logits (``[1, N, V]`` packed, with
+    ``cu_seqlens``); ``config`` from ``encode_config``."""
     loss, logp, entropy, metrics, grad = _policy_loss_impl(
         logits, targets, advantages, mask, old, ref, rollout, config, backend, loss_scale,
-        write_grad, None)
+        write_grad, None, cu_seqlens)
     return loss, logp, entropy, metrics, grad if grad is not None else logits.new_empty(0)
 
 
 @policy_loss_op.register_fake
 def _policy_loss_fake(logits, targets, advantages, mask, old, ref, rollout, config, backend,
-                      loss_scale, write_grad):
+                      loss_scale, write_grad, cu_seqlens=None):
     loss, logp, entropy, metrics = _policy_outputs_fake(logits)
     grad = logits.new_empty(logits.shape if write_grad else (0,))
     return loss, logp, entropy, metrics, grad
@@ -252,17 +282,18 @@ def _policy_loss_fake(logits, targets, advantages, mask, old, ref, rollout, conf
 def policy_loss_inplace_op(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor,
                            old: Optional[Tensor], ref: Optional[Tensor],
                            rollout: Optional[Tensor], config: str, backend: str,
-                           loss_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           loss_scale: float, cu_seqlens: Optional[Tensor] = None
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``policy_loss_op`` writing dL/dlogits over ``logits`` (unit column stride)."""
     loss, logp, entropy, metrics, _ = _policy_loss_impl(
         logits, targets, advantages, mask, old, ref, rollout, config, backend, loss_scale,
-        True, logits)
+        True, logits, cu_seqlens)
     return loss, logp, entropy, metrics
 
 
 @policy_loss_inplace_op.register_fake
 def _policy_loss_inplace_fake(logits, targets, advantages, mask, old, ref, rollout, config,
-                              backend, loss_scale):
+                              backend, loss_scale, cu_seqlens=None):
     return _policy_outputs_fake(logits)
 
 
@@ -282,15 +313,16 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, advantages, mask, old, ref, rollout, config, backend,
-                inplace, loss_scale, grad_enabled):
+                inplace, loss_scale, grad_enabled, cu_seqlens):
         # needs_input_grad follows requires_grad even under no_grad: nothing to write then.
         write_grad = grad_enabled and ctx.needs_input_grad[0]
         args = (targets, advantages, mask, old, ref, rollout, config, backend, loss_scale)
         if write_grad and inplace:
-            loss, logp, entropy, metrics = policy_loss_inplace_op(logits, *args)
+            loss, logp, entropy, metrics = policy_loss_inplace_op(logits, *args, cu_seqlens)
             grad = logits
         else:
-            loss, logp, entropy, metrics, grad = policy_loss_op(logits, *args, write_grad)
+            loss, logp, entropy, metrics, grad = policy_loss_op(logits, *args, write_grad,
+                                                                cu_seqlens)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         if write_grad:
@@ -303,9 +335,9 @@ class _PolicyLoss(torch.autograd.Function):
                                                 "out.entropy": grad_entropy},
                                 OUTPUT_GRADIENT_REMEDY)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 12
+            return (None,) * 13
         (grad,) = scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss)
-        return (grad,) + (None,) * 11
+        return (grad,) + (None,) * 12
 
 
 def _resolve_config(config: str | PolicyLossConfig, overrides: dict) -> PolicyLossConfig:
@@ -330,6 +362,7 @@ def policy_loss(
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
     process_group: ProcessGroup | None = None,
     vocab_offset: int | None = None,
     **overrides: object,
@@ -337,10 +370,12 @@ def policy_loss(
     """Policy-gradient loss straight from the logits, in two reads and one write of them.
 
     Args:
-        logits: ``[B, T, V]`` (or ``[N, V]``, one sequence), float32 / bfloat16 / float16;
-            ``logits[:, t]`` scores ``targets[:, t]``.
+        logits: ``[B, T, V]`` (or ``[N, V]``: one sequence, or packed sequences with
+            ``cu_seqlens``), float32 / bfloat16 / float16; ``logits[:, t]`` scores
+            ``targets[:, t]``.
         targets: ``[B, T]`` int64 / int32, the sampled tokens.
-        advantages: ``[B]`` (per sequence) or ``[B, T]``.
+        advantages: ``[B]`` (per sequence) or ``[B, T]``; packed: ``[S]`` or ``[N]`` (``[N]``
+            is read per token when ``S == N``).
         mask: ``[B, T]`` bool, or float / int holding only 0 and 1 (other values raise: a
             mask selects tokens, it does not weight them): the tokens that enter the loss (no
             prompt, padding or tool output). Masked rows are not read.
@@ -363,6 +398,12 @@ def policy_loss(
             coefficients in the forward pass (no extra pass), e.g. ``1 / grad_accum_steps``;
             the metrics are not scaled.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        cu_seqlens: ``[S + 1]`` int32 offsets of S packed sequences (flash-attn varlen / verl
+            remove-padding / TRL padding-free layout; ``rlhf_fast.ops.packing``): logits
+            ``[N, V]`` and every per-token input ``[N]``. Sequence lengths, sequence ratios,
+            the aggregations and their counts follow the boundaries, and the results equal
+            those of the same sequences padded to ``[S, T]``. ``seq_mean_token_sum_norm``
+            needs ``max_length`` (or ``normalizer``) then: a packed batch has no padded T.
         process_group: the tensor-parallel group when ``logits`` hold only this rank's
             contiguous slice of the vocabulary columns (slices may be uneven; targets stay
             full-vocabulary ids): the results are the full-vocabulary ones on every rank and
@@ -387,6 +428,7 @@ def policy_loss(
     loss_scale = check_loss_scale(loss_scale)
     check_logits(logits)
     check_token_tensor(targets, "targets", logits, integer=True)
+    sequences = check_packed(c, cu_seqlens, logits, "logits")
     backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
                             logits.device)
     flat = logits.dim() == 2
@@ -394,13 +436,14 @@ def policy_loss(
         logits = logits.unsqueeze(0)
     targets = targets.reshape(logits.shape[:2])
     inputs = side_inputs(c, logits, flat, targets, mask, advantages, old_logprobs,
-                         ref_logprobs, rollout_logprobs)
+                         ref_logprobs, rollout_logprobs, sequences=sequences)
     grad_enabled = torch.is_grad_enabled()
     if inplace:
         check_inplace(logits, grad_enabled and logits.requires_grad)
     loss, logp, entropy, metrics = _PolicyLoss.apply(
         logits, inputs.targets, inputs.advantages, inputs.mask, inputs.old, inputs.ref,
-        inputs.rollout, encode_config(c), backend, bool(inplace), loss_scale, grad_enabled)
+        inputs.rollout, encode_config(c), backend, bool(inplace), loss_scale, grad_enabled,
+        cu_seqlens)
     if flat:
         logp, entropy = logp.squeeze(0), entropy.squeeze(0)
     return PolicyLossOutput(loss, logp, entropy, unpack_metrics(metrics, POLICY_METRICS))
@@ -431,17 +474,38 @@ def check_config_use(c: PolicyLossConfig) -> None:
                                  f"objective={c.objective!r} would ignore it")
 
 
+def check_packed(c: PolicyLossConfig | None, cu_seqlens: object, rows: Tensor,
+                 name: str) -> int | None:
+    """None without ``cu_seqlens``; else check that ``rows`` (logits or hidden states) are
+    packed ``[N, ...]`` and that the config can run on a packed batch, and return S."""
+    if cu_seqlens is None:
+        return None
+    sequences = check_cu_seqlens(cu_seqlens, rows)
+    if rows.dim() != 2:
+        raise ValueError(f"with cu_seqlens, {name} must be packed rows [N, "
+                         f"{'V' if name == 'logits' else 'H'}] (the tokens of all sequences "
+                         f"back to back), got shape {tuple(rows.shape)}")
+    if c is not None and c.aggregation == "seq_mean_token_sum_norm" \
+            and c.normalizer is None and c.max_length is None:
+        raise ValueError("aggregation='seq_mean_token_sum_norm' (Dr. GRPO: sum / (S * "
+                         "max_length)) on a packed batch needs max_length (or normalizer): "
+                         "a packed batch has no padded length T to default to")
+    return sequences
+
+
 def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor,
                 mask: object, advantages: object, old_logprobs: object, ref_logprobs: object,
-                rollout_logprobs: object, ref_model: bool | None = None) -> SideInputs:
+                rollout_logprobs: object, ref_model: bool | None = None,
+                sequences: int | None = None) -> SideInputs:
     """Check and shape the per-token inputs against ``logits`` ``[B, T, V]`` (``[1, N, V]``
     when ``flat``; only its shape and device are used), and refuse combinations that would
     drop an argument. ``ref_model``: None when the caller takes no reference model; else
-    whether its hidden states were given (they replace ``ref_logprobs``)."""
+    whether its hidden states were given (they replace ``ref_logprobs``). ``sequences``:
+    S for a packed batch (``cu_seqlens``), whose advantages may be ``[S]``."""
     check_config_use(c)
     expected = tuple(logits.shape[1:2]) if flat else tuple(logits.shape[:2])
     mask = check_mask(mask, expected, logits).reshape(logits.shape[:2])
-    advantages = _advantages(advantages, logits, flat)
+    advantages = _advantages(advantages, logits, flat, sequences)
     old = float_token_tensor(old_logprobs, "old_logprobs", logits, flat)
     ref = float_token_tensor(ref_logprobs, "ref_logprobs", logits, flat)
     rollout = float_token_tensor(rollout_logprobs, "rollout_logprobs", logits, flat)
@@ -473,9 +537,12 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
     return SideInputs(targets, mask, advantages, old, ref, rollout)
 
 
-def _advantages(advantages: object, logits: Tensor, flat: bool) -> Tensor:
+def _advantages(advantages: object, logits: Tensor, flat: bool,
+                sequences: int | None = None) -> Tensor:
     batch, seq_len = logits.shape[:2]
     allowed = [(seq_len,)] if flat else [(batch,), (batch, seq_len)]
+    if sequences is not None:
+        allowed.append((sequences,))
     if not isinstance(advantages, Tensor) or not advantages.dtype.is_floating_point:
         raise TypeError(f"advantages must be a float tensor of shape "
                         f"{' or '.join(map(str, allowed))}")
@@ -486,4 +553,6 @@ def _advantages(advantages: object, logits: Tensor, flat: bool) -> Tensor:
         raise ValueError(f"advantages are on {advantages.device} but logits are on "
                          f"{logits.device}")
     advantages = advantages.detach().float()
+    if flat and tuple(advantages.shape) != (seq_len,):
+        return advantages                           # packed: [S], one per sequence
     return advantages.reshape(1, seq_len) if flat else advantages

@@ -20,6 +20,7 @@ from ..validation import (
     check_temperature,
     check_token_tensor,
 )
+from .packing import check_cu_seqlens, check_cu_seqlens_values
 from .row_sweeps import check_targets, grad_sweep, stats_sweep
 from .vocab_parallel import shard_backend
 
@@ -30,15 +31,20 @@ __all__ = ["token_logprobs"]
 
 @torch.library.custom_op("rlhf_fast::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                      with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      with_entropy: bool, backend: str, cu_seqlens: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """logits ``[B, T, V]``, targets ``[B, T]`` -> (logp ``[B, T]``, entropy ``[B, T]`` or
-    ``[0]``, stats ``[B, T, 3]``), all float32."""
+    ``[0]``, stats ``[B, T, 3]``), all float32. ``cu_seqlens`` (packed ``[1, N, V]``) is
+    checked only: every output is per token."""
     check_targets(targets, logits.shape[-1], ignore_index, backend)
+    if cu_seqlens is not None:
+        check_cu_seqlens_values(cu_seqlens, logits.shape[1])
     return stats_sweep(logits, targets, temperature, ignore_index, with_entropy, backend)
 
 
 @token_logprobs_op.register_fake
-def _token_logprobs_fake(logits, targets, temperature, ignore_index, with_entropy, backend):
+def _token_logprobs_fake(logits, targets, temperature, ignore_index, with_entropy, backend,
+                         cu_seqlens=None):
     batch, seq_len, _ = logits.shape
     logp = logits.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = logits.new_empty((batch, seq_len) if with_entropy else (0,), dtype=torch.float32)
@@ -61,7 +67,7 @@ def _token_logprobs_backward_fake(grad_logp, grad_entropy, logits, targets, entr
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, targets, temperature, ignore_index, with_entropy, backend = inputs
+    logits, targets, temperature, ignore_index, with_entropy, backend, _ = inputs
     _, entropy, stats = output
     ctx.save_for_backward(logits, targets, entropy, stats)
     ctx.hparams = (temperature, ignore_index, with_entropy, backend)
@@ -75,11 +81,11 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     if not with_entropy:
         grad_entropy = None
     if grad_logp is None and grad_entropy is None:
-        return (None,) * 6
+        return (None,) * 7
     logits, targets, entropy, stats = ctx.saved_tensors
     grad = token_logprobs_backward_op(grad_logp, grad_entropy, logits, targets, entropy, stats,
                                       temperature, ignore_index, backend)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -95,6 +101,7 @@ def token_logprobs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
     process_group: ProcessGroup | None = None,
     vocab_offset: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -110,6 +117,10 @@ def token_logprobs(
         return_entropy: also return the entropy of each row.
         ignore_index: rows with this target give 0 (and zero gradient) and are not read.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see ``rlhf_fast.backend``).
+        cu_seqlens: ``[S + 1]`` int32 offsets of packed sequences (``rlhf_fast.ops.packing``)
+            with ``[N, V]`` logits: accepted for a uniform API and checked, and changes
+            nothing, since every output is per token (the caller shifts targets within each
+            sequence and masks each sequence's last position with ``ignore_index``).
         process_group: the tensor-parallel group when ``logits`` hold only this rank's
             contiguous slice of the vocabulary columns (slices may be uneven; targets stay
             full-vocabulary ids): the results are the full-vocabulary ones on every rank and
@@ -143,13 +154,18 @@ def token_logprobs(
     temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, logits)
+        if logits.dim() != 2:
+            raise ValueError(f"with cu_seqlens, logits must be packed rows [N, V], got shape "
+                             f"{tuple(logits.shape)}")
     backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
                             logits.device)
     flat = logits.dim() == 2
     if flat:
         logits, targets = logits.unsqueeze(0), targets.unsqueeze(0)
     logp, entropy, _ = token_logprobs_op(logits, targets, temperature, int(ignore_index),
-                                         bool(return_entropy), backend)
+                                         bool(return_entropy), backend, cu_seqlens)
     if flat:
         logp = logp.squeeze(0)
         entropy = entropy.squeeze(0) if return_entropy else entropy
