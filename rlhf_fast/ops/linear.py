@@ -196,8 +196,8 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
                        want_whole_sequences=kind == "sequence")
     run = _Chunked(hidden, weight, bias, plan, ref_hidden, ref_weight)
     at = run.at
-    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend) if write_grad \
-        else None
+    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend,
+                         one_chunk=len(plan.chunks) == 1) if write_grad else None
     logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = torch.empty_like(logp)
     one_pass = write_grad and len(plan.chunks) > 0 and (
@@ -561,8 +561,9 @@ def linear_token_logprobs_backward_op(
     chunk, ``[B*T, V]``; read, never written, so a retained graph's second backward sees
     them unchanged), gradient sweep, GEMMs 2-3."""
     needs = (need_hidden, need_weight, need_bias)
-    grads = HeadGradients(hidden, weight, bias, needs, backend=backend)
     plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, packed, backend)
+    grads = HeadGradients(hidden, weight, bias, needs, backend=backend,
+                          one_chunk=len(plan.chunks) == 1)
     run = _Chunked(hidden, weight, bias, plan)
     at = run.at
     for chunk in plan.chunks:
