@@ -196,8 +196,8 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
                        want_whole_sequences=kind == "sequence")
     run = _Chunked(hidden, weight, bias, plan, ref_hidden, ref_weight)
     at = run.at
-    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend) if write_grad \
-        else None
+    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend,
+                         one_chunk=len(plan.chunks) == 1) if write_grad else None
     logp = hidden.new_empty((batch, seq_len), dtype=torch.float32)
     entropy = torch.empty_like(logp)
     one_pass = write_grad and len(plan.chunks) > 0 and (
@@ -496,9 +496,15 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              with_entropy: bool, backend: str, chunk_size: Optional[int],
                              chunk_tokens: Optional[int] = None,
                              cu_seqlens: Optional[Tensor] = None,
-                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp ``[B, T]``, entropy ``[B, T]`` or ``[0]``, stats ``[B, T, 3]``) of
-    ``hidden @ weight.T (+ bias)``: one GEMM and one stats sweep per chunk of tokens."""
+                             keep_logits: bool = False,
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp ``[B, T]``, entropy ``[B, T]`` or ``[0]``, stats ``[B, T, 3]``, kept logits) of
+    ``hidden @ weight.T (+ bias)``: one GEMM and one stats sweep per chunk of tokens.
+
+    Kept logits: with ``keep_logits`` (a backward will follow) and the whole batch in one
+    chunk, that chunk's logits ``[B*T, V]`` in hidden's dtype, for the backward to reuse
+    instead of recomputing GEMM 1 (they are within the chunk memory budget by definition);
+    otherwise ``[0]``."""
     check_targets(targets, weight.shape[0], ignore_index, backend)
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, hidden.shape[1])
@@ -509,24 +515,36 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     stats = hidden.new_empty((*hidden.shape[:2], 3), dtype=torch.float32)
     for chunk in plan.chunks:
-        lp, ent, st = stats_sweep(run.logits(chunk, run.rows(chunk.start, chunk.stop)),
-                                  run.at(targets, chunk), temperature, ignore_index,
+        logits = run.logits(chunk, run.rows(chunk.start, chunk.stop))
+        lp, ent, st = stats_sweep(logits, run.at(targets, chunk), temperature, ignore_index,
                                   with_entropy, backend)
         run.at(logp, chunk).copy_(lp)
         run.at(stats, chunk, (3,)).copy_(st)
         if with_entropy:
             run.at(entropy, chunk).copy_(ent)
-    return logp, entropy, stats
+    kept = (run.buffer.take(plan.max_size) if _keeps_logits(plan, keep_logits)
+            else hidden.new_empty(0))
+    return logp, entropy, stats, kept
+
+
+def _keeps_logits(plan: ChunkPlan, keep_logits: bool) -> bool:
+    """Whether the forward hands its logits to the backward: one chunk only (shapes only,
+    so the fake agrees with the op)."""
+    return keep_logits and len(plan.chunks) == 1
 
 
 @linear_token_logprobs_op.register_fake
 def _linear_token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_index,
                                 with_entropy, backend, chunk_size, chunk_tokens=None,
-                                cu_seqlens=None):
+                                cu_seqlens=None, keep_logits=False):
     per_token = hidden.shape[:2]
+    plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, cu_seqlens is not None,
+                          backend)
+    kept = ((plan.max_size, weight.shape[0]) if _keeps_logits(plan, keep_logits) else (0,))
     return (hidden.new_empty(per_token, dtype=torch.float32),
             hidden.new_empty(per_token if with_entropy else (0,), dtype=torch.float32),
-            hidden.new_empty((*per_token, 3), dtype=torch.float32))
+            hidden.new_empty((*per_token, 3), dtype=torch.float32),
+            hidden.new_empty(kept))
 
 
 @torch.library.custom_op("rlhf_fast::linear_token_logprobs_backward", mutates_args=())
@@ -536,22 +554,29 @@ def linear_token_logprobs_backward_op(
     temperature: float, ignore_index: int, backend: str, chunk_size: Optional[int],
     need_hidden: bool, need_weight: bool, need_bias: bool,
     chunk_tokens: Optional[int] = None, packed: bool = False,
+    kept_logits: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias), ``[0]`` where not asked for: each chunk's
-    logits recomputed (see the module docstring), gradient sweep, GEMMs 2-3."""
+    logits recomputed (see the module docstring), or the forward's ``kept_logits`` (one
+    chunk, ``[B*T, V]``; read, never written, so a retained graph's second backward sees
+    them unchanged), gradient sweep, GEMMs 2-3."""
     needs = (need_hidden, need_weight, need_bias)
-    grads = HeadGradients(hidden, weight, bias, needs, backend=backend)
     plan = _logprobs_plan(hidden, weight, chunk_size, chunk_tokens, packed, backend)
+    grads = HeadGradients(hidden, weight, bias, needs, backend=backend,
+                          one_chunk=len(plan.chunks) == 1)
     run = _Chunked(hidden, weight, bias, plan)
     at = run.at
     for chunk in plan.chunks:
         hidden_c = run.rows(chunk.start, chunk.stop)
-        logits = run.logits(chunk, hidden_c)
+        reuse = kept_logits is not None and kept_logits.numel() > 0
+        logits = (kept_logits.view(*chunk.shape, run.vocab) if reuse
+                  else run.logits(chunk, hidden_c))
         g = grad_sweep(at(grad_logp, chunk).float() if grad_logp is not None else None,
                        at(grad_entropy, chunk).float() if grad_entropy is not None else None,
                        logits, at(targets, chunk),
                        at(entropy, chunk) if grad_entropy is not None else entropy,
-                       at(stats, chunk, (3,)), temperature, ignore_index, backend, out=logits)
+                       at(stats, chunk, (3,)), temperature, ignore_index, backend,
+                       out=run.buffer.take(chunk.size).view_as(logits) if reuse else logits)
         grads.add(g.view(chunk.size, -1), hidden_c, (chunk.start, chunk.stop))
         del logits, g
     return head_outputs(grads.result(), hidden)
@@ -561,34 +586,35 @@ def linear_token_logprobs_backward_op(
 def _linear_token_logprobs_backward_fake(grad_logp, grad_entropy, hidden, weight, bias,
                                          targets, entropy, stats, temperature, ignore_index,
                                          backend, chunk_size, need_hidden, need_weight,
-                                         need_bias, chunk_tokens=None, packed=False):
+                                         need_bias, chunk_tokens=None, packed=False,
+                                         kept_logits=None):
     return head_gradients_fake(hidden, weight, bias, (need_hidden, need_weight, need_bias))
 
 
 def _linear_logprobs_setup(ctx, inputs, output) -> None:
     hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, \
-        chunk_size, chunk_tokens, cu_seqlens = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, bias, targets, entropy, stats)
+        chunk_size, chunk_tokens, cu_seqlens, _keep = inputs
+    _, entropy, stats, kept_logits = output
+    ctx.save_for_backward(hidden, weight, bias, targets, entropy, stats, kept_logits)
     ctx.hparams = (temperature, ignore_index, with_entropy, backend, chunk_size, chunk_tokens,
                    cu_seqlens is not None)
-    ctx.mark_non_differentiable(stats)
+    ctx.mark_non_differentiable(stats, kept_logits)
     ctx.set_materialize_grads(False)
 
 
-def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, _grad_stats):
+def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, _grad_stats, _grad_kept):
     temperature, ignore_index, with_entropy, backend, chunk_size, chunk_tokens, packed = \
         ctx.hparams
     grad_entropy = grad_entropy if with_entropy else None
     needs = tuple(ctx.needs_input_grad[:3])
     if (grad_logp is None and grad_entropy is None) or not any(needs):
-        return (None,) * 11
-    hidden, weight, bias, targets, entropy, stats = ctx.saved_tensors
+        return (None,) * 12
+    hidden, weight, bias, targets, entropy, stats, kept_logits = ctx.saved_tensors
     grads = linear_token_logprobs_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, targets, entropy, stats, temperature,
-        ignore_index, backend, chunk_size, *needs, chunk_tokens, packed)
+        ignore_index, backend, chunk_size, *needs, chunk_tokens, packed, kept_logits)
     kept = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
-    return (*kept, *(None,) * 8)
+    return (*kept, *(None,) * 9)
 
 
 linear_token_logprobs_op.register_autograd(_linear_logprobs_backward,
@@ -615,7 +641,8 @@ def linear_token_logprobs(
 
     hidden ``[B, T, H]`` or ``[N, H]``; weight ``[V, H]``; bias ``[V]`` or None. Under
     ``torch.no_grad()`` (old / reference policy) it is one GEMM and one stats sweep per
-    chunk, nothing saved; with grad, backward recomputes each chunk's logits. Returns float32
+    chunk, nothing saved; with grad, backward recomputes each chunk's logits (a batch of
+    one chunk keeps its logits instead: 3 GEMMs, not 4). Returns float32
     logp (and entropy) of shape ``hidden.shape[:-1]``; differentiable w.r.t. hidden, weight
     and bias. ``chunk_tokens``: tokens per chunk (default: ``rlhf_fast.ops.chunking``);
     ``chunk_size``: whole sequences per chunk instead (padded batches). ``cu_seqlens``
@@ -647,9 +674,12 @@ def linear_token_logprobs(
     temperature = check_temperature(temperature)
     backend = shard_backend(backend, process_group, vocab_offset, weight.shape[0],
                             hidden.device)
-    logp, entropy, _ = linear_token_logprobs_op(hidden, weight, bias, targets, temperature,
-                                                int(ignore_index), bool(return_entropy),
-                                                backend, chunk_size, chunk_tokens, cu_seqlens)
+    keep_logits = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    logp, entropy, _, _ = linear_token_logprobs_op(hidden, weight, bias, targets, temperature,
+                                                   int(ignore_index), bool(return_entropy),
+                                                   backend, chunk_size, chunk_tokens,
+                                                   cu_seqlens, keep_logits)
     if flat:
         logp = logp.squeeze(0)
         entropy = entropy.squeeze(0) if return_entropy else entropy

@@ -145,9 +145,10 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     batch, seq_len = hidden.shape[:2]
     packed = cu_seqlens is not None
     tokens = _tokens_per_chunk(chunk_tokens, hidden, weight, backend)
-    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend) if write_grad \
-        else None
     single = batch * seq_len <= tokens and chunk_size is None
+    # single: every path below then takes the whole batch as one chunk (one head.add).
+    head = HeadGradients(hidden, weight, bias, needs, main_grad, backend,
+                         one_chunk=single) if write_grad else None
     # AOT sorts the margins over the whole batch: chunks of pairs cannot hold it, so more
     # than one chunk takes the pre-pass (the pair step then sees the whole batch, exactly).
     pairs_split = c.loss_type in BATCH_SORTED_LOSSES and not single

@@ -201,13 +201,23 @@ class HeadGradients:
     float32. Inputs that need no gradient get none (their GEMM is skipped); ``main_grad``
     receives the weight's gradient instead of a new tensor. With a vocabulary shard in
     ``backend`` the weight holds this rank's rows only, and ``grad_hidden`` is summed over
-    the group in ``result`` (``vocab_parallel.py``)."""
+    the group in ``result`` (``vocab_parallel.py``).
+
+    ``one_chunk``: the caller adds exactly one chunk (the whole batch). A 16-bit weight's
+    gradient is then one GEMM in the weight's dtype (float32 accumulation inside the GEMM,
+    one rounding: the same value as the float32 accumulator cast once), with no float32
+    ``[V, H]`` buffers and, on the CPU, no float32 copies of the gradient's columns."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                  needs: tuple[bool, bool, bool], main_grad: Tensor | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", one_chunk: bool = False):
         need_h, need_w, need_b = needs
         self.weight, self.bias, self.backend = weight, bias, backend
+        # One chunk, 16-bit weight, no main_grad: GEMM 3 straight into the result.
+        self.direct = need_w and one_chunk and main_grad is None \
+            and weight.dtype != torch.float32
+        self.weight_grad: Tensor | None = None
+        need_w = need_w and not self.direct
         # Every token belongs to exactly one chunk: each row is written once, no fill.
         self.hidden = hidden.new_empty(hidden.shape) if need_h else None
         self.hidden_flat = self.hidden.view(-1, hidden.shape[-1]) if need_h else None
@@ -228,6 +238,9 @@ class HeadGradients:
                 self.hidden.index_copy_(0, rows, g_hidden.view(rows.shape[0],
                                                                *self.hidden.shape[1:]))
                 del g_hidden
+        if self.direct:
+            assert self.weight_grad is None, "one_chunk: add is called once"
+            self.weight_grad = torch.mm(grad_logits.t(), hidden_c)
         if self.weight_acc is not None:
             self.weight_acc.add(grad_logits, hidden_c)
         if self.bias_acc is not None:
@@ -239,8 +252,9 @@ class HeadGradients:
         once."""
         if self.hidden is not None:
             all_reduce_hidden_grad(self.hidden, self.backend)
-        return (self.hidden,
-                self.weight_acc.result() if self.weight_acc is not None else None,
+        weight_grad = self.weight_grad if self.direct else (
+            self.weight_acc.result() if self.weight_acc is not None else None)
+        return (self.hidden, weight_grad,
                 self.bias_acc.to(self.bias.dtype) if self.bias_acc is not None else None)
 
 
