@@ -211,6 +211,27 @@ def test_linear_token_logprobs(backend, device, chunk_size):
     assert torch.equal(cheap, logp.detach())
 
 
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_linear_token_logprobs_backward_twice(backend, device, chunk_size):
+    """A second backward (``retain_graph=True``) gives the same gradients: one chunk reads the
+    logits kept from forward (``chunk_size=None``), several chunks recompute them; neither
+    may overwrite what the next backward reads."""
+    p = problem(device=device)
+    h, w, b = (t.clone().requires_grad_() for t in (p["h"], p["w"], p["b"]))
+    logp, ent = rlhf_fast.linear_token_logprobs(h, w, p["targets"], bias=b, temperature=0.8,
+                                                return_entropy=True, chunk_size=chunk_size,
+                                                backend=backend)
+    c = torch.randn(5, 4, generator=torch.Generator().manual_seed(2)).to(device)
+    loss = (logp * c).sum() + 0.5 * ent.sum()
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    loss.backward()
+    for got, exp in zip((h.grad, w.grad, b.grad), first, strict=True):
+        assert torch.equal(got, exp)
+
+
 def test_bad_input():
     p = problem()
     with pytest.raises(ValueError, match=r"weight must be \[V, H\] with H = 16"):
