@@ -32,6 +32,21 @@ def loss_scale(problem, config, loss) -> float:
     return max(abs(loss), float((w * adv.abs()).sum()))
 
 
+def small_op_inputs(batch: int, seq_len: int, n_cols: int, hidden: int) -> dict:
+    """Small inputs for every op, seed 0: logits ``[B, T, V]``, hidden ``[B, T, H]``, weight
+    ``[V, H]``, targets, a mask with at least one valid token, ``[B]`` advantages and
+    ``[B, T]`` log-probs."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(batch, seq_len, generator=g) > 0.3
+    mask[0, 0] = True
+    return dict(logits=torch.randn(batch, seq_len, n_cols, generator=g),
+                hidden=torch.randn(batch, seq_len, hidden, generator=g),
+                weight=torch.randn(n_cols, hidden, generator=g) * 0.5,
+                targets=torch.randint(0, n_cols, (batch, seq_len), generator=g), mask=mask,
+                adv=torch.randn(batch, generator=g),
+                lp=torch.randn(batch, seq_len, generator=g) - 3)
+
+
 def make_problem(batch=3, seq_len=6, n_cols=64, dtype=torch.float32, seed=0, spread=0.3,
                  per_token_adv=False, device="cpu"):
     """logits / targets / mask / advantages, and old / ref / rollout log-probs within

@@ -6,6 +6,7 @@ an entropy or NLL term do get their gradient."""
 import pytest
 import torch
 from numerics import assert_grad_close
+from policy_problems import small_op_inputs
 
 import rlhf_fast
 from rlhf_fast import PolicyLossConfig
@@ -16,14 +17,7 @@ B, T, V, H = 4, 3, 20, 6
 
 @pytest.fixture
 def p():
-    g = torch.Generator().manual_seed(0)
-    mask = torch.rand(B, T, generator=g) > 0.3
-    mask[0, 0] = True
-    return dict(logits=torch.randn(B, T, V, generator=g),
-                hidden=torch.randn(B, T, H, generator=g),
-                weight=torch.randn(V, H, generator=g) * 0.5,
-                targets=torch.randint(0, V, (B, T), generator=g), mask=mask,
-                adv=torch.randn(B, generator=g), lp=torch.randn(B, T, generator=g) - 3)
+    return small_op_inputs(B, T, V, H)
 
 
 def policy(p, **kw):

@@ -7,6 +7,7 @@ that also looks inside the ops' custom ops."""
 
 import pytest
 import torch
+from policy_problems import small_op_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_fast
@@ -43,14 +44,7 @@ B, T, V, H = 4, 3, 24, 8
 
 @pytest.fixture
 def p():
-    g = torch.Generator().manual_seed(0)
-    mask = torch.rand(B, T, generator=g) > 0.3
-    mask[0, 0] = True
-    return dict(logits=torch.randn(B, T, V, generator=g),
-                hidden=torch.randn(B, T, H, generator=g),
-                weight=torch.randn(V, H, generator=g) * 0.5,
-                targets=torch.randint(0, V, (B, T), generator=g), mask=mask,
-                adv=torch.randn(B, generator=g), lp=torch.randn(B, T, generator=g) - 3)
+    return small_op_inputs(B, T, V, H)
 
 
 def _logits_ops(p, x, backend):
