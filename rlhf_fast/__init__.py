@@ -29,6 +29,16 @@ from .ops.linear import linear_policy_loss, linear_token_logprobs
 from .ops.linear_dpo import linear_dpo_loss
 from .ops.policy_loss import PolicyLossOutput, policy_loss
 from .ops.token_logprobs import token_logprobs
+from .policy_config_parts import (
+    AggregationConfig,
+    ClipConfig,
+    CovSelectionConfig,
+    EntropyConfig,
+    KLConfig,
+    RatioConfig,
+    RolloutCorrectionConfig,
+    SoftClipConfig,
+)
 
 __version__ = "0.1.0"
 
@@ -50,9 +60,17 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "PRESETS",
+    "AggregationConfig",
+    "ClipConfig",
+    "CovSelectionConfig",
+    "EntropyConfig",
+    "KLConfig",
     "PolicyLossConfig",
     "PolicyLossOutput",
     "PreferenceLossOutput",
+    "RatioConfig",
+    "RolloutCorrectionConfig",
+    "SoftClipConfig",
     "__version__",
     "dpo_loss",
     "linear_dpo_loss",

@@ -1,6 +1,6 @@
 """Adaptive entropy coefficient (Skywork-OR1; TRL's ``use_adaptive_entropy``).
 
-The coefficient c of the entropy bonus (``PolicyLossConfig.entropy_coef``) moves towards a
+The coefficient c of the entropy bonus (``PolicyLossConfig.entropy.coef``) moves towards a
 target entropy once per optimiser step, on the host:
 
     H = sum of the window's token entropies / their count (all micro-batches of the step)

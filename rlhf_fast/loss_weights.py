@@ -67,17 +67,18 @@ def term_weights(mask: Tensor, entropy_mask: Tensor, config: PolicyLossConfig,
     it is aggregated over the tokens it acts on (``mask * entropy_mask``) alone."""
     c = config
     if policy is None:
-        policy = aggregation_weights(mask, c.aggregation, c.normalizer, c.max_length,
-                                     c.count_empty_sequences, layout)
+        policy = aggregation_weights(mask, c.aggregation.mode, c.aggregation.normalizer,
+                                     c.aggregation.max_length, c.aggregation.count_empty_sequences,
+                                     layout)
     kl = policy
-    if c.kl_aggregation is not None:
-        kl = aggregation_weights(mask, c.kl_aggregation, c.kl_normalizer, c.max_length,
-                                 c.count_empty_sequences, layout)
+    if c.kl.aggregation is not None:
+        kl = aggregation_weights(mask, c.kl.aggregation, c.kl.normalizer, c.aggregation.max_length,
+                                 c.aggregation.count_empty_sequences, layout)
     entropy = policy * entropy_mask
-    if c.entropy_aggregation is not None:
-        entropy = aggregation_weights(mask * entropy_mask, c.entropy_aggregation,
-                                      c.entropy_normalizer, c.max_length,
-                                      c.count_empty_sequences, layout)
+    if c.entropy.aggregation is not None:
+        entropy = aggregation_weights(mask * entropy_mask, c.entropy.aggregation,
+                                      c.entropy.normalizer, c.aggregation.max_length,
+                                      c.aggregation.count_empty_sequences, layout)
     return policy, kl, entropy
 
 
@@ -85,11 +86,11 @@ def sequence_count(mask: Tensor, config: PolicyLossConfig,
                    layout: Layout | None = None) -> Tensor:
     """Denominator of per-sequence losses (GMPO): ``normalizer``, or the non-empty sequences
     (all B, or S packed, with ``count_empty_sequences``)."""
-    if config.normalizer is not None:
+    if config.aggregation.normalizer is not None:
         # A fill on the device: torch.tensor(...) would copy from the host and synchronise.
-        return torch.full((), config.normalizer, dtype=mask.dtype, device=mask.device)
+        return torch.full((), config.aggregation.normalizer, dtype=mask.dtype, device=mask.device)
     layout = _layout(layout, mask)
-    if config.count_empty_sequences:
+    if config.aggregation.count_empty_sequences:
         return torch.full((), max(layout.num_sequences, 1), dtype=mask.dtype,
                           device=mask.device)
     return (layout.seq_sum(mask) > 0).sum().clamp(min=1).to(mask.dtype)
@@ -145,8 +146,8 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float | None,
 
 def _rollout_log_weights(old: Tensor, rollout: Tensor, config: PolicyLossConfig) -> Tensor:
     log_w = old - rollout.to(old.dtype)
-    if config.log_ratio_clamp is not None:
-        log_w = log_w.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.ratio.log_clamp is not None:
+        log_w = log_w.clamp(-config.ratio.log_clamp, config.ratio.log_clamp)
     return log_w
 
 
@@ -155,7 +156,7 @@ def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
     """Importance weights against the inference engine (1 when off): truncated or masked
     to [rollout_floor, rollout_cap], per token or per sequence, or token weights gated by the
     sequence's geometric mean; optionally divided by their batch mean."""
-    mode = config.rollout_correction
+    mode = config.rollout.mode
     if mode is None or rollout is None:
         return torch.ones_like(old)
     layout = _layout(layout, mask)
@@ -166,14 +167,14 @@ def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
     if per_sequence:
         log_w = sequence_log_w.expand_as(old)
     w = torch.exp(log_w)
-    cap, floor = config.rollout_cap, config.rollout_floor
+    cap, floor = config.rollout.cap, config.rollout.floor
     if mode == "sequence_gate":
         lengths = layout.per_token(layout.seq_sum(mask))
         gate = torch.exp(sequence_log_w / lengths.clamp(min=1))
         w = torch.where(_in_band(gate, floor, cap), w, torch.zeros_like(w))
     else:
         w = _bounded(w, mode, floor, cap)
-    if config.rollout_normalize:
+    if config.rollout.normalize:
         if per_sequence:  # one unit per sequence (its weight), the non-empty ones counted
             units = _bounded(torch.exp(seq_log_w), mode, floor, cap)
             counted = (layout.seq_sum(mask) > 0).to(w.dtype)
@@ -213,7 +214,7 @@ def dppo_keep(logp: Tensor, old: Tensor, advantages: Tensor, config: PolicyLossC
     """DPPO's trust-region mask (1 inside, 0 outside) on the probabilities p = exp(logp),
     p_old = exp(old): total variation p - p_old, or the binary KL of (p_old, p)."""
     p, p_old = torch.exp(logp), torch.exp(old)
-    high, low = config.clip_eps_high, config.clip_eps_low
+    high, low = config.clip.eps_high, config.clip.eps_low
     if config.objective == "dppo_tv":
         keep_pos, keep_neg = p - p_old <= high, p - p_old >= -low
     else:
@@ -232,18 +233,19 @@ def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, is_weight
     low, high = VESPO_LOG_W_BOUNDS
     layout = _layout(layout, mask)
     log_w = layout.seq_sum(log_ratio * mask)                         # [B] / [S]
-    if config.rollout_correction is not None:
+    if config.rollout.mode is not None:
         log_rho = torch.log(is_weight).clamp(low, high)
-        if config.rollout_correction in ("sequence_truncate", "sequence_mask"):
+        if config.rollout.mode in ("sequence_truncate", "sequence_mask"):
             log_w = log_w + layout.first(log_rho)
         else:
             log_w = log_w + layout.seq_sum(log_rho * mask)
     log_w = layout.per_token(log_w)
     log_w = log_w.clamp(low, high)
     nonneg = advantages >= 0
-    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)
-    lam = torch.where(nonneg, config.vespo_lambda_pos,
-                      config.vespo_lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    soft = config.soft_clip
+    k = torch.where(nonneg, soft.vespo_k_pos, soft.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, config.soft_clip.vespo_lambda_pos,
+                      config.soft_clip.vespo_lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return torch.where(torch.isfinite(phi), phi, torch.zeros_like(phi))
 
@@ -261,9 +263,9 @@ def covariance_selection(advantages: Tensor, logp: Tensor, mask: Tensor, eligibl
     mean_adv = (advantages * mask).sum() / denom
     mean_logp = (logp * mask).sum() / denom
     cov = (advantages - mean_adv) * (logp - mean_logp)
-    k = (count.double() * config.cov_ratio).floor().clamp(min=1)
-    if config.cov_selection == "clip_cov":
-        pool = valid & eligible & (cov > config.cov_lower) & (cov < config.cov_upper)
+    k = (count.double() * config.cov.ratio).floor().clamp(min=1)
+    if config.cov.mode == "clip_cov":
+        pool = valid & eligible & (cov > config.cov.lower) & (cov < config.cov.upper)
         priority = torch.rand(logp.shape, dtype=torch.float32, device=logp.device)
         key = torch.where(pool, priority, 2.0)
     else:

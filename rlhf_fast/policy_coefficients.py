@@ -61,27 +61,28 @@ def _min_grads(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ppo_clip(ratio: Tensor, adv: Tensor, c: PolicyLossConfig) -> tuple[Tensor, Tensor]:
     """Per-token loss -min(r'A, clip(r)A) (dual-capped) and its derivative in r."""
-    hi = 1.0 + c.clip_eps_high
+    hi = 1.0 + c.clip.eps_high
     upper = ratio > hi
     clipped = torch.where(upper, hi, ratio)
     # d clip(r) / d r: 1 inside; (1+eps)/r with the stop-gradient bound (value hi = hi*r/sg r).
-    d_clipped = torch.where(upper, hi / ratio if c.clip_gradient != "zero" else 0.0, 1.0)
-    if c.clip_eps_low is not None:
-        lo = 1.0 - c.clip_eps_low
+    d_clipped = torch.where(upper, hi / ratio if c.clip.gradient != "zero" else 0.0, 1.0)
+    if c.clip.eps_low is not None:
+        lo = 1.0 - c.clip.eps_low
         lower = ratio < lo
         clipped = torch.where(lower, lo, clipped)
-        d_lower = lo / ratio if c.clip_gradient == "keep_both" else 0.0
+        d_lower = lo / ratio if c.clip.gradient == "keep_both" else 0.0
         d_clipped = torch.where(lower, d_lower, d_clipped)
-    if c.delta is not None:
-        unclipped, d_unclipped = ratio.clamp(max=c.delta), (ratio <= c.delta).to(ratio.dtype)
+    if c.clip.delta is not None:
+        delta = c.clip.delta
+        unclipped, d_unclipped = ratio.clamp(max=delta), (ratio <= delta).to(ratio.dtype)
     else:
         unclipped, d_unclipped = ratio, torch.ones_like(ratio)
     s1, s2 = unclipped * adv, clipped * adv
     to_s1, to_s2 = _min_grads(s1, s2)
     loss = -torch.minimum(s1, s2)
     d_loss = -(to_s1 * d_unclipped + to_s2 * d_clipped) * adv
-    if c.dual_clip_c is not None:
-        cap = -c.dual_clip_c * adv
+    if c.clip.dual_c is not None:
+        cap = -c.clip.dual_c * adv
         to_loss, _ = _min_grads(loss, cap)
         negative = adv < 0
         d_loss = torch.where(negative, to_loss * d_loss, d_loss)
@@ -94,7 +95,8 @@ def _token_objective(ratio: Tensor, adv: Tensor, c: PolicyLossConfig) -> tuple[T
     if c.objective == "pg":
         return -ratio * adv, -adv
     if c.objective == "sapo":
-        tau = torch.where(adv > 0, c.sapo_tau_pos, c.sapo_tau_neg).to(ratio.dtype)
+        soft = c.soft_clip
+        tau = torch.where(adv > 0, soft.sapo_tau_pos, soft.sapo_tau_neg).to(ratio.dtype)
         gate = torch.sigmoid(tau * (ratio - 1.0))
         return -(4.0 / tau) * gate * adv, -4.0 * gate * (1.0 - gate) * adv
     return _ppo_clip(ratio, adv, c)
@@ -104,7 +106,7 @@ def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
         c: PolicyLossConfig) -> tuple[Tensor, Tensor] | None:
     """Per-token KL estimate and the derivative in logp that the loss uses (the estimator's,
     or k2's for the straight-through ``kl_gradient``); None without a KL term."""
-    if c.kl_reference == "ref":
+    if c.kl.reference == "ref":
         if ref is None:
             return None
         log_x, d_log_x = ref - logp, -1.0
@@ -112,22 +114,22 @@ def _kl(logp: Tensor, old: Tensor, ref: Tensor | None,
         log_x, d_log_x = logp - old, 1.0
     raw = log_x
     d_clamp = torch.ones_like(log_x)
-    if c.kl_clamp is not None:
-        log_x, d_clamp = _clamped(log_x, c.log_ratio_clamp)
-    if c.kl_estimator == "k1":
+    if c.kl.clamp is not None:
+        log_x, d_clamp = _clamped(log_x, c.ratio.log_clamp)
+    if c.kl.estimator == "k1":
         k, dk = -log_x, -torch.ones_like(log_x)
-    elif c.kl_estimator == "k2":
+    elif c.kl.estimator == "k2":
         k, dk = 0.5 * log_x * log_x, log_x
-    elif c.kl_estimator == "abs":
+    elif c.kl.estimator == "abs":
         k, dk = log_x.abs(), torch.sign(log_x)
     else:
         k, dk = torch.exp(log_x) - 1.0 - log_x, torch.exp(log_x) - 1.0
-    if c.kl_clamp is not None:
-        k, d_value = _clamped(k, c.kl_clamp)
+    if c.kl.clamp is not None:
+        k, d_value = _clamped(k, c.kl.clamp)
         dk = dk * d_value
-    if c.kl_gradient == "k2":
+    if c.kl.gradient == "k2":
         return k, raw * d_log_x
-    if c.kl_gradient == "k2_weighted":
+    if c.kl.gradient == "k2_weighted":
         weight = torch.exp(logp - old).clamp(max=KL_WEIGHT_CAP)
         return k, weight * raw * d_log_x
     return k, dk * d_clamp * d_log_x
@@ -164,12 +166,12 @@ def policy_coefficients(
     adv = layout.per_token(adv).expand_as(logp) if adv.dim() == 1 else adv
     old = logp if old_logprobs is None else old_logprobs.to(f32)
     rollout = rollout_logprobs.to(f32) if rollout_logprobs is not None else None
-    if entropy_stats is None and (c.entropy_advantage_alpha is not None
-                                  or c.top_entropy_quantile is not None):
-        entropy_stats = entropy_statistics(entropy, m, c.top_entropy_quantile)
-    if c.entropy_advantage_alpha is not None:
-        adv = entropy_advantage(adv, entropy, m, c.entropy_advantage_alpha, entropy_stats)
-    entropy_mask = top_entropy_mask(entropy, m, c.top_entropy_quantile, entropy_stats)
+    if entropy_stats is None and (c.entropy.advantage_alpha is not None
+                                  or c.entropy.top_quantile is not None):
+        entropy_stats = entropy_statistics(entropy, m, c.entropy.top_quantile)
+    if c.entropy.advantage_alpha is not None:
+        adv = entropy_advantage(adv, entropy, m, c.entropy.advantage_alpha, entropy_stats)
+    entropy_mask = top_entropy_mask(entropy, m, c.entropy.top_quantile, entropy_stats)
     is_weight = rollout_weight if rollout_weight is not None \
         else rollout_weights(old, rollout, m, c, layout)
     # ``weights`` (the policy term's) from the whole batch; the KL and entropy terms' own
@@ -178,7 +180,7 @@ def policy_coefficients(
     # needs_whole_batch).
     weights, kl_weights, entropy_weights = term_weights(m, entropy_mask, c, layout, weights)
     policy_weights = weights * entropy_mask * off_policy_mask(
-        adv, logp, rollout if rollout is not None else old, m, c.off_policy_mask_threshold,
+        adv, logp, rollout if rollout is not None else old, m, c.rollout.off_policy_mask_threshold,
         layout)
     if c.objective != "vespo":  # VESPO folds the rollout weight into its gamma weight
         policy_weights = policy_weights * is_weight
@@ -186,8 +188,8 @@ def policy_coefficients(
     seq_lengths = layout.seq_sum(m)                       # [B] / [S]
     seq_safe_lengths = seq_lengths.clamp(min=1)
     safe_lengths = layout.per_token(seq_safe_lengths)
-    log_ratio, d_log_ratio = _clamped(logp - old, c.log_ratio_clamp)
-    if c.ratio_level == "token":
+    log_ratio, d_log_ratio = _clamped(logp - old, c.ratio.log_clamp)
+    if c.ratio.level == "token":
         ratio = torch.exp(log_ratio)
     else:
         log_s = layout.per_token(layout.seq_sum(log_ratio * m)) / safe_lengths
@@ -196,8 +198,8 @@ def policy_coefficients(
     if c.objective == "gmpo":
         # Sign-aware log-space clip: the pessimistic side of each token's log-ratio is capped.
         sign = torch.sign(adv)
-        low = c.gmpo_clip
-        high = c.gmpo_clip_high if c.gmpo_clip_high is not None else c.gmpo_clip
+        low = c.clip.gmpo
+        high = c.clip.gmpo_high if c.clip.gmpo_high is not None else c.clip.gmpo
         log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-low, high))
         kept = ((sign > 0) & (log_ratio <= high)) | ((sign < 0) & (log_ratio >= -low))
         seq_ratio = torch.exp(layout.seq_sum(log_ratio_c * m) / seq_safe_lengths)
@@ -211,26 +213,26 @@ def policy_coefficients(
     elif c.objective in ("cispo", "dppo_tv", "dppo_kl", "vespo"):
         # -sg(w) * A * logp: the gradient is -w * A, with a detached per-token weight w.
         if c.objective == "cispo":
-            w = ratio.clamp(max=1.0 + c.clip_eps_high)
-            if c.clip_eps_low is not None:
-                w = w.clamp(min=1.0 - c.clip_eps_low)
+            w = ratio.clamp(max=1.0 + c.clip.eps_high)
+            if c.clip.eps_low is not None:
+                w = w.clamp(min=1.0 - c.clip.eps_low)
         elif c.objective == "vespo":
             w = vespo_weights(log_ratio, adv, m, is_weight, c, layout)
         else:
-            w = ratio.clamp(max=c.dppo_ratio_cap) * dppo_keep(logp, old, adv, c)
+            w = ratio.clamp(max=c.clip.dppo_ratio_cap) * dppo_keep(logp, old, adv, c)
         pg_loss = (policy_weights * -w * adv * logp).double().sum()
         c_logp = policy_weights * -w * adv
     else:
         per_token, d_ratio = _token_objective(ratio, adv, c)
         d_cov = None
-        if c.cov_selection is not None:
+        if c.cov.mode is not None:
             per_token, d_ratio, d_cov = _covariance_terms(per_token, d_ratio, ratio, log_ratio,
                                                           d_log_ratio, adv, logp, m, c)
         pg_loss = (policy_weights * per_token).double().sum()
         g_ratio = policy_weights * d_ratio  # dL / d ratio_t
-        if c.ratio_level == "token":
+        if c.ratio.level == "token":
             c_logp = g_ratio * ratio * d_log_ratio
-        elif c.ratio_level == "sequence_token":
+        elif c.ratio.level == "sequence_token":
             c_logp = g_ratio * ratio     # log r_t = sg(log s) + logp_t - sg(logp_t)
         else:
             # s_i = exp(mean_t m log r_t): every token of sequence i gets sum_u dL/ds_i.
@@ -241,25 +243,25 @@ def policy_coefficients(
 
     loss = pg_loss
     kl = _kl(logp, old, ref_logprobs.to(f32) if ref_logprobs is not None else None, c)
-    if kl is not None and c.kl_coef != 0:
+    if kl is not None and c.kl.coef != 0:
         value, d_value = kl
-        if c.kl_ratio_weighted:
+        if c.kl.ratio_weighted:
             weighted = kl_weights * value
-            if c.ratio_level == "token":
+            if c.ratio.level == "token":
                 d_ratio_kl = weighted * ratio * d_log_ratio
-            elif c.ratio_level == "sequence_token":
+            elif c.ratio.level == "sequence_token":
                 d_ratio_kl = weighted * ratio
             else:  # the sequence ratio s_i multiplies every token's estimate of sequence i
                 d_ratio_kl = layout.per_token(layout.seq_sum(weighted)) * ratio * m \
                     * d_log_ratio / safe_lengths
             value, d_value = value * ratio, d_value * ratio
-            c_logp = c_logp + c.kl_coef * d_ratio_kl
-        loss = loss + c.kl_coef * (kl_weights * value).double().sum()
-        c_logp = c_logp + c.kl_coef * kl_weights * d_value
+            c_logp = c_logp + c.kl.coef * d_ratio_kl
+        loss = loss + c.kl.coef * (kl_weights * value).double().sum()
+        c_logp = c_logp + c.kl.coef * kl_weights * d_value
     c_entropy = None
-    if c.entropy_coef != 0:
-        loss = loss - c.entropy_coef * (entropy_weights * entropy).double().sum()
-        c_entropy = -c.entropy_coef * entropy_weights
+    if c.entropy.coef != 0:
+        loss = loss - c.entropy.coef * (entropy_weights * entropy).double().sum()
+        c_entropy = -c.entropy.coef * entropy_weights
 
     metrics = _metrics(ratio, adv, m, kl[0] if kl is not None else None, entropy, c)
     return Coefficients(loss.to(f32), c_logp.contiguous(), c_entropy, metrics)
@@ -271,15 +273,15 @@ def _covariance_terms(per_token: Tensor, d_ratio: Tensor, ratio: Tensor, log_rat
     """Clip-Cov / KL-Cov on a token-level objective: (per-token loss, its derivative in the
     ratio, the extra derivative in logp). Clip-Cov zeroes the selected tokens; KL-Cov adds
     cov_kl_coef * |log r| to them (derivative cov_kl_coef * sign(log r) through the clamp)."""
-    if c.cov_selection == "clip_cov":
-        clipped = ratio.clamp(max=1.0 + c.clip_eps_high)
-        if c.clip_eps_low is not None:
-            clipped = clipped.clamp(min=1.0 - c.clip_eps_low)
+    if c.cov.mode == "clip_cov":
+        clipped = ratio.clamp(max=1.0 + c.clip.eps_high)
+        if c.clip.eps_low is not None:
+            clipped = clipped.clamp(min=1.0 - c.clip.eps_low)
         eligible = -adv * clipped <= -adv * ratio       # not clipped by PPO
         keep = 1.0 - covariance_selection(adv, logp, m, eligible, c)
         return per_token * keep, d_ratio * keep, torch.zeros_like(per_token)
     selected = covariance_selection(adv, logp, m, torch.ones_like(m, dtype=torch.bool), c)
-    penalty = c.cov_kl_coef * selected
+    penalty = c.cov.kl_coef * selected
     return (per_token + penalty * log_ratio.abs(), d_ratio,
             penalty * torch.sign(log_ratio) * d_log_ratio)
 
@@ -297,16 +299,16 @@ def _metrics(ratio: Tensor, adv: Tensor, m: Tensor, kl: Tensor | None, entropy: 
     def frac(x: Tensor) -> Tensor:
         return (x & valid).sum() / denom
 
-    hi = 1.0 + c.clip_eps_high
-    lo = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else -float("inf")
+    hi = 1.0 + c.clip.eps_high
+    lo = 1.0 - c.clip.eps_low if c.clip.eps_low is not None else -float("inf")
     if c.objective == "ppo_clip":
         clip_high, clip_low = frac((adv > 0) & (ratio > hi)), frac((adv < 0) & (ratio < lo))
     elif c.objective == "cispo":
         clip_high, clip_low = frac(ratio > hi), frac(ratio < lo)
     else:
         clip_high = clip_low = zero
-    if c.objective == "ppo_clip" and c.dual_clip_c is not None:
-        clip_dual = frac((adv < 0) & (ratio > c.dual_clip_c))
+    if c.objective == "ppo_clip" and c.clip.dual_c is not None:
+        clip_dual = frac((adv < 0) & (ratio > c.clip.dual_c))
     else:
         clip_dual = zero
     big = torch.finfo(torch.float32).max

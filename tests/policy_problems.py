@@ -26,8 +26,8 @@ def loss_scale(problem, config, loss) -> float:
     adv = problem["advantages"].double()
     if m.dim() == 1:  # flattened: one sequence of per-token advantages
         m, adv = m.unsqueeze(0), adv.unsqueeze(0)
-    w = aggregation_weights(m, config.aggregation, config.normalizer, config.max_length,
-                            config.count_empty_sequences)
+    agg = config.aggregation
+    w = aggregation_weights(m, agg.mode, agg.normalizer, agg.max_length, agg.count_empty_sequences)
     adv = adv.unsqueeze(-1).expand_as(m) if adv.dim() == 1 else adv
     return max(abs(loss), float((w * adv.abs()).sum()))
 
@@ -74,10 +74,10 @@ def policy_inputs(problem, config, *, use_old=True, use_rollout=True):
     """The per-token side inputs ``config`` reads. The op refuses inputs the config would
     ignore: a reference with a KL to the old policy, rollout log-probs without rollout
     correction or off-policy sequence mask."""
-    reads_rollout = (config.rollout_correction is not None
-                     or config.off_policy_mask_threshold is not None)
+    reads_rollout = (config.rollout.mode is not None
+                     or config.rollout.off_policy_mask_threshold is not None)
     return dict(old_logprobs=problem["old_logprobs"] if use_old else None,
-                ref_logprobs=problem["ref_logprobs"] if config.kl_reference == "ref" else None,
+                ref_logprobs=problem["ref_logprobs"] if config.kl.reference == "ref" else None,
                 rollout_logprobs=problem["rollout_logprobs"]
                 if use_rollout and reads_rollout else None)
 

@@ -81,7 +81,7 @@ def test_matches_float64_reference(backend, device, name, chunking):
     T = 4 (token-level losses: one pass; the others: pre-pass); the default (one chunk)."""
     p = problem(device=device, seed=len(name))
     config = CONFIGS[name]
-    if config.rollout_correction is not None:
+    if config.rollout.mode is not None:
         config = config.replace(rollout_correction=None)  # rollout tested below
     out, grads = run_linear(p, config, backend, **chunking)
     loss, ref_grads, metrics = run_reference(p, config)

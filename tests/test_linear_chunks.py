@@ -87,7 +87,7 @@ def _linear_policy(p, config, backend, lengths=None, per_token_adv=False, **kwar
     out = rlhf_fast.linear_policy_loss(
         leaves[0], leaves[1], side(p["targets"]), side(adv) if per_token_adv else adv,
         side(p["mask"]), bias=leaves[2], old_logprobs=side(p["old"]),
-        ref_logprobs=side(p["ref"]) if config.kl_reference == "ref" and config.kl_coef
+        ref_logprobs=side(p["ref"]) if config.kl.reference == "ref" and config.kl.coef
         else None, config=config, backend=backend,
         cu_seqlens=cu_seqlens(lengths) if lengths is not None else None, **kwargs)
     (out.loss * 1.3).backward()
@@ -377,8 +377,8 @@ def test_peers_settings_chunked_and_packed(name):
     rollout = p["old"] + 0.3 * torch.randn(p["old"].shape,
                                            generator=torch.Generator().manual_seed(3))
     config = PEERS_CONFIGS[name]
-    uses_rollout = config.rollout_correction is not None \
-        or config.off_policy_mask_threshold is not None
+    uses_rollout = config.rollout.mode is not None \
+        or config.rollout.off_policy_mask_threshold is not None
     padded_rollout = dict(rollout_logprobs=rollout) if uses_rollout else {}
     packed_rollout = dict(rollout_logprobs=pack(rollout, lengths)) if uses_rollout else {}
     whole, whole_grads = _linear_policy(p, config, "torch", **padded_rollout)

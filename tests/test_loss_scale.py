@@ -107,7 +107,7 @@ def test_linear_policy_loss(backend, device, name):
     """The batch's token / sequence count, kept on the device, scales every chunk."""
     config = LINEAR_CONFIGS[name]
     p = _head(device)
-    ref = p["ref"] if config.kl_coef != 0 else None
+    ref = p["ref"] if config.kl.coef != 0 else None
     for scale, grad_output in CASES:
         leaves = [p[k].clone().requires_grad_() for k in ("h", "w", "b")]
         out = rlhf_fast.linear_policy_loss(

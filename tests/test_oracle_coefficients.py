@@ -58,7 +58,7 @@ def compare(config, *, advantages=ADV_TOKEN, on_policy=False, valid=VALID, with_
     entropy = ENTROPY.clone().requires_grad_()
     loss, metrics = policy_loss_from_logprobs(
         logp, entropy, valid, advantages, old_logprobs=old, ref_logprobs=ref,
-        rollout_logprobs=rollout if config.rollout_correction else None, config=config)
+        rollout_logprobs=rollout if config.rollout.mode else None, config=config)
     g_logp, g_entropy = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
     g_logp = g_logp if g_logp is not None else torch.zeros_like(LOGP)
     g_entropy = g_entropy if g_entropy is not None else torch.zeros_like(ENTROPY)
@@ -209,7 +209,7 @@ def test_rows_with_the_batch_entropy_statistics_equal_the_whole_batch(name):
     args = [t.float() for t in (LOGP, ENTROPY)]
     whole = policy_coefficients(*args, VALID, ADV_TOKEN.float(), old.float(), ref.float(),
                                 rollout.float(), config)
-    stats = entropy_statistics(ENTROPY.float(), VALID.float(), config.top_entropy_quantile)
+    stats = entropy_statistics(ENTROPY.float(), VALID.float(), config.entropy.top_quantile)
     rows = slice(1, 2)
     part = policy_coefficients(args[0][rows], args[1][rows], VALID[rows],
                                ADV_TOKEN.float()[rows], old.float()[rows], ref.float()[rows],

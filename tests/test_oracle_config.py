@@ -21,7 +21,7 @@ from rlhf_fast import PRESETS, PolicyLossConfig
     ("rollout_correction", "sequence_mask"),
 ])
 def test_accepted_at_the_bound(field, value):
-    assert getattr(PolicyLossConfig(**{field: value}), field) == value
+    assert PolicyLossConfig(**{field: value}).flat()[field] == value
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -131,7 +131,7 @@ DEFAULTS = dict(objective="ppo_clip", ratio_level="token", clip_eps_low=0.2,
 
 def test_defaults():
     config = PolicyLossConfig()
-    assert {k: getattr(config, k) for k in DEFAULTS} == DEFAULTS
+    assert {k: config.flat()[k] for k in DEFAULTS} == DEFAULTS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -139,11 +139,11 @@ def test_presets_carry_the_published_values(name):
     assert set(PRESETS) == set(PUBLISHED)
     config = PolicyLossConfig.preset(name)
     expected = {**DEFAULTS, **PUBLISHED[name]}
-    assert {k: getattr(config, k) for k in DEFAULTS} == expected
+    assert {k: config.flat()[k] for k in DEFAULTS} == expected
 
 
 def test_preset_overrides_and_unknown_names():
-    assert PolicyLossConfig.preset("dapo", clip_eps_high=0.3).clip_eps_high == 0.3
+    assert PolicyLossConfig.preset("dapo", clip_eps_high=0.3).clip.eps_high == 0.3
     assert PolicyLossConfig.preset("dapo").replace() == PRESETS["dapo"]
     with pytest.raises(ValueError, match="unknown preset 'x'"):
         PolicyLossConfig.preset("x")

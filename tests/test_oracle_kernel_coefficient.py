@@ -41,7 +41,7 @@ def coefficient_kernel(
 
 
 TOKEN_LEVEL = [name for name, fields in CONFIGS.items()
-               if PolicyLossConfig(**fields).ratio_level == "token"
+               if PolicyLossConfig(**fields).ratio.level == "token"
                and PolicyLossConfig(**fields).objective != "gmpo"
                and not PolicyLossConfig(**fields).needs_batch_statistics]
 
@@ -74,20 +74,21 @@ def run(c, on_policy, with_ref=True):
                                None if on_policy else old, ref if with_ref else None,
                                rollout, c)
     m = valid.float()
-    weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
+    weight = aggregation_weights(m, c.aggregation.mode, c.aggregation.normalizer,
+                                 c.aggregation.max_length)
     policy_weight = weight * rollout_weights(old, rollout, m, c)
     out = torch.empty(logp.numel())
     kl_mode = _kl_mode(c, ref if with_ref else None)
     coefficient_kernel[(1,)](
         logp.flatten(), adv.flatten(), old.flatten(), ref.flatten(), weight.flatten(),
         policy_weight.flatten().contiguous(), out, logp.numel(),
-        c.clip_eps_low or 0.0, c.clip_eps_high, c.dual_clip_c or 0.0, c.delta or 0.0,
-        c.log_ratio_clamp or 0.0, c.kl_coef, c.kl_clamp or 0.0, c.sapo_tau_pos,
-        c.sapo_tau_neg, BLOCK=32, OBJECTIVE=OBJECTIVE_CODES[c.objective],
-        CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip_gradient],
-        HAS_LOW=c.clip_eps_low is not None, HAS_DUAL=c.dual_clip_c is not None,
-        HAS_DELTA=c.delta is not None, HAS_CLAMP=c.log_ratio_clamp is not None,
-        KL_MODE=kl_mode, KL_FROM_OLD=c.kl_reference == "old",
-        HAS_KL_CLAMP=c.kl_clamp is not None)
+        c.clip.eps_low or 0.0, c.clip.eps_high, c.clip.dual_c or 0.0, c.clip.delta or 0.0,
+        c.ratio.log_clamp or 0.0, c.kl.coef, c.kl.clamp or 0.0, c.soft_clip.sapo_tau_pos,
+        c.soft_clip.sapo_tau_neg, BLOCK=32, OBJECTIVE=OBJECTIVE_CODES[c.objective],
+        CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip.gradient],
+        HAS_LOW=c.clip.eps_low is not None, HAS_DUAL=c.clip.dual_c is not None,
+        HAS_DELTA=c.clip.delta is not None, HAS_CLAMP=c.ratio.log_clamp is not None,
+        KL_MODE=kl_mode, KL_FROM_OLD=c.kl.reference == "old",
+        HAS_KL_CLAMP=c.kl.clamp is not None)
     assert torch.allclose(out.view_as(logp), host.c_logp, rtol=1e-6, atol=1e-8), \
         (out.view_as(logp), host.c_logp)

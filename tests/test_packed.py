@@ -51,7 +51,7 @@ def policy_problem(dtype, seed=0, per_token_adv=False):
 
 
 def _run_policy(p, config, backend, lengths=None):
-    name_on_policy = config.rollout_correction == "sequence_mask"
+    name_on_policy = config.rollout.mode == "sequence_mask"
     logits = p["logits"] if lengths is None else pack(p["logits"], lengths)
     x = logits.clone().requires_grad_()
 
@@ -62,8 +62,8 @@ def _run_policy(p, config, backend, lengths=None):
     out = rlhf_fast.policy_loss(
         x, side(p["targets"]), adv, side(p["mask"]),
         old_logprobs=None if name_on_policy else side(p["old"]),
-        ref_logprobs=side(p["ref"]) if config.kl_reference == "ref" and config.kl_coef else None,
-        rollout_logprobs=side(p["rollout"]) if config.rollout_correction else None,
+        ref_logprobs=side(p["ref"]) if config.kl.reference == "ref" and config.kl.coef else None,
+        rollout_logprobs=side(p["rollout"]) if config.rollout.mode else None,
         config=config, backend=backend,
         cu_seqlens=cu_seqlens(lengths) if lengths is not None else None)
     (out.loss * 0.7).backward()
@@ -90,13 +90,13 @@ def test_policy_loss_packed_equals_padded(name, dtype, backend):
            rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
     # Against the float64 reference on the padded sequences.
     xr = p["logits"].double().requires_grad_()
-    on_policy = config.rollout_correction == "sequence_mask"
+    on_policy = config.rollout.mode == "sequence_mask"
     loss, _, _, _ = reference.policy_loss(
         xr, p["targets"], p["adv"].double(), p["mask"],
         old_logprobs=None if on_policy else p["old"].double(),
-        ref_logprobs=p["ref"].double() if config.kl_reference == "ref" and config.kl_coef
+        ref_logprobs=p["ref"].double() if config.kl.reference == "ref" and config.kl.coef
         else None,
-        rollout_logprobs=p["rollout"].double() if config.rollout_correction else None,
+        rollout_logprobs=p["rollout"].double() if config.rollout.mode else None,
         config=config)
     (loss * 0.7).backward()
     scale = loss_scale({"mask": p["mask"], "advantages": p["adv"]}, config, loss.item())

@@ -163,8 +163,8 @@ def actor(**fields):
 def test_verl_dppo(name):
     p = problem()
     c = PolicyLossConfig(**CASES[name])
-    verl_config = actor(clip_ratio=0.2, clip_ratio_low=c.clip_eps_low,
-                        clip_ratio_high=c.clip_eps_high, clip_ratio_c=c.dppo_ratio_cap)
+    verl_config = actor(clip_ratio=0.2, clip_ratio_low=c.clip.eps_low,
+                        clip_ratio_high=c.clip.eps_high, clip_ratio_c=c.clip.dppo_ratio_cap)
     fn = verl_core.get_policy_loss_fn(name)
 
     def peer(logp):

@@ -239,7 +239,9 @@ class TestBadInput:
             rlhf_fast.policy_loss(*self.args, config="ppo2")
 
     def test_unknown_field(self):
-        with pytest.raises(TypeError, match=r"unknown PolicyLossConfig field\(s\) \['clip'\]"):
+        with pytest.raises(TypeError, match=r"unknown PolicyLossConfig field\(s\) \['eps'\]"):
+            rlhf_fast.policy_loss(*self.args, eps=0.2)
+        with pytest.raises(TypeError, match="clip must be a ClipConfig or a mapping"):
             rlhf_fast.policy_loss(*self.args, clip=0.2)
 
     @pytest.mark.parametrize(("field", "value", "message"), [

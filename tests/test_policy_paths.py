@@ -28,15 +28,15 @@ def run(problem, config, fused, monkeypatch):
     out = rlhf_fast.policy_loss(x, problem["targets"], problem["advantages"], problem["mask"],
                                 old_logprobs=problem["old_logprobs"],
                                 ref_logprobs=problem["ref_logprobs"]
-                                if config.kl_reference == "ref" else None,
+                                if config.kl.reference == "ref" else None,
                                 rollout_logprobs=problem["rollout_logprobs"]
-                                if config.rollout_correction is not None else None,
+                                if config.rollout.mode is not None else None,
                                 config=config, backend="triton")
     out.loss.backward()
     return out, x.grad
 
 
-@pytest.mark.parametrize("config", TOKEN_LEVEL, ids=lambda c: c.objective + "-" + c.clip_gradient)
+@pytest.mark.parametrize("config", TOKEN_LEVEL, ids=lambda c: c.objective + "-" + c.clip.gradient)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_two_pass(config, dtype, device, monkeypatch):
     problem = make_problem(dtype=dtype, device=device, spread=0.4, per_token_adv=True)

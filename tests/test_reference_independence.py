@@ -10,7 +10,8 @@ from pathlib import Path
 import rlhf_fast
 
 REFERENCE = Path(rlhf_fast.__file__).parent / "reference"
-ALLOWED = {"rlhf_fast", "rlhf_fast.config", "rlhf_fast.preference_config",
+ALLOWED = {"rlhf_fast", "rlhf_fast.config", "rlhf_fast.policy_config_parts",
+           "rlhf_fast.preference_config",
            "rlhf_fast.reference"}
 """Implementation modules the reference may load: the package itself (its ``__init__`` runs
 on any import of a submodule) and the config dataclasses."""

@@ -418,7 +418,7 @@ def test_loss_config_follows_the_sampling_and_the_budget():
     trainer = make_trainer("dr_grpo", model, tok, PROMPTS, TASK.reward_functions,
                            config=small_config("dr_grpo", temperature=0.7))
     assert trainer.loss_config.temperature == 0.7
-    assert trainer.loss_config.max_length == TASK.max_new_tokens
+    assert trainer.loss_config.aggregation.max_length == TASK.max_new_tokens
     assert trainer.reference is None                 # no KL term: no reference model
     grpo = make_trainer("grpo", *fresh_model(), PROMPTS, TASK.reward_functions,
                         config=small_config("grpo"))

@@ -172,8 +172,8 @@ def test_a_few_steps_with_tools_raise_the_task_reward(name):
         # Pre-monitoring set each prompt's global samples from its monitoring rollout.
         expected = [global_samples(8, root, tool) for root, tool in trainer.monitor_entropies]
         assert trainer.last_tree.initial == expected
-        assert trainer.loss_config.entropy_advantage_alpha == 0.2
-        assert trainer.loss_config.clip_gradient == "keep_high"
+        assert trainer.loss_config.entropy.advantage_alpha == 0.2
+        assert trainer.loss_config.clip.gradient == "keep_high"
     else:
         assert trainer.last_tree.initial == [4] * 4
 

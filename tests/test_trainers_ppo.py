@@ -86,7 +86,7 @@ def reference_loss(trainer, batch):
     hidden = states(model.model)
     logits = model.lm_head(hidden).double()                                 # [B, T, V]
     config = trainer.loss_config_for(batch).replace(normalizer=None)
-    ref = batch.ref_logprobs.double() if config.kl_reference == "ref" else None
+    ref = batch.ref_logprobs.double() if config.kl.reference == "ref" else None
     old = batch.old_logprobs.double() if batch.old_logprobs is not None else None
     actor, *_ = reference.policy_loss(logits, batch.targets, batch.advantages.double(),
                                       batch.loss_mask, old_logprobs=old, ref_logprobs=ref,

@@ -66,8 +66,12 @@ MODULES: dict[str, dict] = {
     # the per-mutant timeout in seconds. New, targeted tests come first: -x stops a killed
     # mutant at its first failure.
     "rlhf_fast/config.py": {"tests": [
-        "tests/test_oracle_config.py", "tests/test_policy_mechanisms.py::TestBadInput",
+        "tests/test_config_parts.py", "tests/test_oracle_config.py",
+        "tests/test_policy_mechanisms.py::TestBadInput",
         "tests/test_policy_paths.py::test_path_choice", *HOST]},
+    "rlhf_fast/policy_config_parts.py": {"tests": [
+        "tests/test_config_parts.py", "tests/test_oracle_config.py",
+        "tests/test_policy_mechanisms.py::TestBadInput", *HOST]},
     "rlhf_fast/policy_coefficients.py": {"tests": [
         "tests/test_oracle_coefficients.py", "tests/test_oracle_policy.py", *POLICY, *HOST]},
     "rlhf_fast/loss_weights.py": {"tests": [

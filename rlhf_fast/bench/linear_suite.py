@@ -161,8 +161,8 @@ def _loss_fn(impl: str, mode: str = "policy") -> Callable:
     if impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        module = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=CONFIG.clip_eps_low,
-                                          epsilon_high=CONFIG.clip_eps_high, loss_type="dapo")
+        module = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=CONFIG.clip.eps_low,
+                                          epsilon_high=CONFIG.clip.eps_high, loss_type="dapo")
 
         def liger(h, w, p):
             out = module(h, w, p["targets"], p["mask"].to(h.dtype), p["advantages"],

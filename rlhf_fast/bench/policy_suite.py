@@ -101,8 +101,8 @@ def _loss_fn(case: Case, impl: str) -> Callable:
         def liger(leaf, p):
             loss, _ = triton_grpo_loss(
                 leaf, p["old"], None, p["targets"], p["advantages"], p["mask"],
-                temperature=1.0, beta=0.0, eps_low=config.clip_eps_low,
-                eps_high=config.clip_eps_high, inplace=False, loss_type="dapo", reduce=True,
+                temperature=1.0, beta=0.0, eps_low=config.clip.eps_low,
+                eps_high=config.clip.eps_high, inplace=False, loss_type="dapo", reduce=True,
                 num_items_in_batch=p["mask"].sum())
             return loss
         return liger

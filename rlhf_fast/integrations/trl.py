@@ -145,7 +145,7 @@ class FusedGRPOMixin:
             advantages = advantages * inputs["importance_sampling_ratio"]
             advantages = advantages.expand(batch, length)
         old = inputs.get("old_per_token_logps")
-        ref = inputs["ref_per_token_logps"] if config.kl_coef != 0 else None
+        ref = inputs["ref_per_token_logps"] if config.kl.coef != 0 else None
 
         def loss_fn(hidden: Tensor, weight: Tensor, bias: Tensor | None):
             return linear_policy_loss(hidden[:, -length - 1:-1], weight, completion_ids,

@@ -21,19 +21,33 @@ _NON_LITERAL_FLOATS = {"inf": float("inf"), "-inf": float("-inf"), "nan": float(
 
 
 def encode_config(config: Any) -> str:
-    """``"field=repr;field=repr;..."`` of a frozen dataclass of plain values."""
-    return ";".join(f"{f.name}={getattr(config, f.name)!r}"
-                    for f in dataclasses.fields(config))
+    """``"field=repr;part.field=repr;..."`` of a frozen dataclass of plain values and of
+    frozen dataclass parts of plain values (one level, as ``PolicyLossConfig``'s)."""
+    items = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            items += [f"{f.name}.{g.name}={getattr(value, g.name)!r}"
+                      for g in dataclasses.fields(value)]
+        else:
+            items.append(f"{f.name}={value!r}")
+    return ";".join(items)
 
 
 @functools.lru_cache(maxsize=512)
 def decode_config(cls: type, key: str) -> Any:
-    """The ``cls`` instance that ``encode_config`` turned into ``key``."""
-    fields = {}
+    """The ``cls`` instance that ``encode_config`` turned into ``key`` (a part's fields are
+    passed to ``cls`` as a mapping under the part's name)."""
+    fields: dict[str, Any] = {}
     for item in key.split(";"):
         name, _, text = item.partition("=")
-        fields[name] = _NON_LITERAL_FLOATS[text] if text in _NON_LITERAL_FLOATS \
+        value = _NON_LITERAL_FLOATS[text] if text in _NON_LITERAL_FLOATS \
             else ast.literal_eval(text)
+        part, _, sub = name.partition(".")
+        if sub:
+            fields.setdefault(part, {})[sub] = value
+        else:
+            fields[name] = value
     return cls(**fields)
 
 

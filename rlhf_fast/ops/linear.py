@@ -93,13 +93,13 @@ def prepass_kind(c: PolicyLossConfig, has_old: bool) -> str | None:
     empty-sequence counts). Either takes the pre-pass when the plan has more than one chunk
     (unless, for ``"sequence"``, every chunk holds whole sequences); the coefficient step
     then sees the whole batch, as on materialised logits."""
-    if c.entropy_advantage_alpha is not None or c.top_entropy_quantile is not None \
+    if c.entropy.advantage_alpha is not None or c.entropy.top_quantile is not None \
             or c.needs_whole_batch:
         return "batch"
-    if c.ratio_level != "token" or c.objective in ("gmpo", "vespo") \
-            or c.off_policy_mask_threshold is not None:
+    if c.ratio.level != "token" or c.objective in ("gmpo", "vespo") \
+            or c.rollout.off_policy_mask_threshold is not None:
         return "sequence"
-    if c.rollout_correction in ("sequence_truncate", "sequence_mask", "sequence_gate") \
+    if c.rollout.mode in ("sequence_truncate", "sequence_mask", "sequence_gate") \
             and not has_old:
         return "sequence"
     return None
@@ -205,8 +205,9 @@ def _linear_policy_impl(hidden, weight, bias, targets, advantages, mask, old, re
     if one_pass:
         # Whole-batch weights, each chunk its slice: the chunks add up to the unchunked
         # loss and gradient (docs/architecture.md, Fused-linear chunking).
-        weights = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length,
-                                      c.count_empty_sequences, layout)
+        weights = aggregation_weights(m, c.aggregation.mode, c.aggregation.normalizer,
+                                      c.aggregation.max_length, c.aggregation.count_empty_sequences,
+                                      layout)
         rollout_w = rollout_weights(old, rollout, m, c, layout).contiguous() \
             if rollout is not None and old is not None else None
         seq_norm = sequence_count(m, c, layout) if c.objective == "gmpo" else None

@@ -65,25 +65,25 @@ KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 def fused_token_level(c: PolicyLossConfig, old: Tensor | None) -> bool:
     """True when every token's coefficient depends only on the token and on weights known
     from the mask, so one kernel can compute loss and gradient."""
-    token_rollout = c.rollout_correction in (None, "token_truncate", "token_mask")
-    return (c.ratio_level == "token" and c.objective in OBJECTIVE_CODES
-            and c.entropy_advantage_alpha is None and c.top_entropy_quantile is None
+    token_rollout = c.rollout.mode in (None, "token_truncate", "token_mask")
+    return (c.ratio.level == "token" and c.objective in OBJECTIVE_CODES
+            and c.entropy.advantage_alpha is None and c.entropy.top_quantile is None
             # On-policy rollout weights depend on logp itself: not known before the sweep.
-            and token_rollout and (c.rollout_correction is None or old is not None)
+            and token_rollout and (c.rollout.mode is None or old is not None)
             # Not in the kernel yet (the two-sweep path computes them): other KL estimators
             # and gradients, per-term aggregations, empty-sequence counts, batch-normalised
             # rollout weights, the off-policy mask and the covariance selection.
-            and c.kl_estimator in KL_CODES and c.kl_gradient == "estimator"
-            and not c.kl_ratio_weighted and c.kl_aggregation is None
-            and c.entropy_aggregation is None and not c.count_empty_sequences
-            and not c.rollout_normalize and c.off_policy_mask_threshold is None
-            and c.cov_selection is None)
+            and c.kl.estimator in KL_CODES and c.kl.gradient == "estimator"
+            and not c.kl.ratio_weighted and c.kl.aggregation is None
+            and c.entropy.aggregation is None and not c.aggregation.count_empty_sequences
+            and not c.rollout.normalize and c.rollout.off_policy_mask_threshold is None
+            and c.cov.mode is None)
 
 
 def _kl_mode(c: PolicyLossConfig, ref: Tensor | None) -> int:
-    if c.kl_coef == 0 or (c.kl_reference == "ref" and ref is None):
+    if c.kl.coef == 0 or (c.kl.reference == "ref" and ref is None):
         return 0
-    return KL_CODES[c.kl_estimator]
+    return KL_CODES[c.kl.estimator]
 
 
 def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, valid: Tensor,
@@ -104,12 +104,13 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
     if batch * seq_len == 0:
         return logp, entropy, grad
     m = valid.float()
-    weight = aggregation_weights(m, c.aggregation, c.normalizer, c.max_length)
+    weight = aggregation_weights(m, c.aggregation.mode, c.aggregation.normalizer,
+                                 c.aggregation.max_length)
     if not (isinstance(loss_scale, float) and loss_scale == 1.0):
         weight = weight * loss_scale
     weight = weight.contiguous()
     policy_weight = weight
-    if c.rollout_correction is not None:
+    if c.rollout.mode is not None:
         policy_weight = (weight * rollout_weights(old, rollout, m, c)).contiguous()
     adv = advantages.unsqueeze(-1).expand(batch, seq_len) if advantages.dim() == 1 \
         else advantages
@@ -122,15 +123,15 @@ def _fused_token_policy(logits: Tensor, targets: Tensor, advantages: Tensor, val
         ref.contiguous() if ref is not None else logp, weight, policy_weight,
         n_cols, seq_len, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         1.0 / c.temperature, IGNORE,
-        c.clip_eps_low or 0.0, c.clip_eps_high, c.dual_clip_c or 0.0, c.delta or 0.0,
-        c.log_ratio_clamp or 0.0, c.kl_coef, c.kl_clamp or 0.0, c.entropy_coef,
-        c.sapo_tau_pos, c.sapo_tau_neg,
+        c.clip.eps_low or 0.0, c.clip.eps_high, c.clip.dual_c or 0.0, c.clip.delta or 0.0,
+        c.ratio.log_clamp or 0.0, c.kl.coef, c.kl.clamp or 0.0, c.entropy.coef,
+        c.soft_clip.sapo_tau_pos, c.soft_clip.sapo_tau_neg,
         OBJECTIVE=OBJECTIVE_CODES[c.objective],
-        CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip_gradient],
-        HAS_LOW=c.clip_eps_low is not None, HAS_DUAL=c.dual_clip_c is not None,
-        HAS_DELTA=c.delta is not None, HAS_CLAMP=c.log_ratio_clamp is not None,
-        HAS_OLD=old is not None, KL_MODE=kl_mode, KL_FROM_OLD=c.kl_reference == "old",
-        HAS_KL_CLAMP=c.kl_clamp is not None, HAS_ENTROPY_COEF=c.entropy_coef != 0,
+        CLIP_GRADIENT=CLIP_GRADIENT_CODES[c.clip.gradient],
+        HAS_LOW=c.clip.eps_low is not None, HAS_DUAL=c.clip.dual_c is not None,
+        HAS_DELTA=c.clip.delta is not None, HAS_CLAMP=c.ratio.log_clamp is not None,
+        HAS_OLD=old is not None, KL_MODE=kl_mode, KL_FROM_OLD=c.kl.reference == "old",
+        HAS_KL_CLAMP=c.kl.clamp is not None, HAS_ENTROPY_COEF=c.entropy.coef != 0,
         SAME_ALIGNMENT=same_alignment(logits, grad, launch.vec), num_warps=launch.num_warps,
         maxnreg=None if launch.on_chip else FUSED_MAX_REGISTERS, **launch.constexprs,
     )
@@ -239,8 +240,9 @@ def packed_inputs(c: PolicyLossConfig, cu_seqlens: Tensor | None, valid: Tensor,
         return None, advantages, None
     layout = Packed.from_cu_seqlens(cu_seqlens, valid.shape[-1])
     advantages = expand_advantages(advantages, layout, valid)
-    weights = aggregation_weights(valid.float(), c.aggregation, c.normalizer, c.max_length,
-                                  c.count_empty_sequences, layout)
+    weights = aggregation_weights(valid.float(), c.aggregation.mode, c.aggregation.normalizer,
+                                  c.aggregation.max_length, c.aggregation.count_empty_sequences,
+                                  layout)
     return layout, advantages, weights
 
 
@@ -466,9 +468,9 @@ def check_config_use(c: PolicyLossConfig) -> None:
     """The clipping fields of ``ppo_clip`` set on another objective, which would ignore
     them, raise (their defaults never do)."""
     if c.objective != "ppo_clip":
-        for name, value, default in (("dual_clip_c", c.dual_clip_c, None),
-                                     ("delta", c.delta, None),
-                                     ("clip_gradient", c.clip_gradient, "zero")):
+        for name, value, default in (("dual_clip_c", c.clip.dual_c, None),
+                                     ("delta", c.clip.delta, None),
+                                     ("clip_gradient", c.clip.gradient, "zero")):
             if value != default:
                 raise ValueError(f"{name}={value!r} applies to objective='ppo_clip' only; "
                                  f"objective={c.objective!r} would ignore it")
@@ -485,8 +487,8 @@ def check_packed(c: PolicyLossConfig | None, cu_seqlens: object, rows: Tensor,
         raise ValueError(f"with cu_seqlens, {name} must be packed rows [N, "
                          f"{'V' if name == 'logits' else 'H'}] (the tokens of all sequences "
                          f"back to back), got shape {tuple(rows.shape)}")
-    if c is not None and c.aggregation == "seq_mean_token_sum_norm" \
-            and c.normalizer is None and c.max_length is None:
+    if c is not None and c.aggregation.mode == "seq_mean_token_sum_norm" \
+            and c.aggregation.normalizer is None and c.aggregation.max_length is None:
         raise ValueError("aggregation='seq_mean_token_sum_norm' (Dr. GRPO: sum / (S * "
                          "max_length)) on a packed batch needs max_length (or normalizer): "
                          "a packed batch has no padded length T to default to")
@@ -513,9 +515,9 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
     if ref is not None and ref_model:
         raise ValueError("pass ref_logprobs or ref_hidden / ref_weight, not both (the "
                          "reference log-probs would come from two places)")
-    if c.rollout_correction is not None and rollout is None:
-        raise ValueError(f"rollout_correction={c.rollout_correction!r} needs rollout_logprobs")
-    if c.rollout_correction is None and c.off_policy_mask_threshold is None \
+    if c.rollout.mode is not None and rollout is None:
+        raise ValueError(f"rollout_correction={c.rollout.mode!r} needs rollout_logprobs")
+    if c.rollout.mode is None and c.rollout.off_policy_mask_threshold is None \
             and rollout is not None:
         raise ValueError("rollout_logprobs are given but rollout_correction is None (and so "
                          "is off_policy_mask_threshold), so they would be ignored: set "
@@ -523,13 +525,13 @@ def side_inputs(c: PolicyLossConfig, logits: Tensor, flat: bool, targets: Tensor
                          "'sequence_truncate', 'sequence_mask', 'sequence_gate') or "
                          "off_policy_mask_threshold, or drop them")
     has_ref = ref is not None or bool(ref_model)
-    if c.kl_reference == "old" and has_ref:
+    if c.kl.reference == "old" and has_ref:
         raise ValueError(f"ref_logprobs{alternatives} are given but kl_reference='old' (the "
                          "KL compares with old_logprobs), so they would be ignored: drop "
                          "them, or set kl_reference='ref'")
-    if c.kl_coef != 0 and c.kl_reference == "ref" and not has_ref:
+    if c.kl.coef != 0 and c.kl.reference == "ref" and not has_ref:
         raise ValueError(
-            f"this loss has a KL penalty to the reference model (kl_coef={c.kl_coef}; the "
+            f"this loss has a KL penalty to the reference model (kl_coef={c.kl.coef}; the "
             f"default preset 'grpo' has kl_coef=0.04), so it needs ref_logprobs"
             f"{alternatives} (the reference model's log-probs of the same tokens). To train "
             f"without the KL term pass kl_coef=0.0, or a preset without KL (config='dapo', "

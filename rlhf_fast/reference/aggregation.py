@@ -1,7 +1,7 @@
 """Reference loss aggregation: the four ways a per-token loss becomes one number.
 
-Written from the definitions of ``PolicyLossConfig.aggregation`` / ``normalizer`` /
-``max_length``, as explicit sums (no weight tensor), so a wrong weight in the fused ops
+Written from the definitions of ``PolicyLossConfig.aggregation`` (``mode`` / ``normalizer`` /
+``max_length``), as explicit sums (no weight tensor), so a wrong weight in the fused ops
 cannot hide here. ``m`` is the 0/1 mask of the tokens that count, ``L`` the per-token loss:
 
     token_mean               sum_{i,t} m L / N_tok             N_tok = sum m

@@ -1,6 +1,6 @@
 """Reference batch entropy statistics: AEPO's entropy z-score and the top-entropy mask.
 
-From ``PolicyLossConfig.entropy_advantage_alpha`` and ``top_entropy_quantile``, over the
+From ``PolicyLossConfig.entropy.advantage_alpha`` and ``.top_quantile``, over the
 valid tokens of the batch (their entropies ``h_1..h_n``, detached):
 
     z(H) = (H - mean h) / std h,   std with Bessel's correction (divide by n - 1);

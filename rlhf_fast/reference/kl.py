@@ -44,24 +44,24 @@ def kl_estimate(logp: Tensor, old: Tensor, ref: Tensor | None,
                 config: PolicyLossConfig) -> Tensor | None:
     """Per-token KL term of a policy loss (differentiable in ``logp``), or None when
     ``kl_reference="ref"`` and no reference log-probs are given."""
-    if config.kl_reference == "ref":
+    if config.kl.reference == "ref":
         if ref is None:
             return None
         log_x = ref - logp
     else:
         log_x = logp - old
-    if config.kl_clamp is None:
-        value = estimator(log_x, config.kl_estimator)
+    if config.kl.clamp is None:
+        value = estimator(log_x, config.kl.estimator)
     else:
         clamped = log_x
-        if config.log_ratio_clamp is not None:
-            clamped = torch.clamp(log_x, -config.log_ratio_clamp, config.log_ratio_clamp)
-        value = torch.clamp(estimator(clamped, config.kl_estimator), -config.kl_clamp,
-                            config.kl_clamp)
-    if config.kl_gradient == "estimator":
+        if config.ratio.log_clamp is not None:
+            clamped = torch.clamp(log_x, -config.ratio.log_clamp, config.ratio.log_clamp)
+        value = torch.clamp(estimator(clamped, config.kl.estimator), -config.kl.clamp,
+                            config.kl.clamp)
+    if config.kl.gradient == "estimator":
         return value
     surrogate = log_x**2 / 2
-    if config.kl_gradient == "k2_weighted":
+    if config.kl.gradient == "k2_weighted":
         weight = torch.clamp(torch.exp(logp.detach() - old.detach()), max=10.0)
         surrogate = weight * surrogate
     return surrogate - surrogate.detach() + value.detach()

@@ -82,16 +82,16 @@ def policy_loss_from_logprobs(
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     ent = entropy.detach()
 
-    if c.entropy_advantage_alpha is not None:
-        adv = entropy_advantage(adv, ent, m, c.entropy_advantage_alpha)
-    entropy_mask = top_entropy_mask(ent, m, c.top_entropy_quantile)
+    if c.entropy.advantage_alpha is not None:
+        adv = entropy_advantage(adv, ent, m, c.entropy.advantage_alpha)
+    entropy_mask = top_entropy_mask(ent, m, c.entropy.top_quantile)
 
     lengths = m.sum(-1)
     safe_lengths = lengths.clamp(min=1)
-    log_ratio = _clamp(logp - old, c.log_ratio_clamp)
-    if c.ratio_level == "token":
+    log_ratio = _clamp(logp - old, c.ratio.log_clamp)
+    if c.ratio.level == "token":
         ratio = torch.exp(log_ratio)
-    elif c.ratio_level == "sequence":
+    elif c.ratio.level == "sequence":
         log_s = (log_ratio * m).sum(-1) / safe_lengths
         ratio = torch.exp(log_s).unsqueeze(-1).expand_as(logp)
     else:
@@ -101,32 +101,33 @@ def policy_loss_from_logprobs(
     is_weight = rollout_weights(old.detach(), rollout_logprobs, m, c)
     behaviour = rollout_logprobs if rollout_logprobs is not None else old
     keep_off_policy = off_policy_mask(adv, logp.detach(), behaviour.detach().to(dtype), m,
-                                      c.off_policy_mask_threshold)
+                                      c.rollout.off_policy_mask_threshold)
 
     def agg(values: Tensor, aggregation: str | None = None, normalizer: float | None = None,
             mask: Tensor = m) -> Tensor:
         if aggregation is None:
-            aggregation, normalizer = c.aggregation, c.normalizer
-        return aggregate(values, mask, aggregation, normalizer, c.max_length,
-                         c.count_empty_sequences)
+            aggregation, normalizer = c.aggregation.mode, c.aggregation.normalizer
+        return aggregate(values, mask, aggregation, normalizer, c.aggregation.max_length,
+                         c.aggregation.count_empty_sequences)
 
-    hi_const = 1.0 + c.clip_eps_high
-    lo_const = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else None
+    hi_const = 1.0 + c.clip.eps_high
+    lo_const = 1.0 - c.clip.eps_low if c.clip.eps_low is not None else None
 
     if c.objective == "gmpo":
         sign = torch.sign(adv)
-        high = c.gmpo_clip_high if c.gmpo_clip_high is not None else c.gmpo_clip
-        clipped = log_ratio.clamp(-c.gmpo_clip, high)
+        high = c.clip.gmpo_high if c.clip.gmpo_high is not None else c.clip.gmpo
+        clipped = log_ratio.clamp(-c.clip.gmpo, high)
         log_ratio_c = sign * torch.minimum(sign * log_ratio, sign * clipped)
         seq_ratio = torch.exp((log_ratio_c * m).sum(-1) / safe_lengths)
         mean_adv = (adv * m).sum(-1) / safe_lengths
         seq_loss = -mean_adv * seq_ratio * is_weight[:, 0]
-        pg_loss = sequence_mean(seq_loss, lengths > 0, c.normalizer, c.count_empty_sequences)
+        pg_loss = sequence_mean(seq_loss, lengths > 0, c.aggregation.normalizer,
+                                c.aggregation.count_empty_sequences)
     else:
         if c.objective == "pg":
             per_token = -ratio * adv
         elif c.objective == "sapo":
-            tau = torch.where(adv > 0, c.sapo_tau_pos, c.sapo_tau_neg).to(dtype)
+            tau = torch.where(adv > 0, c.soft_clip.sapo_tau_pos, c.soft_clip.sapo_tau_neg).to(dtype)
             per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
         elif c.objective == "cispo":
             w = ratio.detach().clamp(max=hi_const)
@@ -134,37 +135,37 @@ def policy_loss_from_logprobs(
                 w = w.clamp(min=lo_const)
             per_token = -w * adv * logp
         elif c.objective in ("dppo_tv", "dppo_kl"):
-            w = ratio.detach().clamp(max=c.dppo_ratio_cap)
+            w = ratio.detach().clamp(max=c.clip.dppo_ratio_cap)
             keep = dppo_keep(logp.detach(), old.detach(), adv, c)
             per_token = -w * keep * adv * logp
         elif c.objective == "vespo":
             phi = vespo_weights(log_ratio.detach(), adv, m, is_weight, c)
             per_token = -phi * adv * logp
         else:
-            hi = hi_const * ratio / ratio.detach() if c.clip_gradient != "zero" else hi_const
+            hi = hi_const * ratio / ratio.detach() if c.clip.gradient != "zero" else hi_const
             lo = lo_const
-            if lo is not None and c.clip_gradient == "keep_both":
+            if lo is not None and c.clip.gradient == "keep_both":
                 lo = lo_const * ratio / ratio.detach()
             hi_t = torch.as_tensor(hi, dtype=dtype)
             clipped = torch.where(ratio > hi_t, hi_t, ratio)
             if lo is not None:
                 lo_t = torch.as_tensor(lo, dtype=dtype)
                 clipped = torch.where(ratio < lo_t, lo_t, clipped)
-            unclipped = ratio if c.delta is None else torch.clamp(ratio, max=c.delta)
+            unclipped = ratio if c.clip.delta is None else torch.clamp(ratio, max=c.clip.delta)
             per_token = -torch.minimum(unclipped * adv, clipped * adv)
-            if c.dual_clip_c is not None:
-                capped = torch.minimum(per_token, -c.dual_clip_c * adv)
+            if c.clip.dual_c is not None:
+                capped = torch.minimum(per_token, -c.clip.dual_c * adv)
                 per_token = torch.where(adv < 0, capped, per_token)
-        if c.cov_selection == "clip_cov":
+        if c.cov.mode == "clip_cov":
             plain = ratio.detach().clamp(max=hi_const)
             if lo_const is not None:
                 plain = plain.clamp(min=lo_const)
             clipped_by_ppo = -adv * plain > -adv * ratio.detach()
             chosen = covariance_selection(adv, logp.detach(), m, ~clipped_by_ppo, c)
             per_token = per_token * (1 - chosen)
-        elif c.cov_selection == "kl_cov":
+        elif c.cov.mode == "kl_cov":
             chosen = covariance_selection(adv, logp.detach(), m, torch.ones_like(m).bool(), c)
-            per_token = per_token + chosen * c.cov_kl_coef * torch.abs(log_ratio)
+            per_token = per_token + chosen * c.cov.kl_coef * torch.abs(log_ratio)
         weight = keep_off_policy * entropy_mask
         if c.objective != "vespo":  # VESPO's rollout weight is inside phi
             weight = weight * is_weight
@@ -172,16 +173,16 @@ def policy_loss_from_logprobs(
 
     loss = pg_loss
     kl = kl_estimate(logp, old, ref_logprobs.to(dtype) if ref_logprobs is not None else None, c)
-    if kl is not None and c.kl_coef != 0:
-        kl_term = kl * ratio if c.kl_ratio_weighted else kl
-        loss = loss + c.kl_coef * agg(kl_term, c.kl_aggregation, c.kl_normalizer)
-    if c.entropy_coef != 0:
-        if c.entropy_aggregation is None:
+    if kl is not None and c.kl.coef != 0:
+        kl_term = kl * ratio if c.kl.ratio_weighted else kl
+        loss = loss + c.kl.coef * agg(kl_term, c.kl.aggregation, c.kl.normalizer)
+    if c.entropy.coef != 0:
+        if c.entropy.aggregation is None:
             bonus = agg(entropy_mask * entropy)
         else:
-            bonus = agg(entropy, c.entropy_aggregation, c.entropy_normalizer,
+            bonus = agg(entropy, c.entropy.aggregation, c.entropy.normalizer,
                         mask=m * entropy_mask)
-        loss = loss - c.entropy_coef * bonus
+        loss = loss - c.entropy.coef * bonus
 
     return loss, _metrics(ratio.detach(), adv, m, kl, ent, c)
 
@@ -196,8 +197,8 @@ def _metrics(ratio, adv, m, kl, ent, c: PolicyLossConfig) -> dict[str, Tensor]:
     def frac(x: Tensor) -> Tensor:
         return (x & valid).sum() / denom
 
-    hi = 1.0 + c.clip_eps_high
-    lo = 1.0 - c.clip_eps_low if c.clip_eps_low is not None else -float("inf")
+    hi = 1.0 + c.clip.eps_high
+    lo = 1.0 - c.clip.eps_low if c.clip.eps_low is not None else -float("inf")
     if c.objective == "ppo_clip":
         clip_high = frac((adv > 0) & (ratio > hi))
         clip_low = frac((adv < 0) & (ratio < lo))
@@ -205,8 +206,8 @@ def _metrics(ratio, adv, m, kl, ent, c: PolicyLossConfig) -> dict[str, Tensor]:
         clip_high, clip_low = frac(ratio > hi), frac(ratio < lo)
     else:
         clip_high = clip_low = zero
-    clip_dual = frac((adv < 0) & (ratio > c.dual_clip_c)) \
-        if c.objective == "ppo_clip" and c.dual_clip_c is not None else zero
+    clip_dual = frac((adv < 0) & (ratio > c.clip.dual_c)) \
+        if c.objective == "ppo_clip" and c.clip.dual_c is not None else zero
     r = ratio[valid]
     return {
         "clip_frac_low": clip_low,

@@ -1,7 +1,7 @@
 """Reference rollout correction: importance weights against the inference engine, the
 off-policy sequence mask and rejection sampling.
 
-From ``PolicyLossConfig.rollout_correction``: the sampler (vLLM, SGLang) drew the tokens with
+From ``PolicyLossConfig.rollout.mode``: the sampler (vLLM, SGLang) drew the tokens with
 log-probs ``rollout``; the trainer's policy that the PPO ratio is taken against has ``old``
 (the current log-probs when on-policy). The weight corrects the sampler towards the trainer,
 so its log is ``old - rollout`` (each token's log-ratio clamped to +-log_ratio_clamp). With
@@ -40,14 +40,14 @@ from ..config import PolicyLossConfig
 def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
                     config: PolicyLossConfig) -> Tensor:
     """``[B, T]`` weights (all ones without correction), in ``old``'s dtype, detached."""
-    mode = config.rollout_correction
+    mode = config.rollout.mode
     if mode is None or rollout is None:
         return torch.ones_like(old)
     log_w = old.detach() - rollout.detach().to(old.dtype)
-    if config.log_ratio_clamp is not None:
-        log_w = torch.clamp(log_w, min=-config.log_ratio_clamp, max=config.log_ratio_clamp)
-    floor = config.rollout_floor if config.rollout_floor is not None else 0.0
-    cap = config.rollout_cap
+    if config.ratio.log_clamp is not None:
+        log_w = torch.clamp(log_w, min=-config.ratio.log_clamp, max=config.ratio.log_clamp)
+    floor = config.rollout.floor if config.rollout.floor is not None else 0.0
+    cap = config.rollout.cap
     valid = mask.bool()
     out = torch.zeros_like(old)
     sequence_weights = []
@@ -70,7 +70,7 @@ def rollout_weights(old: Tensor, rollout: Tensor | None, mask: Tensor,
                     out[i, t] = product if floor <= product <= cap else 0.0
         if logs:
             sequence_weights.append(float(out[i, 0]))
-    if config.rollout_normalize:
+    if config.rollout.normalize:
         if mode in ("sequence_truncate", "sequence_mask"):
             picked = sequence_weights
         else:

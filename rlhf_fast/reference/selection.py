@@ -40,12 +40,12 @@ def dppo_keep(logp: Tensor, old: Tensor, advantages: Tensor,
             p, q = math.exp(lp), math.exp(lq)
             positive = float(advantages[i, t]) > 0
             if config.objective == "dppo_tv":
-                keep = p - q <= config.clip_eps_high if positive \
-                    else p - q >= -config.clip_eps_low
+                keep = p - q <= config.clip.eps_high if positive \
+                    else p - q >= -config.clip.eps_low
             else:
                 d = q * (lq - lp) + (1 - q) * math.log((1 - q + 1e-8) / (1 - p + 1e-8))
-                keep = (d <= config.clip_eps_high or p <= q) if positive \
-                    else (d <= config.clip_eps_low or p >= q)
+                keep = (d <= config.clip.eps_high or p <= q) if positive \
+                    else (d <= config.clip.eps_low or p >= q)
             out[i, t] = 1.0 if keep else 0.0
     return out
 
@@ -56,11 +56,11 @@ def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, rho: Tens
     low, high = math.log(1e-8), 20.0
     valid = mask.bool()
     out = torch.zeros_like(log_ratio)
-    sequence_level = config.rollout_correction in ("sequence_truncate", "sequence_mask")
+    sequence_level = config.rollout.mode in ("sequence_truncate", "sequence_mask")
     for i in range(log_ratio.shape[0]):
         columns = [t for t in range(log_ratio.shape[1]) if valid[i, t]]
         log_w = sum(float(log_ratio[i, t]) for t in columns)
-        if config.rollout_correction is not None:
+        if config.rollout.mode is not None:
 
             def log_rho(t: int, row: int = i) -> float:
                 r = float(rho[row, t])
@@ -70,9 +70,9 @@ def vespo_weights(log_ratio: Tensor, advantages: Tensor, mask: Tensor, rho: Tens
         log_w = min(max(log_w, low), high)
         for t in range(log_ratio.shape[1]):
             if float(advantages[i, t]) >= 0:
-                k, lam = config.vespo_k_pos, config.vespo_lambda_pos
+                k, lam = config.soft_clip.vespo_k_pos, config.soft_clip.vespo_lambda_pos
             else:
-                k, lam = config.vespo_k_neg, config.vespo_lambda_neg
+                k, lam = config.soft_clip.vespo_k_neg, config.soft_clip.vespo_lambda_neg
             lam = max(lam, 1e-4)
             try:
                 phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
@@ -95,11 +95,11 @@ def covariance_selection(advantages: Tensor, logp: Tensor, mask: Tensor, eligibl
     def cov(p: tuple[int, int]) -> float:
         return (float(advantages[p]) - mean_a) * (float(logp[p]) - mean_l)
 
-    k = max(math.floor(n * config.cov_ratio), 1)
-    if config.cov_selection == "clip_cov":
+    k = max(math.floor(n * config.cov.ratio), 1)
+    if config.cov.mode == "clip_cov":
         priority = torch.rand((batch, steps), dtype=torch.float32, device=logp.device)
         pool = [p for p in positions
-                if eligible[p] and config.cov_lower < cov(p) < config.cov_upper]
+                if eligible[p] and config.cov.lower < cov(p) < config.cov.upper]
         ranked = sorted(pool, key=lambda p: (float(priority[p]), p))
     else:
         ranked = sorted(positions, key=lambda p: (-cov(p), p))

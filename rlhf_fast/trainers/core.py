@@ -176,9 +176,10 @@ class Trainer:
         """The loss at the sampling temperature; Dr. GRPO's constant is the generation
         budget."""
         overrides: dict = {"temperature": self.config.temperature}
-        if loss.aggregation == "seq_mean_token_sum_norm" and loss.max_length is None:
+        agg = loss.aggregation
+        if agg.mode == "seq_mean_token_sum_norm" and agg.max_length is None:
             overrides["max_length"] = self.config.max_new_tokens
-        if (loss.entropy_advantage_alpha is not None or loss.top_entropy_quantile is not None) \
+        if (loss.entropy.advantage_alpha is not None or loss.entropy.top_quantile is not None) \
                 and self.config.micro < self.config.mini:
             raise ValueError("entropy_advantage_alpha / top_entropy_quantile take batch "
                              "entropy statistics inside one loss call: set micro_batch_size = "
@@ -189,15 +190,15 @@ class Trainer:
     def needs_reference(self) -> bool:
         """A reference model is built only when a KL term reads its log-probs."""
         loss = self.config.loss
-        return loss.kl_coef != 0 and loss.kl_reference == "ref"
+        return loss.kl.coef != 0 and loss.kl.reference == "ref"
 
     @property
     def needs_old_logprobs(self) -> bool:
         """Old log-probs are computed only when the ratio can differ from 1 (several
         optimiser steps per rollout) or something else reads them."""
         c = self.config
-        return (c.epochs > 1 or c.mini < c.batch_size or c.loss.kl_reference == "old"
-                or c.loss.rollout_correction is not None)
+        return (c.epochs > 1 or c.mini < c.batch_size or c.loss.kl.reference == "old"
+                or c.loss.rollout.mode is not None)
 
     def _lr_factor(self, step: int) -> float:
         c = self.config

@@ -197,7 +197,8 @@ class DistributedStatistics(BatchStatistics):
 
     def normalizer(self, loss_mask: Tensor, config) -> float:
         # B * T with T the global batch's padded width (the widest rank's), as on one process.
-        if config.aggregation == "seq_mean_token_sum_norm" and config.max_length is None:
+        agg = config.aggregation
+        if agg.mode == "seq_mean_token_sum_norm" and agg.max_length is None:
             width = self.all_reduce_max(torch.tensor(loss_mask.shape[1], dtype=torch.int64))
             config = config.replace(max_length=int(width))
         return super().normalizer(loss_mask, config)
@@ -387,7 +388,7 @@ class DataParallelTrainer(Trainer):
         super().__init__(model, tokenizer, prompts, reward_functions, config,
                          statistics=stats, **kwargs)
         c = self.config
-        if c.loss.top_entropy_quantile is not None and c.loss.entropy_coef != 0:
+        if c.loss.entropy.top_quantile is not None and c.loss.entropy.coef != 0:
             raise ValueError(
                 "top_entropy_quantile with entropy_coef != 0 is not supported under data "
                 "parallelism: the global top-entropy mask is applied through the advantages, "
@@ -418,7 +419,7 @@ class DataParallelTrainer(Trainer):
     @property
     def _folds_entropy(self) -> bool:
         loss = self.loss_config
-        return loss.entropy_advantage_alpha is not None or loss.top_entropy_quantile is not None
+        return loss.entropy.advantage_alpha is not None or loss.entropy.top_quantile is not None
 
     # --- rollout ---------------------------------------------------------------------------
 
@@ -490,12 +491,12 @@ class DataParallelTrainer(Trainer):
         loss = self.loss_config
         entropy = self.token_entropy(mini_batch)                             # [b, T]
         mask = mini_batch.loss_mask.float()
-        stats = self.statistics.entropy_statistics(entropy, mask, loss.top_entropy_quantile)
+        stats = self.statistics.entropy_statistics(entropy, mask, loss.entropy.top_quantile)
         adv = mini_batch.advantages.float()
         adv = adv.unsqueeze(-1).expand(mask.shape) if adv.dim() == 1 else adv
-        if loss.entropy_advantage_alpha is not None:
-            adv = entropy_advantage(adv, entropy, mask, loss.entropy_advantage_alpha, stats)
-        adv = adv * top_entropy_mask(entropy, mask, loss.top_entropy_quantile, stats)
+        if loss.entropy.advantage_alpha is not None:
+            adv = entropy_advantage(adv, entropy, mask, loss.entropy.advantage_alpha, stats)
+        adv = adv * top_entropy_mask(entropy, mask, loss.entropy.top_quantile, stats)
         return replace(mini_batch, advantages=adv.contiguous())
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ def micro_batch_loss(policy, batch: RolloutBatch, config: PolicyLossConfig, *,
         return x.to(device) if x is not None else None
 
     old, ref = per_token(batch.old_logprobs), per_token(batch.ref_logprobs)
-    rollout = per_token(batch.sampler_logprobs) if config.rollout_correction else None
+    rollout = per_token(batch.sampler_logprobs) if config.rollout.mode else None
     if mode == "fused":
         return linear_policy_loss(hidden, policy.weight, targets, advantages, mask,
                                   bias=policy.bias, old_logprobs=old, ref_logprobs=ref,

@@ -156,11 +156,11 @@ class PPOConfig(TrainerConfig):
             raise ValueError(f"vf_coef and kl_coef must be >= 0, got {self.vf_coef}, "
                              f"{self.kl_coef}")
         loss = self.loss
-        if loss.kl_coef != 0 and loss.kl_reference == "ref":
+        if loss.kl.coef != 0 and loss.kl.reference == "ref":
             raise ValueError("the reference KL of PPO is set by kl_coef (and kl_placement), "
                              "not by the loss's kl_coef: leave loss.kl_coef = 0 or use "
                              "kl_reference='old' (PPO-penalty)")
-        if self.kl_placement == "loss" and self.kl_coef != 0 and loss.kl_coef != 0:
+        if self.kl_placement == "loss" and self.kl_coef != 0 and loss.kl.coef != 0:
             raise ValueError("the loss holds one KL term and it penalises KL(old || pi) here "
                              "(PPO-penalty / TRPO): put the reference KL in the reward "
                              "(kl_placement='reward') or set kl_coef=0")
@@ -168,7 +168,7 @@ class PPOConfig(TrainerConfig):
     @property
     def penalizes_old(self) -> bool:
         """The loss penalises KL(old || pi) (PPO-penalty, TRPO)."""
-        return self.loss.kl_reference == "old" and self.loss.kl_coef != 0
+        return self.loss.kl.reference == "old" and self.loss.kl.coef != 0
 
     @property
     def reference_estimator(self) -> str:
@@ -205,7 +205,7 @@ class PPOTrainer(Trainer):
             betas=c.adam_betas, weight_decay=c.weight_decay)
         self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(self.critic_optimizer,
                                                                   self._lr_factor)
-        start = c.loss.kl_coef if c.penalizes_old else c.kl_coef
+        start = c.loss.kl.coef if c.penalizes_old else c.kl_coef
         self.kl_controller = make_kl_controller(c.kl_controller, start, c.kl_target,
                                                 c.kl_horizon)
         self.critic_parts: list[dict] = []
@@ -304,15 +304,16 @@ class PPOTrainer(Trainer):
         hidden = self.policy.completion_hidden(micro) if self.critic.shared else None
         # The reference's log-probs feed the loss only when its KL term is to the reference
         # (else they are in the rewards already; the op refuses ignored inputs).
-        actor_rows = micro if config.kl_reference == "ref" else replace(micro, ref_logprobs=None)
+        actor_rows = micro if config.kl.reference == "ref" else replace(micro, ref_logprobs=None)
         out = micro_batch_loss(self.policy, actor_rows, config, mode=c.loss_impl,
                                backend=c.backend, hidden=hidden)
         values = self.critic.values(micro, hidden)                             # [b, T]
         device = values.device
         mask = micro.loss_mask.to(device)
         critic = value_loss(values, micro.values.to(device), micro.returns.to(device), mask,
-                            clip=c.value_clip, aggregation=config.aggregation,
-                            normalizer=config.normalizer, max_length=config.max_length)
+                            clip=c.value_clip, aggregation=config.aggregation.mode,
+                            normalizer=config.aggregation.normalizer,
+                            max_length=config.aggregation.max_length)
         m = mask.double()
         tokens = m.sum().cpu()
         part = {"value_loss": critic.loss.detach().double().cpu(),

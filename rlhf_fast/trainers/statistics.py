@@ -53,10 +53,10 @@ class BatchStatistics:
         """The aggregation's denominator over the whole mini-batch (all micro-batches, all
         ranks): tokens for ``token_mean``; non-empty sequences for ``seq_mean_*`` (and GMPO);
         ``B * max_length`` for ``seq_mean_token_sum_norm``. loss_mask ``[B, T]`` bool."""
-        if config.aggregation == "token_mean":
+        if config.aggregation.mode == "token_mean":
             count = self.all_reduce_sum(loss_mask.sum().double())
-        elif config.aggregation == "seq_mean_token_sum_norm":
-            length = config.max_length if config.max_length is not None else loss_mask.shape[1]
+        elif config.aggregation.mode == "seq_mean_token_sum_norm":
+            length = config.aggregation.max_length or loss_mask.shape[1]
             count = self.all_reduce_sum(torch.tensor(float(loss_mask.shape[0] * length),
                                                      dtype=torch.float64))
         else:
