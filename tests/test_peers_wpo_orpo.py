@@ -338,3 +338,30 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(step, fullgraph=True, backend="eager")(x)
     (compiled_grad,) = torch.autograd.grad(compiled, x)
     assert torch.equal(compiled, eager) and torch.equal(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_reads(backend, monkeypatch):
+    from test_no_host_sync import NoHostReads
+
+    from rlhf_fast import validation
+
+    problem = pairs()
+    nll_mask = with_prompts(problem)
+    x = problem["logits"].clone().requires_grad_()
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(8, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    common = dict(ref_logprobs=problem["ref"], nll_coef=0.3, nll_mask=nll_mask,
+                  use_weighting=True, loss_scale=0.5, backend=backend)
+    monkeypatch.setattr(validation, "host_reads_are_free", lambda t: False)
+    with NoHostReads():
+        out = rlhf_fast.dpo_loss(x, problem["targets"], problem["mask"], **common)
+        out.loss.backward()
+        linear = rlhf_fast.linear_dpo_loss(hidden, weight, problem["targets"], problem["mask"],
+                                           chunk_tokens=8, **common)
+        linear.loss.backward()
+    monkeypatch.undo()
+    direct = rlhf_fast.dpo_loss((hidden @ weight.T).detach(), problem["targets"],
+                                problem["mask"], **common)
+    assert torch.isfinite(out.loss) and torch.allclose(linear.loss, direct.loss, rtol=1e-5)
