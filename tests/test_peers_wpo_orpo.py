@@ -292,7 +292,6 @@ def test_orpo_prompt_nll_matches_trl():
     (dict(nll_coef=0.1, nll_mask="short"), ValueError, r"nll_mask must have shape"),
     (dict(nll_coef=0.1, nll_mask="soft"), ValueError, "0 and 1"),
     (dict(nll_coef=0.1, nll_mask="uncovered"), ValueError, "nll_mask must cover mask"),
-    (dict(use_weighting=True, process_group="group"), ValueError, "vocabulary-parallel"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     problem = pairs()
@@ -302,8 +301,6 @@ def test_bad_arguments_are_named(kwargs, error, match):
              "uncovered": problem["mask"] & (torch.arange(7) > 4)}
     if isinstance(kwargs.get("nll_mask"), str):
         kwargs["nll_mask"] = masks[kwargs["nll_mask"]]
-    if kwargs.get("process_group") == "group":
-        kwargs["process_group"] = object()
     ref = None if kwargs.get("loss_type") == "orpo" else problem["ref"]
     with pytest.raises(error, match=match):
         rlhf_fast.dpo_loss(problem["logits"], problem["targets"], problem["mask"],

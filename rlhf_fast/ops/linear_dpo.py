@@ -49,7 +49,6 @@ from .dpo import (
     PreferenceLossOutput,
     check_packed_pairs,
     check_pair_batch,
-    check_weighting_shards,
     loss_config,
     pair_tokens,
     preference_forward,
@@ -394,7 +393,6 @@ def linear_dpo_loss(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
-    check_weighting_shards(config, process_group)
     check_linear(hidden, weight, bias)
     sequences = check_packed_pairs(cu_seqlens, hidden, "hidden")
     check_chunk_args(chunk_size, chunk_tokens, sequences is not None)

@@ -49,14 +49,12 @@ def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_inde
 
     ``log_sum_sq`` (float32 ``[B, T]``, optional) receives ``ln sum_v p_v^2`` of each row in
     the same read (WPO's weights; 0 at ignored rows, NaN at a target out of range); the
-    Triton sweep then runs its ``WITH_SUM_SQ`` variant. Not on a vocabulary shard."""
+    Triton sweep then runs its ``WITH_SUM_SQ`` variant. On a vocabulary shard the slices'
+    sums are combined (``vocab_parallel.sharded_stats_sweep``)."""
     backend, shard = split_backend(backend)
     if shard is not None:
-        if log_sum_sq is not None:
-            raise ValueError("use_weighting (WPO's sum_v p_v^2 per token) is not available "
-                             "with a vocabulary-parallel process_group")
         return sharded_stats_sweep(_local_stats_sweep, logits, targets, temperature,
-                                   ignore_index, with_entropy, backend, shard)
+                                   ignore_index, with_entropy, backend, shard, log_sum_sq)
     return _local_stats_sweep(logits, targets, temperature, ignore_index, with_entropy,
                               backend, log_sum_sq)
 
