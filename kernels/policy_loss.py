@@ -112,8 +112,8 @@ def token_policy_loss_kernel(
         fill = float("nan")
     else:
         k = inv_temp * LOG2E
-        m, s, r, t_sum = sweep_row_stats(logits_ptr, row_offset, n_cols, k, True, THREADS,
-                                         VEC, "")
+        m, s, r, t_sum, _ = sweep_row_stats(logits_ptr, row_offset, n_cols, k, True, THREADS,
+                                            VEC, "", False)
         x_y = tl.load(logits_ptr + row_offset + target).to(tl.float32)
         log2_s, logp, q, entropy = finish_row_stats(m, s, r, t_sum, x_y, k)
         tl.store(logp_ptr + row, logp)
@@ -175,7 +175,8 @@ def token_policy_loss_onchip_kernel(
         x, x_edge, head, in_row, edge, edge_valid = load_row(
             logits_ptr, row_offset, n_cols, UNROLL, THREADS, VEC)
         x_y = tl.load(logits_ptr + row_offset + target).to(tl.float32)
-        m, s, r, t_sum, d, e, d_edge, e_edge = row_stats_in_registers(x, x_edge, k, True)
+        m, s, r, t_sum, _, d, e, d_edge, e_edge = row_stats_in_registers(x, x_edge, k, True,
+                                                                          False)
         log2_s, logp, q, entropy = finish_row_stats(m, s, r, t_sum, x_y, k)
         tl.store(logp_ptr + row, logp)
         tl.store(entropy_ptr + row, entropy)

@@ -9,6 +9,7 @@ sweep returns, without ever holding the row:
     logp_y   = d_y ln 2 - log_s
     q        = 1 - p_y = (s - 2^d_y) / s                   (no cancellation when p_y -> 1)
     H        = -sum_j p_j ln p_j = log_s - ln 2 * sum_j 2^d_j d_j / s
+    q2       = sum_j 2^(2 d_j),  ln sum_j p_j^2 = ln q2 - 2 log_s     (WITH_SUM_SQ only: WPO)
 
 Cost per element (the loop of ``sweep_row_stats``): one MUFU ``ex2`` on a prescaled input
 (``exp2``, no fix-ups), a max, a subtract and a multiply, a compare-and-select, two adds, and
@@ -51,11 +52,13 @@ def log1p_accurate(x):
 
 
 @triton.jit
-def fold_tiles(m, s, r, t, x0, x1, k, WITH_ENTROPY: tl.constexpr):
+def fold_tiles(m, s, r, t, q, x0, x1, k, WITH_ENTROPY: tl.constexpr,
+               WITH_SUM_SQ: tl.constexpr):
     """Fold two float32 tiles ``x0``, ``x1`` ``[T, K]`` of raw logits (-inf where masked) into
     the per-thread running state, each ``[T]``: m the max (raw), s = sum 2^((x - m) k), r the
-    part of s from columns strictly below m, t = sum 2^d d (WITH_ENTROPY). One rescale of the
-    state per call."""
+    part of s from columns strictly below m, t = sum 2^d d (WITH_ENTROPY), q = sum 2^(2d)
+    (WITH_SUM_SQ: the square of the exponential already taken; rescaled by alpha^2). One
+    rescale of the state per call; without the flags t and q pass through untouched."""
     m_new = tl.maximum(m, tl.maximum(tl.max(x0, axis=1), tl.max(x1, axis=1)))
     # A thread that has seen only -inf keeps an empty state around a finite reference.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -78,12 +81,16 @@ def fold_tiles(m, s, r, t, x0, x1, k, WITH_ENTROPY: tl.constexpr):
         # Rebase t to the new max: sum 2^d (d + delta); an empty state adds 0, not NaN.
         shift = tl.where(m == float("-inf"), 0.0, delta)
         t = alpha * (t + shift * s) + (tl.sum(e0 * d0, axis=1) + tl.sum(e1 * d1, axis=1))
-    return m_new, s_new, r, t
+    if WITH_SUM_SQ:
+        q = (alpha * alpha) * q + (tl.sum(e0 * e0, axis=1) + tl.sum(e1 * e1, axis=1))
+    return m_new, s_new, r, t, q
 
 
 @triton.jit
-def merge_thread_states(m, s, r, t, k, WITH_ENTROPY: tl.constexpr):
-    """Merge the per-thread states into the row's (M, s, r, t) around the row max."""
+def merge_thread_states(m, s, r, t, q, k, WITH_ENTROPY: tl.constexpr,
+                        WITH_SUM_SQ: tl.constexpr):
+    """Merge the per-thread states into the row's (M, s, r, t, q) around the row max (t, q:
+    0 without their flags)."""
     m_row = tl.max(m, axis=0)
     m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
     delta = (m - m_ref) * k
@@ -95,21 +102,26 @@ def merge_thread_states(m, s, r, t, k, WITH_ENTROPY: tl.constexpr):
     if WITH_ENTROPY:
         shift = tl.where(m == float("-inf"), 0.0, delta)
         t_row = tl.sum(alpha * (t + shift * s), axis=0)
-    return m_row, s_row, r_row, t_row
+    q_row = 0.0
+    if WITH_SUM_SQ:
+        q_row = tl.sum((alpha * alpha) * q, axis=0)
+    return m_row, s_row, r_row, t_row, q_row
 
 
 @triton.jit
 def sweep_row_stats(logits_ptr, row_offset, n_cols, k, WITH_ENTROPY: tl.constexpr,
-                    T: tl.constexpr, VEC: tl.constexpr, CACHE: tl.constexpr):
+                    T: tl.constexpr, VEC: tl.constexpr, CACHE: tl.constexpr,
+                    WITH_SUM_SQ: tl.constexpr):
     """One read of the row at ``logits_ptr + row_offset`` (unit column stride), two tiles
-    per trip: its (M, s, r, t) as float32 scalars (see the module docstring). ``CACHE``:
-    cache modifier of the tile reads (``""``: the default)."""
+    per trip: its (M, s, r, t, q) as float32 scalars (see the module docstring; q = 0 without
+    WITH_SUM_SQ). ``CACHE``: cache modifier of the tile reads (``""``: the default)."""
     head, n_vec = row_geometry(row_offset, n_cols, VEC)
     ptrs = logits_ptr + tl.multiple_of(row_offset + head, VEC) + tile_offsets(T, VEC)
     m = tl.full([T], float("-inf"), tl.float32)
     s = tl.zeros([T], tl.float32)
     r = tl.zeros([T], tl.float32)
     t = tl.zeros([T], tl.float32)
+    q = tl.zeros([T], tl.float32)
     # Whole vectors, 128-bit; the last trip masks the vectors past the row (by whole
     # vectors, so the accesses stay 128-bit).
     left = n_vec
@@ -118,15 +130,15 @@ def sweep_row_stats(logits_ptr, row_offset, n_cols, k, WITH_ENTROPY: tl.constexp
                      cache_modifier=CACHE).to(tl.float32)
         x1 = tl.load(ptrs + T * VEC, mask=vector_mask(left - T, T, VEC), other=float("-inf"),
                      cache_modifier=CACHE).to(tl.float32)
-        m, s, r, t = fold_tiles(m, s, r, t, x0, x1, k, WITH_ENTROPY)
+        m, s, r, t, q = fold_tiles(m, s, r, t, q, x0, x1, k, WITH_ENTROPY, WITH_SUM_SQ)
         ptrs += 2 * T * VEC
         left -= 2 * T
     # The unaligned head and tail, one column per thread.
     cols, valid = edge_columns(head, n_vec, n_cols, T, VEC)
     x = tl.load(logits_ptr + row_offset + cols, mask=valid, other=float("-inf")).to(tl.float32)
-    m, s, r, t = fold_tiles(m, s, r, t, x, tl.full([T, 1], float("-inf"), tl.float32), k,
-                            WITH_ENTROPY)
-    return merge_thread_states(m, s, r, t, k, WITH_ENTROPY)
+    m, s, r, t, q = fold_tiles(m, s, r, t, q, x, tl.full([T, 1], float("-inf"), tl.float32), k,
+                               WITH_ENTROPY, WITH_SUM_SQ)
+    return merge_thread_states(m, s, r, t, q, k, WITH_ENTROPY, WITH_SUM_SQ)
 
 
 @triton.jit
@@ -148,8 +160,9 @@ def load_row(logits_ptr, row_offset, n_cols, R: tl.constexpr, T: tl.constexpr,
 
 
 @triton.jit
-def row_stats_in_registers(x, x_edge, k, WITH_ENTROPY: tl.constexpr):
-    """(M, s, r, t, d, e, d_edge, e_edge) of a row held whole in registers (``load_row``):
+def row_stats_in_registers(x, x_edge, k, WITH_ENTROPY: tl.constexpr,
+                           WITH_SUM_SQ: tl.constexpr):
+    """(M, s, r, t, q, d, e, d_edge, e_edge) of a row held whole in registers (``load_row``):
     ``x`` float32 ``[R * T, VEC]`` (its aligned vectors) and ``x_edge`` ``[T, 1]`` (head and
     tail), -inf where masked. The max comes first (raw logits,
     exact), so the sums need no rescaling; ``d = (x - M) k`` and ``e = 2^d`` are
@@ -170,7 +183,11 @@ def row_stats_in_registers(x, x_edge, k, WITH_ENTROPY: tl.constexpr):
     if WITH_ENTROPY:
         t = (tl.sum(tl.sum(e * d, axis=1), axis=0)
              + tl.sum(tl.sum(e_edge * d_edge, axis=1), axis=0))
-    return m_row, s, r, t, d, e, d_edge, e_edge
+    q = 0.0
+    if WITH_SUM_SQ:
+        q = (tl.sum(tl.sum(e * e, axis=1), axis=0)
+             + tl.sum(tl.sum(e_edge * e_edge, axis=1), axis=0))
+    return m_row, s, r, t, q, d, e, d_edge, e_edge
 
 
 @triton.jit

@@ -36,14 +36,17 @@ from .softmax_stats import (
 @triton.jit(do_not_specialize=["seq_len"])
 def token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, entropy_ptr, stats_ptr,
-    n_cols, seq_len, stride_b, stride_t, inv_temp, ignore_index,
+    n_cols, seq_len, stride_b, stride_t, inv_temp, ignore_index, sum_sq_ptr,
     WITH_ENTROPY: tl.constexpr, ON_CHIP: tl.constexpr, UNROLL: tl.constexpr,
-    THREADS: tl.constexpr, VEC: tl.constexpr,
+    THREADS: tl.constexpr, VEC: tl.constexpr, WITH_SUM_SQ: tl.constexpr,
 ):
     """ON_CHIP: the row is loaded whole (``UNROLL * THREADS * VEC >= n_cols``) and its
     statistics computed in registers, exactly as the fused policy kernel does for the same
     launch (bit-identical results); else the row is swept two tiles per trip (UNROLL is then
-    unused)."""
+    unused). WITH_SUM_SQ: also writes ``ln sum_v p_v^2`` of each row to ``sum_sq_ptr`` (WPO's
+    weights; 0 for an ignored row, NaN for a target out of range); without it the pointer is
+    not touched and the kernel is the same as before the flag existed (the pointer comes last
+    so that the other parameters keep their offsets)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     row_offset = b * stride_b + (row - b * seq_len) * stride_t
@@ -54,27 +57,35 @@ def token_logprobs_fwd_kernel(
     logp = 0.0
     q = 0.0
     entropy = 0.0
+    log_sum_sq = 0.0
     if target != ignore_index:
         if (target >= 0) & (target < n_cols):
             k = inv_temp * LOG2E
             if ON_CHIP:
                 x, x_edge, _, _, _, _ = load_row(logits_ptr, row_offset, n_cols, UNROLL,
                                                  THREADS, VEC)
-                m, s, r, t, _, _, _, _ = row_stats_in_registers(x, x_edge, k, WITH_ENTROPY)
+                m, s, r, t, q2, _, _, _, _ = row_stats_in_registers(x, x_edge, k, WITH_ENTROPY,
+                                                                    WITH_SUM_SQ)
             else:
-                m, s, r, t = sweep_row_stats(logits_ptr, row_offset, n_cols, k, WITH_ENTROPY,
-                                             THREADS, VEC, "")
+                m, s, r, t, q2 = sweep_row_stats(logits_ptr, row_offset, n_cols, k,
+                                                 WITH_ENTROPY, THREADS, VEC, "", WITH_SUM_SQ)
             x_y = tl.load(logits_ptr + row_offset + target).to(tl.float32)
             log2_s, logp, q, entropy = finish_row_stats(m, s, r, t, x_y, k)
             log_s = log2_s * LN2
+            if WITH_SUM_SQ:
+                # sum p^2 = q2 / s^2; q2 >= 1 (the maximum's term) unless the row is NaN.
+                log_sum_sq = tl.log(q2) - 2.0 * log_s
         else:
             m = float("nan")
             log_s = float("nan")
             logp = float("nan")
             q = float("nan")
             entropy = float("nan")
+            log_sum_sq = float("nan")
 
     tl.store(logp_ptr + row, logp)
+    if WITH_SUM_SQ:
+        tl.store(sum_sq_ptr + row, log_sum_sq)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     tl.store(stats_ptr + row * 3, m)

@@ -232,10 +232,20 @@ def chosen_token_mask(layout: Layout, like: Tensor) -> Tensor:
     return layout.per_token(torch.arange(s, device=like.device) < s // 2)
 
 
+def wpo_weights(logp: Tensor, log_sum_sq: Tensor, valid: Tensor, layout: Layout) -> Tensor:
+    """WPO's per-pair weight ``[b]``, float64, a constant: exp(c_w + c_l) with c a sequence's
+    mean over its valid tokens of logp_t - log sum_v p_v(t)^2 (0 for an empty sequence)."""
+    aligned = torch.where(valid, logp.double() - log_sum_sq.double(), 0.0)
+    c = layout.seq_sum(aligned) / layout.seq_sum(valid.double()).clamp(min=1)
+    b = c.shape[0] // 2
+    return torch.exp(c[:b] + c[b:])
+
+
 def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                             config: PreferenceLossConfig, *, num_pairs: int,
                             chosen_tokens: Tensor, chosen_sequences: Tensor | None = None,
-                            layout: Layout | None = None) -> PairCoefficients:
+                            layout: Layout | None = None, log_sum_sq: Tensor | None = None,
+                            nll_valid: Tensor | None = None) -> PairCoefficients:
     """Loss share and ``c = dL/dlogp`` of ``b`` pairs.
 
     logp, valid ``[2b, T]`` (chosen rows first), or ``[1, N]`` packed with ``layout``;
@@ -244,6 +254,13 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
     batch's pair count, chosen-token count and non-empty chosen sequence count (the
     normalisers of the pair mean and of the NLL), so chunks of pairs add up to the batch's
     loss and gradient exactly.
+
+    ``log_sum_sq`` (float32 like ``logp``, ``use_weighting`` only): log sum_v p_v^2 per token,
+    for WPO's pair weights; the NLL term is then weighted by their mean over THIS call's
+    pairs, so a call must hold the whole batch when both are on. ``nll_valid`` (bool like
+    ``valid``): the NLL's tokens (ORPO's prompt NLL; they may lie outside ``valid``, only the
+    chosen sequences' count); None: the chosen sequences' ``valid`` tokens. ``chosen_tokens``
+    and ``chosen_sequences`` then count those.
     """
     layout = layout if layout is not None else Padded(logp.shape[0])
     score, ref_score, scale = sequence_scores(logp, valid, ref, config, layout)
@@ -265,10 +282,16 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
                 loss_pairs, g_w, g_l = (x + weight * y for x, y in
                                         zip((loss_pairs, g_w, g_l), more, strict=True))
     pairs_norm = float(max(num_pairs, 1))
+    nll_weight = torch.full((), config.nll_weight, dtype=torch.float64, device=logp.device)
+    if config.use_weighting:
+        w = wpo_weights(logp, log_sum_sq, valid, layout)
+        loss_pairs, g_w, g_l = loss_pairs * w, g_w * w, g_l * w
+        nll_weight = nll_weight * w.sum() / pairs_norm   # TRL weighs its sft term per pair
     g_seq = torch.cat([g_w, g_l]) / pairs_norm
     c = layout.per_token(g_seq) * d_score
     loss = loss_pairs.sum() / pairs_norm
-    chosen_valid = valid & chosen_token_mask(layout, valid)
+    chosen_valid = (nll_valid if nll_valid is not None else valid) \
+        & chosen_token_mask(layout, valid)
     chosen_logp = torch.where(chosen_valid, logp.double(), 0.0)
     nll_sum = -chosen_logp.sum()
     if config.nll_weight != 0:
@@ -277,11 +300,11 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
             lengths = layout.seq_sum(m_w)
             count = chosen_sequences if chosen_sequences is not None else (lengths > 0).sum()
             per_token = m_w / layout.per_token(lengths).clamp(min=1)
-            share = config.nll_weight / count.double().clamp(min=1)
+            share = nll_weight / count.double().clamp(min=1)
             loss = loss - share * (chosen_logp * per_token).sum()
             c = c - share * per_token
         else:
-            nll_share = config.nll_weight / chosen_tokens.double().clamp(min=1)
+            nll_share = nll_weight / chosen_tokens.double().clamp(min=1)
             loss = loss + nll_share * nll_sum
             c = c - nll_share * m_w
     rewarded = transformed_scores(d, config)[0] if config.alphapo != 0 else d

@@ -51,6 +51,13 @@ plain log-ratios for the others, as TRL).
 LD-DPO (``ld_alpha``): in a pair, the tokens of a sequence beyond the shorter sequence's
 length (its first ``min(L_w, L_l)`` valid tokens are shared) count with weight ``ld_alpha``
 in the sums of the policy's and the reference's log-probs.
+
+WPO (``use_weighting``, TRL DPOConfig's): each pair's loss (every type of a mixture) is
+multiplied by the constant weight w = exp(c_w + c_l), with c a sequence's token mean over its
+masked tokens of logp_t - log sum_v p_v(t)^2 (p: the softmax of the temperature-scaled logits;
+an empty sequence has c = 0). TRL 1.16 clamps nothing (earlier TRL used min(w, 1)). The NLL
+term is multiplied by the batch mean of w, as TRL weighs its ``"sft"`` loss type. w carries no
+gradient and the metrics are not weighted.
 """
 
 from __future__ import annotations
@@ -96,6 +103,10 @@ F_DIVERGENCE_LOSSES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
 F_ALPHA_EXP_CAP = 80.0
 """alpha_divergence's exponent (alpha - 1) D is capped here (TRL's float32 clamp)."""
 
+UNWEIGHTED_LOSSES = ("aot", "aot_unpaired", "simpo", "orpo")
+"""Losses that refuse ``use_weighting`` (WPO): the batch-sorted ones (TRL refuses them) and
+those outside TRL's DPO trainer."""
+
 NLL_AGGREGATIONS = ("token_mean", "sequence_mean")
 
 EXO_DEFAULT_EPS = 1e-3
@@ -122,6 +133,7 @@ class PreferenceLossConfig:
     alphapo: float = 0.0
     loss_weight: float = 1.0
     mixture: tuple[tuple[str, float], ...] = ()
+    use_weighting: bool = False
 
     @property
     def uses_reference(self) -> bool:
@@ -157,8 +169,8 @@ def preference_config(*, beta: float = 0.1, loss_type: str | Sequence[str] = "si
                       temperature: float = 1.0, discopop_tau: float = 0.05,
                       f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
                       ld_alpha: float | None = None, nll_aggregation: str = "token_mean",
-                      alphapo: float = 0.0, loss_weights: Sequence[float] | None = None
-                      ) -> PreferenceLossConfig:
+                      alphapo: float = 0.0, loss_weights: Sequence[float] | None = None,
+                      use_weighting: bool = False) -> PreferenceLossConfig:
     """Check the keyword arguments of ``dpo_loss`` and resolve the per-loss defaults
     (``average_logprobs=None``: True for ipo / simpo / orpo, else False)."""
     types, weights = _loss_types(loss_type, loss_weights)
@@ -217,6 +229,12 @@ def preference_config(*, beta: float = 0.1, loss_type: str | Sequence[str] = "si
     if loss_type in ("simpo", "orpo") and not average_logprobs:
         raise ValueError(f"loss_type={loss_type!r} is defined on length-normalised "
                          f"log-probs; average_logprobs=False is not supported")
+    if not isinstance(use_weighting, bool):
+        raise TypeError(f"use_weighting must be a bool, got {use_weighting!r}")
+    if use_weighting and loss_type in UNWEIGHTED_LOSSES:
+        raise ValueError(f"use_weighting (WPO) weighs each pair's loss: not defined for "
+                         f"loss_type={loss_type!r} (aot / aot_unpaired sort the pairs, as TRL "
+                         f"refuses; simpo / orpo are not TRL DPO losses)")
     return PreferenceLossConfig(beta=beta, loss_type=loss_type, label_smoothing=eps,  # type: ignore[arg-type]
                                 average_logprobs=bool(average_logprobs), nll_coef=nll_coef,
                                 gamma=gamma, reference_free=bool(reference_free),
@@ -225,7 +243,8 @@ def preference_config(*, beta: float = 0.1, loss_type: str | Sequence[str] = "si
                                 f_alpha=f_alpha, ld_alpha=ld_alpha,
                                 nll_aggregation=nll_aggregation, alphapo=alphapo,
                                 loss_weight=weights[0],
-                                mixture=tuple(zip(types[1:], weights[1:], strict=True)))
+                                mixture=tuple(zip(types[1:], weights[1:], strict=True)),
+                                use_weighting=use_weighting)
 
 
 def _loss_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None

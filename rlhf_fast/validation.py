@@ -117,16 +117,17 @@ def float_token_tensor(x: object, name: str, logits: Tensor, flat: bool) -> Tens
     return x.float().reshape(logits.shape[:2])
 
 
-def check_mask(mask: object, expected: tuple[int, ...], like: Tensor) -> Tensor:
+def check_mask(mask: object, expected: tuple[int, ...], like: Tensor,
+               name: str = "mask") -> Tensor:
     """A bool or 0/1 tensor of shape ``expected`` on ``like``'s device (metadata only; the
-    values of a non-bool mask are checked by ``mask_to_bool``)."""
+    values of a non-bool mask are checked by ``mask_to_bool``). ``name``: the argument's."""
     if not isinstance(mask, Tensor) or mask.dtype.is_complex:
-        raise TypeError(f"mask must be a bool or 0/1 tensor of shape {expected}, got "
+        raise TypeError(f"{name} must be a bool or 0/1 tensor of shape {expected}, got "
                         f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}")
     if tuple(mask.shape) != expected:
-        raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(mask.shape)}")
     if mask.device != like.device:
-        raise ValueError(f"mask is on {mask.device} but logits are on {like.device}")
+        raise ValueError(f"{name} is on {mask.device} but logits are on {like.device}")
     return mask
 
 

@@ -55,7 +55,16 @@ def reference_inputs(problem: dict, kwargs: dict, ref_layout: str = "token"):
     return config, ref
 
 
-def loss_scale(problem: dict, config, ref) -> float:
+def with_prompts(problem: dict) -> torch.Tensor:
+    """An ``nll_mask`` covering ``mask``: each sequence's prompt (every position before its
+    response) and response, as TRL's ORPO attention mask."""
+    mask = problem["mask"]
+    started = mask.cumsum(-1) > 0
+    before = ~started & mask.any(-1, keepdim=True)
+    return mask | before
+
+
+def loss_scale(problem: dict, config, ref, nll_mask=None, log_sum_sq=None) -> float:
     """The norm-wise scale of the loss: its magnitude or its first-order sensitivity to the
     per-token log-probs it is built from, sum_t |dL/dlogp_t * logp_t|, whichever is larger.
     A loss whose terms nearly cancel (robust at large smoothing, EXO or IPO near their
@@ -63,32 +72,39 @@ def loss_scale(problem: dict, config, ref) -> float:
     logp = reference.token_logprobs(problem["logits"].double() / config.temperature,
                                     problem["targets"]).requires_grad_()
     valid = problem["mask"] & (problem["targets"] != -100)
+    nll_valid = nll_mask.bool() & (problem["targets"] != -100) if nll_mask is not None else None
     loss = reference.dpo_loss_from_logprobs(
-        logp, valid, ref.double() if ref is not None else None, config)[0]
+        logp, valid, ref.double() if ref is not None else None, config,
+        log_sum_sq=log_sum_sq, nll_valid=nll_valid)[0]
     (grad,) = torch.autograd.grad(loss, logp, allow_unused=True)
     sensitivity = (grad * logp).abs().sum().item() if grad is not None else 0.0
     return max(abs(loss.item()), sensitivity)
 
 
 def check_dpo(problem: dict, kwargs: dict, backend: str, *, ref_layout: str = "token",
-              grad_scale: float = 1.0):
+              grad_scale: float = 1.0, nll_mask=None):
     """dpo_loss vs the float64 reference on the same values: loss, sequence log-probs,
     gradient and metrics."""
     dtype = problem["logits"].dtype
     config, ref = reference_inputs(problem, kwargs, ref_layout)
     x = problem["logits"].clone().requires_grad_()
+    more = {"nll_mask": nll_mask} if nll_mask is not None else {}
     out = rlhf_fast.dpo_loss(x, problem["targets"], problem["mask"], ref_logprobs=ref,
-                             backend=backend, **kwargs)
+                             backend=backend, **kwargs, **more)
     (out.loss * grad_scale).backward()
 
     xr = problem["logits"].detach().double().requires_grad_()
     loss, chosen, rejected, metrics = reference.dpo_loss(
         xr, problem["targets"], problem["mask"],
-        ref_logprobs=ref.double() if ref is not None else None, config=config)
+        ref_logprobs=ref.double() if ref is not None else None, config=config, **more)
     (loss * grad_scale).backward()
 
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
-    scale = loss_scale(problem, config, ref)
+    log_sum_sq = None
+    if config.use_weighting:
+        z = problem["logits"].double() / config.temperature
+        log_sum_sq = torch.logsumexp(2 * torch.log_softmax(z, dim=-1), dim=-1)
+    scale = loss_scale(problem, config, ref, nll_mask, log_sum_sq)
     err = abs(out.loss.item() - loss.item()) / max(scale, 1e-30)
     assert err <= LOSS_RTOL, \
         f"loss {out.loss.item()} vs reference {loss.item()} (norm-wise rel {err:.2e})"
@@ -107,4 +123,5 @@ def check_dpo(problem: dict, kwargs: dict, backend: str, *, ref_layout: str = "t
     return out, x.grad, xr.grad
 
 
-__all__ = ["LOSS_TYPES", "check_dpo", "loss_kwargs", "make_pairs", "reference_inputs"]
+__all__ = ["LOSS_TYPES", "check_dpo", "loss_kwargs", "make_pairs", "reference_inputs",
+           "with_prompts"]

@@ -59,7 +59,7 @@ def assert_same(actual, expected, tol, name):
 VALUE_CASES = ["token_logprobs_float32", "token_logprobs_bfloat16",
                "token_logprobs_no_entropy_given_offset", "out_of_range_unchecked",
                "token_logprobs_ignore_index_0", "policy_ppo_kl_entropy", "policy_gspo",
-               "policy_inplace", "dpo_sigmoid_nll",
+               "policy_inplace", "dpo_sigmoid_nll", "dpo_wpo_prompt_nll",
                "linear_token_logprobs", "linear_policy_loss", "linear_dpo_simpo",
                "packed_linear_policy_gspo", "packed_policy_dapo", "packed_linear_dpo_simpo"]
 
@@ -132,6 +132,16 @@ def test_bytes_per_row(results, case):
         assert sum(size for _, size in record["forward"]) == \
             vocab_parallel.bytes_per_row(record["with_entropy"]) * rows
         assert record.get("backward", []) == [], layout
+
+
+def test_bytes_per_row_with_wpo_weights(results):
+    """WPO's sum of p^2 adds one float32 a row to the SUM all-reduce."""
+    for layout in [layout for layout in LAYOUTS if layout[0] == "torch"]:
+        record = results[layout]["dpo_wpo_prompt_nll"]
+        rows = record["rows"]
+        assert record["forward"] == [("all_reduce", 4 * rows), ("all_reduce", 20 * rows)]
+        assert sum(size for _, size in record["forward"]) == \
+            vocab_parallel.bytes_per_row(False, with_sum_sq=True) * rows
 
 
 @pytest.mark.parametrize("case", ["linear_token_logprobs", "linear_policy_loss",

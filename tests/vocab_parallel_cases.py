@@ -264,6 +264,24 @@ def run_cases(group, rank: int, world: int, traffic: Traffic, backend: str) -> d
         grads={"logits": (part.grad, full.grad[..., cols])},
         forward=forward, rows=20, with_entropy=False, dtype=torch.float32)
 
+    # WPO's weights (the slices' sums of p^2 combined) and an NLL over the prompts too.
+    nll_mask = torch.ones(4, 5, dtype=torch.bool)
+    kwargs = dict(ref_logprobs=ref_lp, backend=backend, nll_coef=0.3, use_weighting=True,
+                  nll_mask=nll_mask)
+    full = logits.clone().requires_grad_()
+    ref = dpo_loss(full, targets, mask, **kwargs)
+    ref.loss.backward()
+    part = sharded(logits)
+    with traffic.counting():
+        res = dpo_loss(part, targets, mask, process_group=group, **kwargs)
+    forward = list(traffic.calls)
+    res.loss.backward()
+    out["dpo_wpo_prompt_nll"] = dict(
+        values={"loss": (res.loss, ref.loss),
+                **{f"metrics.{k}": (v, ref.metrics[k]) for k, v in res.metrics.items()}},
+        grads={"logits": (part.grad, full.grad[..., cols])},
+        forward=forward, rows=20, with_entropy=False, dtype=torch.float32)
+
     # Fused-linear ops: weight and bias rows sharded, hidden replicated.
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(4, 5, 8, generator=g)

@@ -31,7 +31,8 @@ def _rows(dtype: torch.dtype, vocab: int, batch: int = BATCH) -> tuple[torch.Ten
 
 def launch_every_op(record: Recorder, dtype: torch.dtype, vocab: int) -> None:
     """token_logprobs (forward with / without entropy, backward for each upstream gradient),
-    policy_loss (fused token-level paths and the two-sweep path), dpo_loss."""
+    policy_loss (fused token-level paths and the two-sweep path), dpo_loss (and with
+    use_weighting, whose stats sweep also sums p^2)."""
     import rlhf_fast
 
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -72,6 +73,12 @@ def launch_every_op(record: Recorder, dtype: torch.dtype, vocab: int) -> None:
         return rlhf_fast.dpo_loss(x, targets, mask, ref_logprobs=torch.zeros(BATCH),
                                   backend="triton")
     record(use("dpo_loss[sigmoid]"), dpo)
+
+    def dpo_weighted():  # WPO: the stats sweep's WITH_SUM_SQ variant
+        x = logits.detach().requires_grad_()
+        return rlhf_fast.dpo_loss(x, targets, mask, ref_logprobs=torch.zeros(BATCH),
+                                  use_weighting=True, backend="triton")
+    record(use("dpo_loss[use_weighting]"), dpo_weighted)
 
     # The backward of the forward-gradient ops when grad_output is not 1 (on a GPU: the saved
     # gradient rescaled in place by a factor read on the device).

@@ -34,10 +34,12 @@ from ..validation import (
     check_loss_scale,
     check_mask,
     check_token_tensor,
+    device_check,
+    mask_to_bool,
 )
 from .custom_op_args import decode_config, encode_config, pack_metrics, unpack_metrics
 from .forward_gradients import reject_output_gradients, scale_by_grad_output
-from .packing import Layout, Packed, check_cu_seqlens
+from .packing import Layout, Packed, Padded, check_cu_seqlens
 from .policy_loss import IGNORE, token_inputs
 from .row_sweeps import grad_sweep, stats_sweep
 from .vocab_parallel import shard_backend
@@ -77,6 +79,7 @@ class PreferenceInputs(NamedTuple):
     targets: Tensor         # as given; IGNORE (-100) counts as masked
     mask: Tensor            # bool or 0/1, values checked inside the op
     ref: Tensor | None      # float32 [2B] or [2B, T]; None when the loss reads no reference
+    nll_mask: Tensor | None = None  # like mask: the NLL's tokens (ORPO's prompt NLL), or None
 
 
 def check_packed_pairs(cu_seqlens: object, rows: Tensor, name: str) -> int | None:
@@ -125,22 +128,31 @@ def loss_config(*, beta: float, loss_type: str | Sequence[str], label_smoothing:
 def preference_inputs(config: PreferenceLossConfig, logits: Tensor, targets: Tensor,
                       mask: object, ref_logprobs: object,
                       ref_model: bool | None = None,
-                      sequences: int | None = None) -> PreferenceInputs:
+                      sequences: int | None = None,
+                      nll_mask: object = None) -> PreferenceInputs:
     """Check targets ``[2B, T]``, mask ``[2B, T]`` and ``ref_logprobs`` (``[2B]`` sums or
     ``[2B, T]`` per token) against ``logits`` ``[2B, T, V]`` (only shape and device are
     used; no data is read). ``ref_model``: None when the caller takes no reference model,
     else whether its hidden states were given (they replace ``ref_logprobs``).
     ``sequences``: 2B of a packed batch, whose logits are ``[N, V]`` and per-token inputs
-    ``[N]`` (returned as ``[1, N]``; sequence sums stay ``[2B]``)."""
+    ``[N]`` (returned as ``[1, N]``; sequence sums stay ``[2B]``). ``nll_mask``: None, or
+    shaped as ``mask`` (only with an NLL term)."""
     check_token_tensor(targets, "targets", logits, integer=True)
     shape = tuple(logits.shape[:-1])
     mask = check_mask(mask, shape, logits)
+    if nll_mask is not None:
+        if config.nll_weight == 0:
+            raise ValueError(f"nll_mask selects the NLL term's tokens: pass nll_coef > 0 or "
+                             f"loss_type='orpo' (loss_type={config.loss_type!r}, nll_coef="
+                             f"{config.nll_coef} has no NLL term)")
+        nll_mask = check_mask(nll_mask, shape, logits, name="nll_mask")
     ref = _check_ref_logprobs(config, ref_logprobs, shape, logits, ref_model, sequences)
     if sequences is not None:
         targets, mask = targets.reshape(1, -1), mask.reshape(1, -1)
+        nll_mask = nll_mask.reshape(1, -1) if nll_mask is not None else None
         if ref is not None and tuple(ref.shape) == shape and shape != (sequences,):
             ref = ref.reshape(1, -1)
-    return PreferenceInputs(targets, mask, ref)
+    return PreferenceInputs(targets, mask, ref, nll_mask)
 
 
 def _check_ref_logprobs(config: PreferenceLossConfig, ref: object, shape: tuple[int, ...],
@@ -182,17 +194,24 @@ def preference_forward(logits: Tensor, targets: Tensor, valid: Tensor, ref: Tens
                        config: PreferenceLossConfig, backend: str, *, num_pairs: int,
                        chosen_tokens: Tensor, write_grad: bool, out: Tensor | None = None,
                        loss_scale: float = 1.0, layout: Layout | None = None,
-                       chosen_sequences: Tensor | None = None
+                       chosen_sequences: Tensor | None = None,
+                       nll_valid: Tensor | None = None
                        ) -> tuple[PairCoefficients, Tensor | None]:
     """Stats sweep, coefficients, gradient sweep over ``[2b, T, V]`` logits of ``b`` pairs
     (chosen rows first; ``[1, N, V]`` packed with ``layout``): (coefficients, dL/dlogits or
-    None), both times ``loss_scale``. ``targets`` hold ``IGNORE`` at masked positions, whose
-    rows are neither read nor written (their gradient is 0)."""
+    None), both times ``loss_scale``. ``targets`` hold ``IGNORE`` at the positions that are
+    neither scored (``valid``) nor in the NLL (``nll_valid``), whose rows are neither read
+    nor written (their gradient is 0). With ``use_weighting`` the stats sweep also gives
+    ln sum_v p_v^2 per token (its ``WITH_SUM_SQ`` variant, same read)."""
+    log_sum_sq = None
+    if config.use_weighting:
+        log_sum_sq = logits.new_empty(targets.shape, dtype=torch.float32)
     logp, entropy, stats = stats_sweep(logits, targets, config.temperature, IGNORE, False,
-                                       backend)
+                                       backend, log_sum_sq=log_sum_sq)
     coef = preference_coefficients(logp, valid, ref, config, num_pairs=num_pairs,
                                    chosen_tokens=chosen_tokens,
-                                   chosen_sequences=chosen_sequences, layout=layout)
+                                   chosen_sequences=chosen_sequences, layout=layout,
+                                   log_sum_sq=log_sum_sq, nll_valid=nll_valid)
     if loss_scale != 1.0:
         coef = dataclasses.replace(coef, loss=coef.loss * loss_scale,
                                    c_logp=coef.c_logp * loss_scale)
@@ -219,15 +238,50 @@ def pair_layout(cu_seqlens: Tensor | None, valid: Tensor
     return layout, layout.num_sequences // 2, chosen_valid.sum(), chosen_sequences
 
 
+class PairTokens(NamedTuple):
+    """The tokens of a preference batch, as the sweeps and the coefficient step take them."""
+
+    targets: Tensor                # IGNORE at every token neither scored nor in the NLL
+    valid: Tensor                  # bool: the scored tokens (mask, target != IGNORE)
+    nll_valid: Tensor | None       # bool: the NLL's tokens (chosen rows), None: valid's
+    layout: Layout | None
+    num_pairs: int
+    chosen_tokens: Tensor          # the NLL's token count (0-dim, on the device)
+    chosen_sequences: Tensor       # its non-empty chosen sequences (0-dim)
+
+
+def pair_tokens(mask: Tensor, nll_mask: Tensor | None, targets: Tensor, n_cols: int,
+                backend: str, cu_seqlens: Tensor | None) -> PairTokens:
+    """The swept targets and the masks of ``[2B, T]`` (``[1, N]`` packed) pairs. With
+    ``nll_mask`` (which must cover ``mask``) the chosen sequences' tokens in it are swept
+    too, for the NLL only; its tokens in the rejected sequences are not swept (their targets
+    are still range-checked). Checks on the device, no host sync."""
+    if nll_mask is None:
+        targets, valid = token_inputs(mask, targets, n_cols, backend)
+        return PairTokens(targets, valid, None, *pair_layout(cu_seqlens, valid))
+    nll_targets, in_nll = token_inputs(nll_mask, targets, n_cols, backend)
+    valid = mask_to_bool(mask) & (targets != IGNORE)
+    device_check(~(valid & ~in_nll).any(),
+                 lambda: "nll_mask must cover mask: every scored token (mask) must be in "
+                         "nll_mask too (nll_mask adds the prompt tokens to the NLL)")
+    layout, num_pairs, _, _ = pair_layout(cu_seqlens, valid)
+    lay = layout if layout is not None else Padded(valid.shape[0])
+    nll_valid = in_nll & chosen_token_mask(lay, in_nll)
+    targets = torch.where(valid | nll_valid, nll_targets, torch.full_like(nll_targets, IGNORE))
+    chosen_sequences = (lay.seq_sum(nll_valid.to(torch.int64)) > 0).sum()
+    return PairTokens(targets, valid, nll_valid, layout, num_pairs, nll_valid.sum(),
+                      chosen_sequences)
+
+
 def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, write_grad, out,
-                   cu_seqlens):
+                   cu_seqlens, nll_mask):
     c = decode_config(PreferenceLossConfig, config)
-    targets, valid = token_inputs(mask, targets, logits.shape[-1], backend)
-    layout, num_pairs, chosen_tokens, chosen_sequences = pair_layout(cu_seqlens, valid)
+    tok = pair_tokens(mask, nll_mask, targets, logits.shape[-1], backend, cu_seqlens)
+    valid, chosen_tokens = tok.valid, tok.chosen_tokens
     coef, grad = preference_forward(
-        logits, targets, valid, ref, c, backend, num_pairs=num_pairs,
+        logits, tok.targets, valid, ref, c, backend, num_pairs=tok.num_pairs,
         chosen_tokens=chosen_tokens, write_grad=write_grad, out=out, loss_scale=loss_scale,
-        layout=layout, chosen_sequences=chosen_sequences)
+        layout=tok.layout, chosen_sequences=tok.chosen_sequences, nll_valid=tok.nll_valid)
     metrics = pack_metrics(preference_metrics([coef.pairs], chosen_tokens), PREFERENCE_METRICS)
     return (coef.loss.float(), coef.pairs["logps_chosen"].float(),
             coef.pairs["logps_rejected"].float(), metrics, grad)
@@ -236,19 +290,19 @@ def _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale, writ
 @torch.library.custom_op("rlhf_fast::dpo_loss", mutates_args=())
 def dpo_loss_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
                 config: str, backend: str, loss_scale: float, write_grad: bool,
-                cu_seqlens: Optional[Tensor] = None
+                cu_seqlens: Optional[Tensor] = None, nll_mask: Optional[Tensor] = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, chosen ``[B]``, rejected ``[B]``, metrics ``[8]``, dL/dlogits ``[2B, T, V]`` or
     ``[0]`` without ``write_grad``) of ``[2B, T, V]`` logits (``[1, N, V]`` packed, with
     ``cu_seqlens`` of 2B sequences)."""
     *outputs, grad = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
-                                    write_grad, None, cu_seqlens)
+                                    write_grad, None, cu_seqlens, nll_mask)
     return (*outputs, grad if grad is not None else logits.new_empty(0))
 
 
 @dpo_loss_op.register_fake
 def _dpo_loss_fake(logits, targets, mask, ref, config, backend, loss_scale, write_grad,
-                   cu_seqlens=None):
+                   cu_seqlens=None, nll_mask=None):
     return (*_dpo_outputs_fake(logits, cu_seqlens),
             logits.new_empty(logits.shape if write_grad else (0,)))
 
@@ -256,17 +310,17 @@ def _dpo_loss_fake(logits, targets, mask, ref, config, backend, loss_scale, writ
 @torch.library.custom_op("rlhf_fast::dpo_loss_inplace", mutates_args=("logits",))
 def dpo_loss_inplace_op(logits: Tensor, targets: Tensor, mask: Tensor, ref: Optional[Tensor],
                         config: str, backend: str, loss_scale: float,
-                        cu_seqlens: Optional[Tensor] = None
+                        cu_seqlens: Optional[Tensor] = None, nll_mask: Optional[Tensor] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dpo_loss_op`` writing dL/dlogits over ``logits`` (unit column stride)."""
     *outputs, _ = _dpo_loss_impl(logits, targets, mask, ref, config, backend, loss_scale,
-                                 True, logits, cu_seqlens)
+                                 True, logits, cu_seqlens, nll_mask)
     return tuple(outputs)
 
 
 @dpo_loss_inplace_op.register_fake
 def _dpo_loss_inplace_fake(logits, targets, mask, ref, config, backend, loss_scale,
-                           cu_seqlens=None):
+                           cu_seqlens=None, nll_mask=None):
     return _dpo_outputs_fake(logits, cu_seqlens)
 
 
@@ -287,16 +341,17 @@ class _PreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, mask, ref, config, backend, inplace, loss_scale,
-                grad_enabled, cu_seqlens):
+                grad_enabled, cu_seqlens, nll_mask):
         # needs_input_grad follows requires_grad even under no_grad: nothing to write then.
         write_grad = grad_enabled and ctx.needs_input_grad[0]
         args = (targets, mask, ref, config, backend, loss_scale)
         if write_grad and inplace:
-            loss, chosen, rejected, metrics = dpo_loss_inplace_op(logits, *args, cu_seqlens)
+            loss, chosen, rejected, metrics = dpo_loss_inplace_op(logits, *args, cu_seqlens,
+                                                                  nll_mask)
             grad = logits
         else:
             loss, chosen, rejected, metrics, grad = dpo_loss_op(logits, *args, write_grad,
-                                                                cu_seqlens)
+                                                                cu_seqlens, nll_mask)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)
         if write_grad:
@@ -309,9 +364,9 @@ class _PreferenceLoss(torch.autograd.Function):
                                              "out.rejected_logprobs": grad_rejected},
                                 OUTPUT_GRADIENT_REMEDY)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+            return (None,) * 11
         (grad,) = scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss)
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 10
 
 
 def dpo_loss(
@@ -335,6 +390,8 @@ def dpo_loss(
     nll_aggregation: str = "token_mean",
     alphapo: float = 0.0,
     loss_weights: Sequence[float] | None = None,
+    use_weighting: bool = False,
+    nll_mask: Tensor | None = None,
     inplace: bool = False,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -378,6 +435,19 @@ def dpo_loss(
             sum of their pair means (ones by default); the types must be distinct among
             sigmoid, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
             apo_down, discopop.
+        use_weighting: WPO (TRL's ``use_weighting``): each pair's loss times the constant
+            weight exp(c_w + c_l), c a sequence's token mean of logp_t - ln sum_v p_v(t)^2
+            (from the same stats sweep, its ``WITH_SUM_SQ`` variant); the NLL term times the
+            weights' batch mean (TRL's weighted ``sft``); no clamp (TRL 1.16). Refused with
+            aot / aot_unpaired / simpo / orpo. With ``process_group`` the slices' sums of
+            squares are combined (4 more bytes a row in the all-reduce).
+        nll_mask: shaped and typed as ``mask`` (bool or 0/1), and covering it: the tokens of
+            the NLL term (``nll_coef`` or orpo's), e.g. prompt + response for TRL's ORPO,
+            whose chosen NLL counts every attended token. The chosen sequences' tokens in
+            ``nll_mask`` but not in ``mask`` are swept for the NLL alone (their gradient is
+            the NLL's); the pair terms see ``mask`` only. The NLL's token mean (or
+            ``sequence_mean``) and ``metrics["nll"]`` then run over ``nll_mask``'s chosen
+            tokens. Requires an NLL term.
         reference_free: the reference log-probs are taken as 0.
         temperature: logits are divided by it.
         inplace: write the gradient over ``logits`` (they are consumed). Refused on a leaf
@@ -409,7 +479,8 @@ def dpo_loss(
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
                          f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
-                         alphapo=alphapo, loss_weights=loss_weights)
+                         alphapo=alphapo, loss_weights=loss_weights,
+                         use_weighting=use_weighting)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
@@ -420,7 +491,7 @@ def dpo_loss(
     backend = shard_backend(backend, process_group, vocab_offset, logits.shape[-1],
                             logits.device)
     inputs = preference_inputs(config, logits, targets, mask, ref_logprobs,
-                               sequences=sequences)
+                               sequences=sequences, nll_mask=nll_mask)
     if sequences is not None:
         logits = logits.unsqueeze(0)
     grad_enabled = torch.is_grad_enabled()
@@ -428,6 +499,6 @@ def dpo_loss(
         check_inplace(logits, grad_enabled and logits.requires_grad)
     loss, chosen, rejected, metrics = _PreferenceLoss.apply(
         logits, inputs.targets, inputs.mask, inputs.ref, encode_config(config), backend,
-        bool(inplace), loss_scale, grad_enabled, cu_seqlens)
+        bool(inplace), loss_scale, grad_enabled, cu_seqlens, inputs.nll_mask)
     return PreferenceLossOutput(loss, chosen, rejected,
                                 unpack_metrics(metrics, PREFERENCE_METRICS))

@@ -50,7 +50,7 @@ from .dpo import (
     check_packed_pairs,
     check_pair_batch,
     loss_config,
-    pair_layout,
+    pair_tokens,
     preference_forward,
     preference_inputs,
 )
@@ -66,7 +66,7 @@ from .lm_head import (
     head_outputs,
     reference_logprobs,
 )
-from .policy_loss import IGNORE, token_inputs
+from .policy_loss import IGNORE
 from .row_sweeps import grad_sweep, stats_sweep
 from .vocab_parallel import shard_backend
 
@@ -100,7 +100,8 @@ def _scaled(coef, loss_scale: float):
 
 
 def _pair_pass(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-               loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk):
+               loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk,
+               nll_valid):
     """One pass over chunks of whole pairs (padded): (loss, chosen, rejected, parts)."""
     seq_len, vocab = hidden.shape[1], weight.shape[0]
     chunks = pair_chunks(num_pairs, pairs_per_chunk, hidden.device)
@@ -124,7 +125,8 @@ def _pair_pass(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight
         coef, grad = preference_forward(
             logits, targets_c, _rows(valid, index), ref_c, c, backend,
             num_pairs=num_pairs, chosen_tokens=chosen_tokens, write_grad=True, out=logits,
-            loss_scale=loss_scale, chosen_sequences=chosen_sequences)
+            loss_scale=loss_scale, chosen_sequences=chosen_sequences,
+            nll_valid=_rows(nll_valid, index))
         loss += coef.loss
         parts.append(coef.pairs)
         chosen[pairs] = coef.pairs["logps_chosen"].float()
@@ -137,11 +139,13 @@ def _pair_pass(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight
 
 def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config,
                      backend, chunk_size, loss_scale, needs, chunk_tokens, cu_seqlens,
-                     main_grad):
+                     main_grad, nll_mask):
     write_grad = any(needs)
     c = decode_config(PreferenceLossConfig, config)
-    targets, valid = token_inputs(mask, targets, weight.shape[0], backend)
-    layout, num_pairs, chosen_tokens, chosen_sequences = pair_layout(cu_seqlens, valid)
+    tok = pair_tokens(mask, nll_mask, targets, weight.shape[0], backend, cu_seqlens)
+    targets, valid, nll_valid, layout = tok.targets, tok.valid, tok.nll_valid, tok.layout
+    num_pairs, chosen_tokens, chosen_sequences = (tok.num_pairs, tok.chosen_tokens,
+                                                  tok.chosen_sequences)
     batch, seq_len = hidden.shape[:2]
     packed = cu_seqlens is not None
     tokens = _tokens_per_chunk(chunk_tokens, hidden, weight, backend)
@@ -151,14 +155,17 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
                          one_chunk=single) if write_grad else None
     # AOT sorts the margins over the whole batch: chunks of pairs cannot hold it, so more
     # than one chunk takes the pre-pass (the pair step then sees the whole batch, exactly).
-    pairs_split = c.loss_type in BATCH_SORTED_LOSSES and not single
+    # WPO with an NLL term weighs the NLL by the batch mean of the pair weights: the same.
+    batch_wide = c.loss_type in BATCH_SORTED_LOSSES or (c.use_weighting and c.nll_weight != 0)
+    pairs_split = batch_wide and not single
     if write_grad and not packed and not pairs_split \
             and (chunk_size is not None or 2 * seq_len <= tokens or single):
         pairs_per_chunk = chunk_size if chunk_size is not None \
             else max(1, tokens // max(1, 2 * seq_len))
         loss, chosen, rejected, parts = _pair_pass(
             hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk)
+            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, pairs_per_chunk,
+            nll_valid)
     elif write_grad and single:
         # Packed, one chunk: the whole batch in one pass, its sequences given by the layout.
         targets_c, ref_c = targets, ref
@@ -170,7 +177,7 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
         coef, grad = preference_forward(
             logits, targets_c, valid, ref_c, c, backend, num_pairs=num_pairs,
             chosen_tokens=chosen_tokens, write_grad=True, out=logits, loss_scale=loss_scale,
-            layout=layout, chosen_sequences=chosen_sequences)
+            layout=layout, chosen_sequences=chosen_sequences, nll_valid=nll_valid)
         head.add(grad.view(hidden_c.shape[0], -1), hidden_c, (0, hidden_c.shape[0]))
         del logits, grad
         loss, parts = coef.loss, [coef.pairs]
@@ -179,14 +186,16 @@ def _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_w
     else:
         loss, chosen, rejected, parts = _two_passes(
             hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens)
+            loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens,
+            nll_valid)
     metrics = pack_metrics(preference_metrics(parts, chosen_tokens), PREFERENCE_METRICS)
     grads = head.result() if head is not None else (None, None, None)
     return (loss.float(), chosen, rejected, metrics, *head_outputs(grads, hidden))
 
 
 def _two_passes(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weight, c, backend,
-                loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens):
+                loss_scale, head, num_pairs, chosen_tokens, chosen_sequences, layout, tokens,
+                nll_valid):
     """No-grad pre-pass over chunks of tokens, the pair step on the whole batch, then the
     gradient pass when ``head`` is given: (loss, chosen, rejected, parts)."""
     batch, seq_len = hidden.shape[:2]
@@ -197,19 +206,25 @@ def _two_passes(hidden, weight, bias, targets, valid, ref, ref_hidden, ref_weigh
     stats = torch.empty((batch, seq_len, 3), dtype=torch.float32, device=hidden.device) \
         if head is not None else None
     ref_all = torch.empty_like(logp) if ref_hidden is not None else ref
+    log_sum_sq = torch.empty_like(logp) if c.use_weighting else None
     for chunk in plan.chunks:
         if ref_hidden is not None:
             at(ref_all, chunk).copy_(run.reference(chunk, at(targets, chunk), c.temperature,
                                                    backend))
         logits = run.logits(chunk, run.rows(chunk.start, chunk.stop))
-        logp_c, _, stats_c = stats_sweep(logits, at(targets, chunk), c.temperature, IGNORE,
-                                         False, backend)
+        targets_c = at(targets, chunk)
+        sum_sq_c = logp.new_empty(targets_c.shape) if log_sum_sq is not None else None
+        logp_c, _, stats_c = stats_sweep(logits, targets_c, c.temperature, IGNORE, False,
+                                         backend, log_sum_sq=sum_sq_c)
         at(logp, chunk).copy_(logp_c)
+        if sum_sq_c is not None:
+            at(log_sum_sq, chunk).copy_(sum_sq_c)
         if stats is not None:
             at(stats, chunk, (3,)).copy_(stats_c)
     coef = _scaled(preference_coefficients(logp, valid, ref_all, c, num_pairs=num_pairs,
                                            chosen_tokens=chosen_tokens,
-                                           chosen_sequences=chosen_sequences, layout=layout),
+                                           chosen_sequences=chosen_sequences, layout=layout,
+                                           log_sum_sq=log_sum_sq, nll_valid=nll_valid),
                    loss_scale)
     if head is not None:
         no_entropy = logp.new_empty(0)
@@ -232,6 +247,7 @@ def linear_dpo_loss_op(
     config: str, backend: str, chunk_size: Optional[int], loss_scale: float,
     need_hidden: bool, need_weight: bool, need_bias: bool, chunk_tokens: Optional[int] = None,
     cu_seqlens: Optional[Tensor] = None, main_grad: Optional[Tensor] = None,
+    nll_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, chosen ``[B]``, rejected ``[B]``, metrics ``[8]``, grad_hidden, grad_weight,
     grad_bias), each gradient ``[0]`` when not asked for (the weight's too when ``main_grad``
@@ -239,13 +255,14 @@ def linear_dpo_loss_op(
     return _linear_dpo_impl(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight,
                             config, backend, chunk_size, loss_scale,
                             (need_hidden, need_weight, need_bias), chunk_tokens, cu_seqlens,
-                            main_grad)
+                            main_grad, nll_mask)
 
 
 @linear_dpo_loss_op.register_fake
 def _linear_dpo_loss_fake(hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight,
                           config, backend, chunk_size, loss_scale, need_hidden, need_weight,
-                          need_bias, chunk_tokens=None, cu_seqlens=None, main_grad=None):
+                          need_bias, chunk_tokens=None, cu_seqlens=None, main_grad=None,
+                          nll_mask=None):
     pairs = (hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1) // 2
     return (hidden.new_empty((), dtype=torch.float32),
             hidden.new_empty((pairs,), dtype=torch.float32),
@@ -262,14 +279,14 @@ class _LinearPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config,
                 backend, chunk_size, loss_scale, grad_enabled, chunk_tokens, cu_seqlens,
-                main_grad):
+                main_grad, nll_mask):
         # needs_input_grad follows requires_grad even under no_grad: no gradient then.
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         needs = (grad_enabled and need_h, grad_enabled and (need_w or main_grad is not None),
                  grad_enabled and need_b)
         loss, chosen, rejected, metrics, *grads = linear_dpo_loss_op(
             hidden, weight, bias, targets, mask, ref, ref_hidden, ref_weight, config, backend,
-            chunk_size, loss_scale, *needs, chunk_tokens, cu_seqlens, main_grad)
+            chunk_size, loss_scale, *needs, chunk_tokens, cu_seqlens, main_grad, nll_mask)
         ctx.main_grad = needs[1] and main_grad is not None
         saved = (needs[0], needs[1] and main_grad is None, needs[2])
         ctx.mark_non_differentiable(metrics)
@@ -285,7 +302,7 @@ class _LinearPreferenceLoss(torch.autograd.Function):
                                 OUTPUT_GRADIENT_REMEDY)
         if ctx.main_grad:
             check_unit_grad_output(grad_loss)
-        return scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss) + (None,) * 13
+        return scale_by_grad_output(ctx, ctx.saved_tensors, grad_loss) + (None,) * 14
 
 
 def linear_dpo_loss(
@@ -313,6 +330,8 @@ def linear_dpo_loss(
     nll_aggregation: str = "token_mean",
     alphapo: float = 0.0,
     loss_weights: Sequence[float] | None = None,
+    use_weighting: bool = False,
+    nll_mask: Tensor | None = None,
     chunk_size: int | None = None,
     loss_scale: float = 1.0,
     backend: str = "auto",
@@ -357,6 +376,11 @@ def linear_dpo_loss(
       slices, give ``chunk_tokens`` or ``chunk_size`` too (the default chunk is then sized
       by the local width, and must be the same on every rank).
 
+    - ``use_weighting`` (WPO) and ``nll_mask`` (ORPO's prompt NLL) as in ``dpo_loss``:
+      the WPO term ln sum_v p_v^2 comes from each chunk's stats sweep; with an NLL term too,
+      more than one chunk takes the pre-pass (the NLL's weight is the batch mean of the pair
+      weights). ``nll_mask``: ``[2B, T]`` (``[N]`` packed).
+
     Every other argument as in ``rlhf_fast.dpo_loss``.
     """
     config = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
@@ -364,7 +388,8 @@ def linear_dpo_loss(
                          reference_free=reference_free, temperature=temperature,
                          discopop_tau=discopop_tau, f_divergence=f_divergence,
                          f_alpha=f_alpha, ld_alpha=ld_alpha, nll_aggregation=nll_aggregation,
-                         alphapo=alphapo, loss_weights=loss_weights)
+                         alphapo=alphapo, loss_weights=loss_weights,
+                         use_weighting=use_weighting)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     loss_scale = check_loss_scale(loss_scale)
@@ -381,13 +406,14 @@ def linear_dpo_loss(
         ref_hidden, ref_weight, hidden, weight, False,
         "[N, H_ref]" if sequences is not None else "[2B, T, H_ref]")
     inputs = preference_inputs(config, logits_like, targets, mask, ref_logprobs,
-                               ref_model=ref_hidden is not None, sequences=sequences)
+                               ref_model=ref_hidden is not None, sequences=sequences,
+                               nll_mask=nll_mask)
     if sequences is not None:
         hidden = hidden.unsqueeze(0)
         ref_hidden = ref_hidden.unsqueeze(0) if ref_hidden is not None else None
     loss, chosen, rejected, metrics = _LinearPreferenceLoss.apply(
         hidden, weight, bias, inputs.targets, inputs.mask, inputs.ref, ref_hidden, ref_weight,
         encode_config(config), backend, chunk_size, loss_scale, torch.is_grad_enabled(),
-        chunk_tokens, cu_seqlens, main_grad)
+        chunk_tokens, cu_seqlens, main_grad, inputs.nll_mask)
     return PreferenceLossOutput(loss, chosen, rejected,
                                 unpack_metrics(metrics, PREFERENCE_METRICS))

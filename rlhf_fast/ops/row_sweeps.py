@@ -40,22 +40,32 @@ def check_targets(targets: Tensor, n_cols: int, ignore_index: int, backend: str)
 
 
 def stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                with_entropy: bool, backend: str, log_sum_sq: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """logits ``[B, T, V]``, targets ``[B, T]`` -> (logp ``[B, T]``, entropy ``[B, T]`` or
     ``[0]``, stats ``[B, T, 3]``), all float32. ``stats`` are what ``grad_sweep`` of the same
     backend needs, in that backend's units (Triton: the raw logits' max, the log-sum-exp
-    below it and 1 - p_y)."""
+    below it and 1 - p_y).
+
+    ``log_sum_sq`` (float32 ``[B, T]``, optional) receives ``ln sum_v p_v^2`` of each row in
+    the same read (WPO's weights; 0 at ignored rows, NaN at a target out of range); the
+    Triton sweep then runs its ``WITH_SUM_SQ`` variant. On a vocabulary shard the slices'
+    sums are combined (``vocab_parallel.sharded_stats_sweep``)."""
     backend, shard = split_backend(backend)
     if shard is not None:
         return sharded_stats_sweep(_local_stats_sweep, logits, targets, temperature,
-                                   ignore_index, with_entropy, backend, shard)
+                                   ignore_index, with_entropy, backend, shard, log_sum_sq)
     return _local_stats_sweep(logits, targets, temperature, ignore_index, with_entropy,
-                              backend)
+                              backend, log_sum_sq)
 
 
 def _local_stats_sweep(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                       with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                       with_entropy: bool, backend: str, log_sum_sq: Optional[Tensor] = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     if resolve_backend(backend, logits) == "torch":
+        if log_sum_sq is not None:
+            log_sum_sq.copy_(torch_impl.log_sum_sq_probs(logits, targets, temperature,
+                                                         ignore_index))
         return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
                                                  with_entropy)
     from ..kernels.token_logprobs import token_logprobs_fwd_kernel
@@ -70,11 +80,14 @@ def _local_stats_sweep(logits: Tensor, targets: Tensor, temperature: float, igno
     if n_rows == 0:
         return logp, entropy, stats
     launch = row_launch(n_cols, logits.dtype)
+    with_sum_sq = log_sum_sq is not None
     token_logprobs_fwd_kernel[(n_rows,)](
         logits, targets, logp, entropy if with_entropy else logp, stats,
         n_cols, seq_len, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
+        log_sum_sq if with_sum_sq else logp,
         WITH_ENTROPY=with_entropy, ON_CHIP=launch.on_chip, UNROLL=launch.unroll,
-        THREADS=launch.threads, VEC=launch.vec, num_warps=launch.num_warps,
+        THREADS=launch.threads, VEC=launch.vec, WITH_SUM_SQ=with_sum_sq,
+        num_warps=launch.num_warps,
     )
     return logp, entropy, stats
 

@@ -22,11 +22,14 @@ Forward (``sharded_stats_sweep``), per row, z = logits / temperature:
        x_y    = the target's logit (from the owner, 0 elsewhere)
        owners = the number of ranks whose slice holds the target (1 when it is in range)
        T      = sum_r w_r s_r (a_r + m_r - M)          (only with the entropy)
+       Q      = sum_r (w_r s_r)^2 e^(l_r)              (only for WPO's ln sum_v p_v^2: l_r
+                                                        is the slice's own ln sum p^2)
 
 4. on every rank, the same ``[N]`` arithmetic as the single-process sweep:
 
        d_y = z_y - M,   log S = log1p(S_excl + expm1(d_y))   (exact when p_y -> 1)
-       logp = d_y - log S,   1 - p_y = S_excl / S,   H = log S - T / S
+       logp = d_y - log S,   1 - p_y = S_excl / S,   H = log S - T / S,
+       ln sum_v p_v^2 = ln Q - 2 log S
 
 Backward: nothing is communicated. The gradient sweep of each rank's slice needs only
 ``(M, log S)``, the entropy and the per-token coefficients, which every rank holds; on the
@@ -35,7 +38,8 @@ so the sweep's target term ``c * q`` writes the plain ``-c * p`` there.
 
 Bytes communicated per row and forward (all-reduce payloads; a ring all-reduce puts
 2 (P - 1) / P times that on each link): 4 (MAX) + 16 (SUM), or 4 + 20 with the entropy
-(policy losses always compute it): 20 or 24 bytes, whatever V and P; ``[N, V]`` data never
+(policy losses always compute it): 20 or 24 bytes, 4 more for WPO's sum of squares,
+whatever V and P; ``[N, V]`` data never
 moves (``tests/test_vocab_parallel.py`` counts them). The shard's offset is all-gathered once
 per (group, slice width) and cached, unless given (``vocab_offset``). The fused-linear ops
 also all-reduce dL/dhidden (``[N, D]`` in the hidden dtype), the sum over the slices of
@@ -85,9 +89,9 @@ class VocabShard:
     ``vocab_offset`` was given."""
 
 
-def bytes_per_row(with_entropy: bool) -> int:
+def bytes_per_row(with_entropy: bool, with_sum_sq: bool = False) -> int:
     """Bytes one rank sends into the all-reduces per row of a forward (float32 payloads)."""
-    return 4 * (MAX_FLOATS_PER_ROW + SUM_FLOATS_PER_ROW + int(with_entropy))
+    return 4 * (MAX_FLOATS_PER_ROW + SUM_FLOATS_PER_ROW + int(with_entropy) + int(with_sum_sq))
 
 
 def slice_layout(group: dist.ProcessGroup, n_local: int,
@@ -197,11 +201,13 @@ def _column(logits: Tensor, columns: Tensor) -> Tensor:
 
 def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperature: float,
                         ignore_index: int, with_entropy: bool, backend: str,
-                        shard: VocabShard) -> tuple[Tensor, Tensor, Tensor]:
+                        shard: VocabShard, log_sum_sq: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """``stats_sweep`` over this rank's slice ``logits`` ``[B, T, V_r]`` with full-vocabulary
     ``targets`` ``[B, T]``: the full-vocabulary (logp, entropy, stats), the stats in the
     units of ``backend``'s gradient sweep, as ``sharded_grad_targets`` expects them (module
-    docstring: two all-reduces, 20 or 24 bytes per row)."""
+    docstring: two all-reduces, 20 or 24 bytes per row). ``log_sum_sq`` (float32 ``[B, T]``)
+    receives the full vocabulary's ln sum_v p_v^2 (4 more bytes per row)."""
     from ..backend import resolve_backend
 
     n_local = logits.shape[-1]
@@ -209,8 +215,11 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
     # Triton's stats hold the raw logits' max, the torch backend's the scaled one.
     raw_max = resolve_backend(backend, logits) == "triton"
     sweep_targets, owned = local_targets(targets, shard, n_local, ignore_index)
+    local_sum_sq = torch.empty_like(targets, dtype=torch.float32) \
+        if log_sum_sq is not None else None
     _, entropy_r, stats_r = local_sweep(logits, sweep_targets, temperature,
-                                        local_ignore_index(ignore_index), with_entropy, backend)
+                                        local_ignore_index(ignore_index), with_entropy, backend,
+                                        local_sum_sq)
     ignored = targets == ignore_index
     row_max, log_s, q = stats_r.unbind(-1)
     # The target's logit on its owner, the stand-in column's elsewhere.
@@ -231,6 +240,9 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
     if with_entropy:
         a_r = log_s - entropy_r
         parts.append(torch.where(empty, 0.0, mass * (a_r + d_r)))
+    if local_sum_sq is not None:
+        # sum over the slice of exp(z - M)^2 = (its mass)^2 times its own sum of p^2.
+        parts.append(torch.where(empty, 0.0, mass * mass * torch.exp(local_sum_sq)))
     payload = torch.stack(parts, dim=-1)
     dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=shard.group)
     total, excl, x_y, owners = payload[..., 0], payload[..., 1], payload[..., 2], payload[..., 3]
@@ -258,6 +270,9 @@ def sharded_stats_sweep(local_sweep, logits: Tensor, targets: Tensor, temperatur
         entropy = torch.where(ignored, zero, torch.where(bad, nan, entropy))
     else:
         entropy = entropy_r
+    if log_sum_sq is not None:
+        sum_sq = torch.log(payload[..., -1]) - 2.0 * log_total
+        log_sum_sq.copy_(torch.where(ignored, zero, torch.where(bad, nan, sum_sq)))
     return logp, entropy, stats
 
 

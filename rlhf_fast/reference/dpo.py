@@ -16,6 +16,14 @@ token-mean NLL; ``loss_weight`` and ``mixture`` ((type, weight), ...) make the l
 weighted sum of pair losses, each on the same scores; ``alphapo`` = a != 0 replaces the
 (reference-free) score D by the reward (1 - e^(-a D)) / a, in the loss and in the reported
 rewards.
+
+WPO (``use_weighting``): with lsq_t = log sum_v softmax(z_t)_v^2 of the temperature-scaled
+logits z_t, each sequence's c = mean over its valid tokens of (logp_t - lsq_t) (0 when empty),
+each pair's loss times w = exp(c_w + c_l), taken as a constant, and the NLL term times the
+mean of w over the pairs (TRL 1.16 multiplies its sft term per pair by w too).
+
+``nll_mask`` (ORPO's prompt NLL): the NLL term is taken over the chosen sequences' tokens in
+``nll_mask`` (instead of those in ``mask``); the pair terms still see ``mask`` alone.
 """
 
 from __future__ import annotations
@@ -110,23 +118,33 @@ def dpo_loss(
     *,
     ref_logprobs: Tensor | None = None,
     config: PreferenceLossConfig,
+    nll_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """(loss, chosen sequence log-probs ``[B]``, rejected ``[B]``, metrics).
 
     logits ``[2B, T, V]`` (chosen first), targets and mask ``[2B, T]``; ``ref_logprobs``
-    ``[2B]`` (sums over the masked tokens) or ``[2B, T]``. Runs in the logits' dtype.
-    Targets equal to -100 count as masked.
+    ``[2B]`` (sums over the masked tokens) or ``[2B, T]``; ``nll_mask`` ``[2B, T]`` or None
+    (the NLL's tokens; None: ``mask``). Runs in the logits' dtype. Targets equal to -100
+    count as masked.
     """
     valid = mask.bool() & (targets != -100)
-    logp = token_logprobs(logits / config.temperature, targets)
-    return dpo_loss_from_logprobs(logp, valid, ref_logprobs, config)
+    nll_valid = nll_mask.bool() & (targets != -100) if nll_mask is not None else None
+    z = logits / config.temperature
+    logp = token_logprobs(z, targets)
+    log_sum_sq = None
+    if config.use_weighting:
+        log_sum_sq = torch.logsumexp(2 * torch.log_softmax(z, dim=-1), dim=-1)
+    return dpo_loss_from_logprobs(logp, valid, ref_logprobs, config, log_sum_sq=log_sum_sq,
+                                  nll_valid=nll_valid)
 
 
 def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | None,
-                           config: PreferenceLossConfig
+                           config: PreferenceLossConfig, *, log_sum_sq: Tensor | None = None,
+                           nll_valid: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """``dpo_loss`` from the per-token log-probs ``[2B, T]`` (differentiable in them) and the
-    bool mask of the tokens that count."""
+    """``dpo_loss`` from the per-token log-probs ``[2B, T]`` (differentiable in them), the
+    bool mask of the tokens that count, log sum_v p_v^2 per token (``use_weighting``) and the
+    bool mask of the NLL's tokens (None: ``valid``)."""
     m = valid.to(logp.dtype)
     length = m.sum(-1)
     b = logp.shape[0] // 2
@@ -172,14 +190,26 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
                               "simpo")
             x = scored if margin else d   # TRL: the f-divergence scores feed the margin losses
             losses = losses + weight * _pair_loss(x[:b], x[b:], member)
+    pair_weight = torch.ones_like(d[:b])
+    if config.use_weighting:
+        aligned = torch.where(valid, (logp - log_sum_sq.to(logp.dtype)).detach(), 0.0)
+        c = aligned.sum(-1) / length.clamp(min=1)
+        pair_weight = torch.exp(c[:b] + c[b:])
+        losses = losses * pair_weight
     loss = losses.mean() if b > 0 else losses.sum()
-    nll = -(logp[:b] * m[:b]).sum() / m[:b].sum().clamp(min=1)
+    n = nll_valid.to(logp.dtype) if nll_valid is not None else m
+    n_length = n.sum(-1)
+    chosen_logp = torch.where(n[:b] > 0, logp[:b], 0.0)
+    nll = -chosen_logp.sum() / n[:b].sum().clamp(min=1)
     if _nll_weight(config) != 0:
         if config.nll_aggregation == "sequence_mean":
-            per_sequence = [-(logp[i] * m[i]).sum() / length[i] for i in range(b) if length[i] > 0]
+            per_sequence = [-chosen_logp[i].sum() / n_length[i] for i in range(b)
+                            if n_length[i] > 0]
             nll_term = sum(per_sequence) / len(per_sequence) if per_sequence else 0.0 * nll
         else:
             nll_term = nll
+        if config.use_weighting and b > 0:
+            nll_term = nll_term * pair_weight.mean()
         loss = loss + _nll_weight(config) * nll_term
     rewarded = scored if config.alphapo != 0 else d
     r_w, r_l = config.beta * rewarded[:b].detach(), config.beta * rewarded[b:].detach()

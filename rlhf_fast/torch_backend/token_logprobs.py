@@ -170,6 +170,24 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
     return logp.view(out_shape), entropy, stats.view(*out_shape, 3)
 
 
+def log_sum_sq_probs(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+                     chunk_bytes: int = BLOCK_BYTES) -> Tensor:
+    """float32 ``[B, T]``: ``ln sum_v p_v^2 = logsumexp(2 log_softmax(z))`` of each row's
+    scaled logits z (WPO's weights), computed directly over row blocks; 0 at ignored rows,
+    NaN at a target out of range (as the Triton sweep's ``WITH_SUM_SQ`` output)."""
+    out_shape = logits.shape[:2]
+    logits = merge_batch(logits)
+    batch, seq_len, n_cols = logits.shape
+    targets = targets.reshape(batch, seq_len)
+    out = torch.zeros((batch, seq_len), dtype=torch.float32, device=logits.device)
+    for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
+        z = logits[b, ts].float() / temperature
+        out[b, ts] = torch.logsumexp(2.0 * torch.log_softmax(z, dim=-1), dim=-1)
+    in_range = (targets >= 0) & (targets < n_cols)
+    out = torch.where(targets == ignore_index, 0.0, torch.where(in_range, out, float("nan")))
+    return out.view(out_shape)
+
+
 def _block_grad(lp: Tensor, p: Tensor, y: Tensor, stats: Tensor, c: Tensor,
                 c_h: Tensor | None, entropy: Tensor | None) -> Tensor:
     """``-dL/dz`` of one block (``z`` = scaled logits, held in ``lp`` and overwritten; ``p``
