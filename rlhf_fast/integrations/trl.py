@@ -42,7 +42,7 @@ from torch import Tensor
 from ..ops.linear import linear_policy_loss
 from ..ops.linear_dpo import linear_dpo_loss
 from .errors import UnsupportedSettingError
-from .trl_config import dpo_loss_arguments, grpo_normalizer, grpo_policy_config
+from .trl_config import dpo_loss_arguments, grpo_policy_config, grpo_step_config
 
 HEAD_KWARG = "rlhf_fast_head"
 """The forward keyword that runs the backbone and hands ``(hidden_states, lm_head)`` to a
@@ -136,40 +136,86 @@ class FusedGRPOMixin:
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         training = self.model.training
-        config = grpo_policy_config(self).replace(normalizer=grpo_normalizer(
-            self, float(mask.sum()), batch, inputs.get("num_items_in_batch"), training))
+        config = grpo_step_config(self, float(mask.sum()), batch,
+                                  inputs.get("num_items_in_batch"), training)
         advantages = inputs["advantages"]
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        if vllm_is and self.loss_type != "vespo":
             # rho >= 0 multiplies the policy term only: folded into A (trl_config docstring).
             advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
             advantages = advantages * inputs["importance_sampling_ratio"]
             advantages = advantages.expand(batch, length)
         old = inputs.get("old_per_token_logps")
-        ref = inputs["ref_per_token_logps"] if config.kl_coef != 0 else None
+        ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        rollout = None
+        if (vllm_is and self.loss_type == "vespo") or self.off_policy_mask_threshold is not None:
+            # vLLM's log-probs: VESPO's rho and OPSM's behaviour policy (old ones without).
+            rollout = inputs.get("sampling_per_token_logps")
+            if rollout is not None and old is not None:
+                rollout = torch.where(torch.isnan(rollout), old, rollout)  # TRL: rho = 1
 
         def loss_fn(hidden: Tensor, weight: Tensor, bias: Tensor | None):
             return linear_policy_loss(hidden[:, -length - 1:-1], weight, completion_ids,
                                       advantages, mask, bias=bias, old_logprobs=old,
-                                      ref_logprobs=ref, config=config)
+                                      ref_logprobs=ref, rollout_logprobs=rollout,
+                                      config=config)
 
         model_kwargs = {"input_ids": torch.cat([inputs["prompt_ids"], completion_ids], 1),
                         "attention_mask": torch.cat([inputs["prompt_mask"],
                                                      inputs["completion_mask"]], 1)}
         out = _run_head(model, model_kwargs, self.args.cast_lm_head_to_fp32, loss_fn)
-        self._log_fused_grpo_metrics(out, mask, training)
+        if self.use_adaptive_entropy and training:
+            self._step_adaptive_entropy(out.entropy, mask)
+        self._log_fused_grpo_metrics(out, mask, training, old, ref)
         return out.loss
 
-    def _log_fused_grpo_metrics(self, out, mask: Tensor, training: bool) -> None:
-        """TRL's global token means: entropy, kl, clip ratios (or the CISPO clip ratio)."""
+    def _step_adaptive_entropy(self, entropy: Tensor, mask: Tensor) -> None:
+        """TRL's entropy controller (``use_adaptive_entropy``): sum the window's entropy and
+        token count; at the optimiser-step boundary, reduce them over processes, move
+        ``entropy_coef`` by ``entropy_coef_delta`` towards ``entropy_target`` (within
+        ``entropy_coef_min`` / ``_max``) and keep the window's entropy for the next step's
+        gate. Only without a top-entropy mask (refused otherwise), so the tokens are the mask's."""
+        m = mask.float()
+        stats = torch.stack([(entropy * m).sum(), m.sum()]).detach()
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world = float(totals[0] / totals[1].clamp(min=1.0))
+        args = self.args
+        if world <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                    args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                    args.entropy_coef_min)
+        self._last_world_entropy = world
+        self._entropy_window_stats = None
+
+    def _log_fused_grpo_metrics(self, out, mask: Tensor, training: bool, old: Tensor | None,
+                                ref: Tensor | None) -> None:
+        """TRL's global token means: entropy, kl (times r or s with use_bias_correction_kl),
+        clip ratios (or the CISPO clip ratio), and the entropy coefficient."""
         mode = "train" if training else "eval"
-        count = mask.sum().float()
+        m = mask.float()
+        count = m.sum()
         metrics = out.metrics
-        sums = {"entropy": (out.entropy * mask).sum()}
-        if self.beta != 0.0:
-            sums["kl"] = metrics["kl_mean"] * count
+        sums = {"entropy": (out.entropy * m).sum()}
+        if ref is not None:
+            logp = out.logprobs.detach()
+            diff = ref.float() - logp
+            kl = torch.exp(diff) - diff - 1
+            if self.args.use_bias_correction_kl:
+                log_r = logp - (old.float() if old is not None else logp)
+                if self.importance_sampling_level == "sequence":
+                    log_r = (log_r * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(
+                        min=1.0)
+                kl = kl * torch.exp(log_r)
+            sums["kl"] = (kl * m).sum()
         if self.loss_type == "cispo":
             sums["cispo_clip_ratio"] = metrics["clip_frac_high"] * count
-        elif self.loss_type != "sapo":
+        elif self.loss_type not in ("sapo", "vespo"):
             low, high = metrics["clip_frac_low"] * count, metrics["clip_frac_high"] * count
             sums.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                          "clip_ratio/region_mean": low + high})
@@ -178,6 +224,9 @@ class FusedGRPOMixin:
         totals = self.accelerator.reduce(local, reduction="sum")
         for name, total in zip(names, totals[:-1], strict=True):
             self._metrics[mode][name].append((total / totals[-1].clamp(min=1.0)).item())
+        if getattr(self, "_entropy_bonus_enabled", False) and training \
+                and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 
 class FusedDPOMixin:
