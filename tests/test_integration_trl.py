@@ -397,6 +397,18 @@ DPO_SETTINGS = {
     "sigmoid_plus_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[2.0, 0.5], beta=0.1),
     "smoothing_ignored_by_sigmoid": dict(loss_type=["sigmoid"], beta=0.1, label_smoothing=0.3),
     "precomputed_ref": dict(loss_type=["sigmoid"], beta=0.1, precompute=True),
+    # Settings that used to be refused: weighted sums (MPO's sigmoid + bco_pair + sft; a
+    # repeated type, smoothing and an f-divergence), aot, f-divergences, LD-DPO.
+    "mpo_list": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                     beta=0.1),
+    "list_js_smoothed": dict(loss_type=["robust", "hinge", "robust"], beta=0.1,
+                             loss_weights=[0.5, 1.0, 0.25], label_smoothing=0.2,
+                             f_divergence_type="js_divergence"),
+    "aot_smoothed": dict(loss_type=["aot"], beta=0.1, label_smoothing=0.1),
+    "aot_unpaired": dict(loss_type=["aot_unpaired", "sft"], loss_weights=[2.0, 0.5], beta=0.1),
+    "alpha_divergence": dict(loss_type=["sigmoid"], beta=0.1,
+                             f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "ld_alpha": dict(loss_type=["sigmoid", "sft"], beta=0.1, ld_alpha=0.5),
 }
 
 
@@ -407,6 +419,10 @@ def _configure_dpo(trainer, setting, batch):
     trainer.beta = s["beta"]
     trainer.label_smoothing = s.get("label_smoothing", 0.0)
     trainer.precompute_ref_logps = s.get("precompute", False)
+    trainer.f_divergence_type = s.get("f_divergence_type", "reverse_kl")
+    trainer.f_alpha_divergence_coef = s.get("f_alpha_divergence_coef", 1.0)
+    trainer.ld_alpha = s.get("ld_alpha")
+    trainer.use_weighting = s.get("use_weighting", False)
     inputs = dict(batch)
     if trainer.precompute_ref_logps:
         chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
@@ -424,27 +440,38 @@ def test_dpo_step_matches_trl(dpo, name):
     _assert_same_grads(grads, ref_grads)
 
 
-@pytest.mark.parametrize(("setting", "attribute", "value"), [
-    ("loss_type", "loss_types", ["aot"]),
-    ("loss_type", "loss_types", ["sigmoid", "hinge"]),
-    ("f_divergence_type", "f_divergence_type", "js_divergence"),
-    ("ld_alpha", "ld_alpha", 0.5),
-    ("use_weighting", "use_weighting", True),
-])
-def test_dpo_refuses_unmappable_settings(dpo, setting, attribute, value):
+def test_dpo_aot_sorting_binds(dpo):
+    """aot pairs the i-th smallest policy margin with the i-th smallest reference margin:
+    on this batch that is not the identity pairing (else the aot equality tests no sort)."""
+    trainer, batch = dpo
+    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+    policy = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    policy_order = torch.argsort(policy[0] - policy[1])
+    assert not torch.equal(policy_order, torch.argsort(ref[0] - ref[1]))
+    assert not torch.equal(policy_order, torch.argsort(ref[0] - policy[1] + policy[0] - ref[1]))
+
+
+DPO_REFUSALS = {
+    # setting named in the error: the trainer's configuration
+    "loss_type": dict(loss_type=["sigmoid", "ipo"], beta=0.1),        # ipo averages by length
+    "label_smoothing": dict(loss_type=["sigmoid", "robust"], beta=0.1, label_smoothing=0.2),
+    "f_divergence_type": dict(loss_type=["ipo"], beta=0.1, f_divergence_type="js_divergence"),
+    "use_weighting": dict(loss_type=["sigmoid"], beta=0.1, use_weighting=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(DPO_REFUSALS))
+def test_dpo_refuses_unmappable_settings(dpo, setting):
     from rlhf_fast.integrations.trl_config import dpo_loss_arguments
 
     trainer, batch = dpo
-    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
-    saved = getattr(trainer, attribute)
-    setattr(trainer, attribute, value)
-    if attribute == "loss_types":
-        trainer.loss_weights = [1.0] * len(value)
+    _configure_dpo(trainer, DPO_REFUSALS[setting], batch)
     try:
         with pytest.raises(UnsupportedSettingError, match=setting):
             dpo_loss_arguments(trainer)
     finally:
-        setattr(trainer, attribute, saved)
+        _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
 
 
 def test_dpo_train_end_to_end(tiny_model_dir, tmp_path):

@@ -229,6 +229,23 @@ class FusedGRPOMixin:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 
+def _ld_sums_as_tokens(sums: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
+    """Per-token reference log-probs ``[2B, T]`` whose LD-DPO-weighted sum (what the op forms
+    with ``ld_alpha``) is TRL's LD-weighted reference sum ``[2B]``: each sequence's sum sits
+    on its first valid token, whose weight is 1, or ld_alpha when its pair shares no token
+    (TRL's sum is then ld_alpha times the tail: 0 when ld_alpha is 0)."""
+    lengths = mask.sum(-1)
+    half = lengths.shape[0] // 2
+    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
+    first_weight = torch.where(shared > 0, 1.0, ld_alpha).to(sums.dtype)
+    value = torch.where(first_weight > 0, sums / first_weight.clamp(min=1e-30),
+                        torch.zeros_like(sums))
+    tokens = torch.zeros(mask.shape, dtype=sums.dtype, device=sums.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    tokens[rows, mask.float().argmax(-1)] = torch.where(lengths > 0, value, 0.0)
+    return tokens
+
+
 class FusedDPOMixin:
     """Put before ``trl.DPOTrainer`` (or a subclass of it) in the bases: ``compute_loss`` runs
     ``linear_dpo_loss`` on the policy's final hidden states; the reference sequence log-probs
@@ -252,12 +269,16 @@ class FusedDPOMixin:
                 self.ref_model if self.ref_model is not None else model, inputs))
         targets = inputs["input_ids"][:, 1:]
         mask = completion_mask[:, 1:].bool()
+        if "ld_alpha" in kwargs:
+            ref = _ld_sums_as_tokens(ref.float(), mask, kwargs["ld_alpha"])
         # Columns where no sequence has a completion token need no GEMM: start at the first.
         first = int(mask.any(0).float().argmax()) if mask.any() else 0
 
+        ref_logprobs = ref.float() if ref.dim() == 1 else ref[:, first:].float()
+
         def loss_fn(hidden: Tensor, weight_: Tensor, bias: Tensor | None):
             return linear_dpo_loss(hidden[:, first:-1], weight_, targets[:, first:],
-                                   mask[:, first:], bias=bias, ref_logprobs=ref.float(),
+                                   mask[:, first:], bias=bias, ref_logprobs=ref_logprobs,
                                    **kwargs)
 
         skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}

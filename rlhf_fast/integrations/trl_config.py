@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import PolicyLossConfig
+from ..preference_config import MIXABLE_LOSSES
 from .errors import UnsupportedSettingError
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
@@ -70,12 +71,17 @@ DPO_LOSS_TYPES = {
     "apo_zero": ("apo_zero", False),
     "apo_down": ("apo_down", False),
     "discopop": ("discopop", False),
+    "aot": ("aot", False),
+    "aot_unpaired": ("aot_unpaired", False),
 }
-"""TRL DPO loss types that map exactly ("sft" maps onto ``nll_coef``; aot / aot_unpaired
-sort pairs across the batch and are refused)."""
+"""TRL DPO loss types that map exactly ("sft" maps onto ``nll_coef``). aot / aot_unpaired sort
+the micro-batch's pairs, as TRL's ``_compute_loss`` does with the same micro-batch."""
 
-_SMOOTHED = ("robust", "exo_pair")
+_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 """TRL (>= 0.29) applies ``label_smoothing`` to these only (not to sigmoid)."""
+
+_ALPHA_LIMIT = 1e-6
+"""TRL's alpha_divergence with |alpha - 1| below this is reverse_kl (its limit)."""
 
 
 def _refuse(setting: str, value: object, reason: str, remedy: str = "") -> None:
@@ -219,41 +225,80 @@ def grpo_normalizer(trainer: Any, mask_sum: float, batch: int, num_items_in_batc
 
 def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
     """Keyword arguments of ``linear_dpo_loss`` for a ``DPOTrainer`` and the weight its loss
-    is multiplied by, or ``UnsupportedSettingError``."""
+    is multiplied by, or ``UnsupportedSettingError``.
+
+    One preference loss (plus 'sft'): the op's loss times TRL's weight w, with nll_coef =
+    (w_sft + rpo_alpha) / w. Several: the op's weighted sum (``loss_type`` list with
+    ``loss_weights``; repeated types merged, their weights added) and nll_coef = w_sft +
+    rpo_alpha. TRL's f-divergence scores, LD-DPO weights (its reference sums arrive
+    LD-weighted already) and aot sorting map onto the op's own settings."""
     args = trainer.args
     losses = list(trainer.loss_types)
     weights = [float(w) for w in trainer.loss_weights]
     sft_weight = sum(w for name, w in zip(losses, weights, strict=True) if name == "sft")
-    main = [(name, w) for name, w in zip(losses, weights, strict=True) if name != "sft"]
-    if len(main) != 1:
-        _refuse("loss_type", losses, "rlhf_fast computes one preference loss per pass (plus "
-                "'sft' as its NLL term)", "Use one preference loss type, optionally with 'sft'.")
-    name, weight = main[0]
-    if name not in DPO_LOSS_TYPES:
-        reason = ("it sorts log-ratios across the batch" if name.startswith("aot")
-                  else "unknown loss type")
-        _refuse("loss_type", name, reason, f"Supported: {sorted(DPO_LOSS_TYPES)} and 'sft'.")
-    if weight <= 0:
-        _refuse("loss_weights", trainer.loss_weights, "the preference loss needs a weight > 0")
-    if trainer.f_divergence_type != "reverse_kl":
-        _refuse("f_divergence_type", trainer.f_divergence_type,
-                "the f-divergence scores are not a preference loss of rlhf_fast",
-                "Use f_divergence_type='reverse_kl'.")
-    if trainer.ld_alpha is not None:
-        _refuse("ld_alpha", trainer.ld_alpha, "LD-DPO's length-desensitised sums are not "
-                "computed by the fused op")
+    merged: dict[str, float] = {}
+    for name, w in zip(losses, weights, strict=True):
+        if name != "sft":
+            merged[name] = merged.get(name, 0.0) + w
+    if not merged:
+        _refuse("loss_type", losses, "the fused op computes a preference loss, and 'sft' alone "
+                "is none", "Add a preference loss type, or use TRL's SFTTrainer.")
+    for name in merged:
+        if name not in DPO_LOSS_TYPES:
+            _refuse("loss_type", name, "unknown loss type",
+                    f"Supported: {sorted(DPO_LOSS_TYPES)} and 'sft'.")
     if trainer.use_weighting:
         _refuse("use_weighting", True, "WPO weights need sum_v p_v^2 per token, which the "
                 "fused op does not compute")
     if getattr(trainer, "aux_loss_enabled", False):
         _refuse("router_aux_loss_coef", trainer.router_aux_loss_coef,
                 "the MoE load-balancing loss needs the router logits of the fused forward")
-    loss_type, average = DPO_LOSS_TYPES[name]
-    smoothing = float(trainer.label_smoothing) if name in _SMOOTHED else 0.0
-    # Total: weight * L + (sft weight + rpo_alpha) * NLL = weight * (L + nll_coef * NLL).
-    nll = (sft_weight + float(getattr(args, "rpo_alpha", None) or 0.0)) / weight
-    kwargs = dict(beta=float(trainer.beta), loss_type=loss_type, average_logprobs=average,
-                  label_smoothing=smoothing, nll_coef=nll)
-    if loss_type == "discopop":  # the op refuses a temperature that its loss would ignore
+    names = list(merged)
+    averaged = [name for name in names if DPO_LOSS_TYPES[name][1]]   # ipo, sigmoid_norm
+    rpo = float(getattr(args, "rpo_alpha", None) or 0.0)
+    if len(names) == 1:
+        (name, weight), = merged.items()
+        if weight <= 0:
+            _refuse("loss_weights", trainer.loss_weights, "the preference loss needs a "
+                    "weight > 0")
+        loss_type, average = DPO_LOSS_TYPES[name]
+        # Total: weight * L + (sft weight + rpo_alpha) * NLL = weight * (L + nll_coef * NLL).
+        kwargs: dict[str, Any] = dict(loss_type=loss_type, average_logprobs=average,
+                                      nll_coef=(sft_weight + rpo) / weight)
+        multiplier = weight
+    else:
+        unmixable = [n for n in names if DPO_LOSS_TYPES[n][0] not in MIXABLE_LOSSES]
+        if unmixable:
+            _refuse("loss_type", losses, f"a weighted sum of loss types takes losses on the "
+                    f"summed sequence scores, and {unmixable} average them by length (ipo, "
+                    f"sigmoid_norm) or sort them across the batch (aot)",
+                    f"Mix only {MIXABLE_LOSSES} (plus 'sft'), or use one loss type.")
+        kwargs = dict(loss_type=[DPO_LOSS_TYPES[n][0] for n in names],
+                      loss_weights=[merged[n] for n in names], average_logprobs=False,
+                      nll_coef=sft_weight + rpo)
+        multiplier = 1.0
+    smoothed = [n for n in names if n in _SMOOTHED]
+    eps = float(trainer.label_smoothing) if smoothed else 0.0
+    if eps != 0.0 and "sigmoid" in names:
+        _refuse("label_smoothing", eps, f"TRL smooths {smoothed} but not 'sigmoid', while "
+                "rlhf_fast's one label_smoothing smooths every smoothable loss of a mixture",
+                "Mix sigmoid only with losses that take no label_smoothing.")
+    kwargs.update(beta=float(trainer.beta), label_smoothing=eps)
+    if "discopop" in names:  # the op refuses a temperature that its loss would ignore
         kwargs["discopop_tau"] = float(getattr(args, "discopop_tau", 0.05))
-    return kwargs, weight
+    divergence = trainer.f_divergence_type
+    alpha = float(trainer.f_alpha_divergence_coef)
+    if divergence == "alpha_divergence" and abs(alpha - 1.0) < _ALPHA_LIMIT:
+        divergence = "reverse_kl"
+    if divergence != "reverse_kl":
+        if averaged:
+            _refuse("f_divergence_type", divergence, f"TRL divides the f-divergence scores "
+                    f"by the length for {averaged}; rlhf_fast's f_divergence is defined on "
+                    f"the summed log-ratios", "Use f_divergence_type='reverse_kl' with "
+                    "ipo / sigmoid_norm, or the loss 'sigmoid' instead of 'sigmoid_norm'.")
+        kwargs["f_divergence"] = divergence
+        if divergence == "alpha_divergence":
+            kwargs["f_alpha"] = alpha
+    if trainer.ld_alpha is not None:
+        kwargs["ld_alpha"] = float(trainer.ld_alpha)
+    return kwargs, multiplier
