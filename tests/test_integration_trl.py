@@ -111,12 +111,28 @@ def _loss_and_grads(trainer, compute, inputs):
     return loss.detach(), grads
 
 
+def _last_metrics(trainer):
+    """The metrics one compute_loss logged (and clear them)."""
+    mode = "train" if trainer.model.training else "eval"
+    logged = {name: values[-1] for name, values in trainer._metrics[mode].items() if values}
+    trainer._metrics[mode].clear()
+    return logged
+
+
 def _assert_same_step(trainer, inputs):
-    """Our compute_loss vs TRL's own, on the same trainer, batch and weights. VESPO's loss
+    """Our compute_loss vs TRL's own, on the same trainer, batch and weights: loss,
+    gradients and every metric TRL logs in its loss (clip ratios, kl, entropy, phi,
+    policy_loss, entropy_coef). VESPO's loss
     -phi A logp sums terms of both signs to far less than their size, so its loss is held to
     1e-5 of the mean term size |A logp| (phi <= 1.25) instead of its own value."""
+    _last_metrics(trainer)
     ref_loss, ref_grads = _loss_and_grads(trainer, trl.GRPOTrainer.compute_loss, inputs)
+    ref_metrics = _last_metrics(trainer)
     loss, grads = _loss_and_grads(trainer, GRPOTrainer.compute_loss, inputs)
+    metrics = _last_metrics(trainer)
+    assert metrics.keys() == ref_metrics.keys()
+    for name, value in ref_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
     atol = 0.0
     if trainer.loss_type == "vespo":
         m = inputs["completion_mask"].float()
@@ -274,14 +290,20 @@ def test_grpo_adaptive_entropy_matches_trl(grpo):
         for compute in (trl.GRPOTrainer.compute_loss, GRPOTrainer.compute_loss):
             trainer.entropy_coef, trainer._last_world_entropy = 0.1, 0.0
             trainer._entropy_window_stats = None
+            _last_metrics(trainer)
             loss, grads = _loss_and_grads(trainer, compute, inputs)
-            states.append((loss, grads, trainer.entropy_coef, trainer._last_world_entropy))
+            states.append((loss, grads, trainer.entropy_coef, trainer._last_world_entropy,
+                           _last_metrics(trainer)))
     finally:
         trainer.use_adaptive_entropy, trainer._entropy_bonus_enabled = False, False
         trainer.entropy_coef, trainer._last_world_entropy = 0.0, float("inf")
         trainer._entropy_window_stats = None
-    (ref_loss, ref_grads, ref_coef, ref_world), (loss, grads, coef, world) = states
+    (ref_loss, ref_grads, ref_coef, ref_world, ref_metrics), \
+        (loss, grads, coef, world, metrics) = states
     torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
+    assert metrics.keys() == ref_metrics.keys() and "policy_loss" in metrics
+    for name, value in ref_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     _assert_same_grads(grads, ref_grads)
     assert coef == pytest.approx(ref_coef) and coef != 0.1
     assert world == pytest.approx(ref_world, rel=1e-5)

@@ -42,7 +42,8 @@ from torch import Tensor
 from ..ops.linear import linear_policy_loss
 from ..ops.linear_dpo import linear_dpo_loss
 from .errors import UnsupportedSettingError
-from .trl_config import dpo_loss_arguments, grpo_policy_config, grpo_step_config
+from .trl_config import dpo_loss_arguments, grpo_entropy_coef, grpo_policy_config, grpo_step_config
+from .trl_metrics import log_grpo_metrics
 
 HEAD_KWARG = "rlhf_fast_head"
 """The forward keyword that runs the backbone and hands ``(hidden_states, lm_head)`` to a
@@ -164,9 +165,13 @@ class FusedGRPOMixin:
                         "attention_mask": torch.cat([inputs["prompt_mask"],
                                                      inputs["completion_mask"]], 1)}
         out = _run_head(model, model_kwargs, self.args.cast_lm_head_to_fp32, loss_fn)
+        log_grpo_metrics(self, out, mask, inputs["advantages"], old, ref, rollout, config,
+                         grpo_entropy_coef(self, training), training)
         if self.use_adaptive_entropy and training:
             self._step_adaptive_entropy(out.entropy, mask)
-        self._log_fused_grpo_metrics(out, mask, training, old, ref)
+        if getattr(self, "_entropy_bonus_enabled", False) and training \
+                and self.accelerator.sync_gradients:
+            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
         return out.loss
 
     def _step_adaptive_entropy(self, entropy: Tensor, mask: Tensor) -> None:
@@ -192,41 +197,6 @@ class FusedGRPOMixin:
                                     args.entropy_coef_min)
         self._last_world_entropy = world
         self._entropy_window_stats = None
-
-    def _log_fused_grpo_metrics(self, out, mask: Tensor, training: bool, old: Tensor | None,
-                                ref: Tensor | None) -> None:
-        """TRL's global token means: entropy, kl (times r or s with use_bias_correction_kl),
-        clip ratios (or the CISPO clip ratio), and the entropy coefficient."""
-        mode = "train" if training else "eval"
-        m = mask.float()
-        count = m.sum()
-        metrics = out.metrics
-        sums = {"entropy": (out.entropy * m).sum()}
-        if ref is not None:
-            logp = out.logprobs.detach()
-            diff = ref.float() - logp
-            kl = torch.exp(diff) - diff - 1
-            if self.args.use_bias_correction_kl:
-                log_r = logp - (old.float() if old is not None else logp)
-                if self.importance_sampling_level == "sequence":
-                    log_r = (log_r * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(
-                        min=1.0)
-                kl = kl * torch.exp(log_r)
-            sums["kl"] = (kl * m).sum()
-        if self.loss_type == "cispo":
-            sums["cispo_clip_ratio"] = metrics["clip_frac_high"] * count
-        elif self.loss_type not in ("sapo", "vespo"):
-            low, high = metrics["clip_frac_low"] * count, metrics["clip_frac_high"] * count
-            sums.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                         "clip_ratio/region_mean": low + high})
-        names = list(sums)
-        local = torch.stack([sums[n].float() for n in names] + [count])
-        totals = self.accelerator.reduce(local, reduction="sum")
-        for name, total in zip(names, totals[:-1], strict=True):
-            self._metrics[mode][name].append((total / totals[-1].clamp(min=1.0)).item())
-        if getattr(self, "_entropy_bonus_enabled", False) and training \
-                and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 
 def _ld_sums_as_tokens(sums: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:

@@ -190,19 +190,27 @@ def _vespo_fields(trainer: Any, fields: dict[str, Any], ratio_weighted_kl: bool)
 def grpo_step_config(trainer: Any, mask_sum: float, batch: int, num_items_in_batch: Any,
                      training: bool) -> PolicyLossConfig:
     """``grpo_policy_config`` with what depends on the micro-batch and the trainer's state:
-    TRL's normaliser (``grpo_normalizer``) and the entropy bonus, whose token mean TRL divides
-    by the accumulation steps G (the adaptive controller's coefficient applies while the last
-    window's entropy is at most ``entropy_target``)."""
+    TRL's normaliser (``grpo_normalizer``) and the entropy bonus (``grpo_entropy_coef``)."""
     config = grpo_policy_config(trainer)
     normalizer = grpo_normalizer(trainer, mask_sum, batch, num_items_in_batch, training)
     if not getattr(trainer, "_entropy_bonus_enabled", False):
         return config.replace(normalizer=normalizer)
+    return config.replace(normalizer=normalizer,
+                          entropy_coef=grpo_entropy_coef(trainer, training))
+
+
+def grpo_entropy_coef(trainer: Any, training: bool) -> float:
+    """The op's ``entropy_coef``: TRL divides the bonus's token mean by the accumulation steps
+    G; the adaptive controller's coefficient applies while the last window's entropy is at
+    most ``entropy_target``, else none."""
+    if not getattr(trainer, "_entropy_bonus_enabled", False):
+        return 0.0
     coef = float(trainer.entropy_coef)
     if trainer.use_adaptive_entropy and \
             not trainer._last_world_entropy <= trainer.args.entropy_target:
         coef = 0.0
     accumulation = trainer.current_gradient_accumulation_steps if training else 1
-    return config.replace(normalizer=normalizer, entropy_coef=coef / accumulation)
+    return coef / accumulation
 
 
 def grpo_normalizer(trainer: Any, mask_sum: float, batch: int, num_items_in_batch: Any,

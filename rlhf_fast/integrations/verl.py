@@ -62,9 +62,11 @@ REFUSED_MODES = {
     "dro": "its -A * logp term is on-policy (ratio 1) while its 0.5 * dro_beta * (logp - "
            "old)^2 penalty needs the old log-probs and is scaled by the rollout weights; no "
            "PolicyLossConfig holds both",
-    "bypass_mode": "it computes the rollout IS weights and verl's rejection-sampling masks "
-                   "(rollout_rs) inside the loss from the current log-probs, which the "
-                   "rlhf_fast loss does not reproduce",
+    "bypass_mode": "verl's bypass mode (algorithm.rollout_correction.bypass_mode=True) sets "
+                   "policy_loss.loss_mode='bypass_mode' itself (rollout_corr_helper."
+                   "apply_bypass_mode), over any rlhf_fast_<mode>: verl's own loss then runs, "
+                   "on the fused head's log-probs, so an rlhf_fast_bypass_mode could never be "
+                   "selected",
 }
 """verl loss modes refused, with the reason (``clip_cov`` is ``PolicyLossConfig.preset(
 "clip_cov")`` for users of rlhf_fast's own trainers)."""
