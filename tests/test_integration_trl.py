@@ -462,6 +462,32 @@ def test_dpo_step_matches_trl(dpo, name):
     _assert_same_grads(grads, ref_grads)
 
 
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+def test_ld_reference_sums_as_tokens_keep_trls_weighted_sums(ld_alpha):
+    """TRL hands LD-weighted reference sums; the op weighs per-token reference log-probs
+    itself: the tokens the adapter builds give back TRL's sums, also for a pair sharing no
+    token (an empty sequence) and for a pair of unequal lengths."""
+    from rlhf_fast.integrations.trl import _ld_sums_as_tokens
+    from rlhf_fast.preference_config import preference_config
+    from rlhf_fast.reference.dpo import dpo_loss_from_logprobs
+
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([0, 4, 3, 5, 2, 3])          # pairs (0, 5), (4, 2), (3, 3)
+    valid = torch.arange(6)[None, :] >= (6 - lengths)[:, None]   # left padding
+    logp = -torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    sums = -torch.rand(6, generator=gen, dtype=torch.float64) * 3
+    sums[0] = 0.0                                        # an empty sequence sums to 0
+    if ld_alpha == 0.0:
+        sums[3] = 0.0                    # its partner is empty: TRL's sum is 0 * the tail
+    config = preference_config(beta=0.1, ld_alpha=ld_alpha)
+    tokens = _ld_sums_as_tokens(sums, valid, ld_alpha)
+    by_tokens = dpo_loss_from_logprobs(logp, valid, tokens, config)
+    by_sums = dpo_loss_from_logprobs(logp, valid, sums, config)
+    torch.testing.assert_close(by_tokens[0], by_sums[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(by_tokens[3]["rewards_margin"], by_sums[3]["rewards_margin"],
+                               rtol=1e-12, atol=0)
+
+
 def test_dpo_aot_sorting_binds(dpo):
     """aot pairs the i-th smallest policy margin with the i-th smallest reference margin:
     on this batch that is not the identity pairing (else the aot equality tests no sort)."""
