@@ -34,7 +34,8 @@ def _actor_config(**overrides):
                   rollout_n=1, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
                   clip_ratio_c=3.0,
                   # kl_cov: 20% of the valid tokens (5 of 25) get the |log r| penalty.
-                  policy_loss=VerlPolicyLossConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.5))
+                  policy_loss=VerlPolicyLossConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.5,
+                                                   dro_beta=0.5))
     fields.update(overrides)
     return ActorConfig(**fields)
 
@@ -85,9 +86,9 @@ def _assert_same(mode, agg, config, weights=True, seed=0):
 
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("mode", ["vanilla", "gspo", "gpg", "cispo", "dppo_tv", "dppo_kl",
-                                  "kl_cov"])
+                                  "kl_cov", "dro"])
 def test_loss_modes_match_verl_per_aggregation(mode, agg):
-    _assert_same(mode, agg, _actor_config())
+    _assert_same(mode, agg, _actor_config(), weights=mode != "dro")
 
 
 @pytest.mark.parametrize("mode", adapter.LOSS_MODES)
@@ -100,7 +101,7 @@ def test_loss_modes_match_verl_with_global_normalisers(mode):
                                                        loss_scale_factor=64))]:
         config.global_batch_info.clear()
         config.global_batch_info.update(info)
-        _assert_same(mode, agg, config)
+        _assert_same(mode, agg, config, weights=mode != "dro")
     config.global_batch_info.clear()
 
 
@@ -136,6 +137,17 @@ def test_the_problem_exercises_the_clips():
                        kl_cov_ratio=0.2, ppo_kl_coef=0.0)), None)
     with_penalty = _assert_same("kl_cov", "token-mean", _actor_config(), weights=False)
     assert with_penalty[0] > without[0]
+
+
+def test_dro_refuses_rollout_weights_and_needs_its_beta():
+    """verl scales DRO's penalty by the rollout weights too; rlhf_fast's scale the policy
+    term only. Without dro_beta verl raises, and so does the adapter."""
+    logp, old, adv, mask, weights = _problem()
+    with pytest.raises(UnsupportedSettingError, match="rollout_is_weights"):
+        adapter.compute_policy_loss("dro", old, logp, adv, mask, config=_actor_config(),
+                                    rollout_is_weights=weights)
+    _assert_same("dro", "token-mean", _actor_config(policy_loss=VerlPolicyLossConfig()),
+                 weights=False)
 
 
 @pytest.mark.parametrize("mode", sorted(adapter.REFUSED_MODES))

@@ -5,7 +5,7 @@ Importing this module registers, additively (no default of verl changes):
 
 - policy losses ``rlhf_fast_<mode>`` for ``mode`` in ``LOSS_MODES`` (``vanilla`` PPO with
   dual clip, ``gspo``, ``gpg``, ``cispo``, ``sapo``, ``geo_mean``, ``dppo_tv``, ``dppo_kl``,
-  ``kl_cov``): verl's own loss on the same ``(old_log_prob, log_prob, advantages,
+  ``kl_cov``, ``dro``): verl's own loss on the same ``(old_log_prob, log_prob, advantages,
   response_mask, loss_agg_mode, config, rollout_is_weights)``, honouring ``loss_agg_mode``
   and the global token / sequence counts verl puts in ``config.global_batch_info``. The loss
   and ``dL/dlog_prob`` come from rlhf_fast's hand-derived coefficient step
@@ -35,7 +35,8 @@ Differences on purpose: the ``gspo`` clamp of log s at 10 (value capped, gradien
 not reproduced (the two agree while the sequence log-ratio stays below 10); the fused head's
 entropy is float32 where verl's torch backend rounds it to the logits' dtype; an all-empty
 micro-batch gives a loss of 0 where verl divides 0 by 0. Refused (``UnsupportedSettingError``,
-``REFUSED_MODES`` says why): ``clip_cov`` (random token draw), ``dro`` and ``bypass_mode``.
+``REFUSED_MODES`` says why): ``clip_cov`` (random token draw) and ``bypass_mode``; ``dro``
+with ``rollout_is_weights`` (verl scales its penalty by them too).
 """
 
 from __future__ import annotations
@@ -52,16 +53,13 @@ from ..policy_coefficients import policy_coefficients
 from .errors import UnsupportedSettingError
 
 LOSS_MODES = ("vanilla", "gspo", "gpg", "cispo", "sapo", "geo_mean", "dppo_tv", "dppo_kl",
-              "kl_cov")
+              "kl_cov", "dro")
 """verl loss modes with an exact rlhf_fast counterpart; registered as ``rlhf_fast_<mode>``."""
 
 REFUSED_MODES = {
     "clip_cov": "verl draws the high-covariance tokens it zeroes with torch.randperm over the "
                 "candidates and rlhf_fast's cov_selection='clip_cov' with per-token torch.rand "
                 "priorities: the same distribution, not the same tokens for a seed",
-    "dro": "its -A * logp term is on-policy (ratio 1) while its 0.5 * dro_beta * (logp - "
-           "old)^2 penalty needs the old log-probs and is scaled by the rollout weights; no "
-           "PolicyLossConfig holds both",
     "bypass_mode": "verl's bypass mode (algorithm.rollout_correction.bypass_mode=True) sets "
                    "policy_loss.loss_mode='bypass_mode' itself (rollout_corr_helper."
                    "apply_bypass_mode), over any rlhf_fast_<mode>: verl's own loss then runs, "
@@ -160,6 +158,14 @@ def verl_policy_config(loss_mode: str, config: Any, loss_agg_mode: str,
         return PolicyLossConfig(objective=loss_mode, clip_eps_low=low, clip_eps_high=high,
                                 dppo_ratio_cap=float(config.get("clip_ratio_c", 20.0)),
                                 **common)
+    if loss_mode == "dro":
+        # -A logp (CISPO's weight clamped to [1, 1]) + dro_beta * k2(logp - old), unclamped.
+        beta = config.policy_loss.dro_beta
+        if beta is None or beta <= 0:
+            raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+        return PolicyLossConfig(objective="cispo", clip_eps_low=0.0, clip_eps_high=0.0,
+                                kl_coef=float(beta), kl_estimator="k2", kl_reference="old",
+                                kl_clamp=None, **{**common, "log_ratio_clamp": None})
     if loss_mode == "kl_cov":
         # -A r (no clamp), plus ppo_kl_coef |log r| on the top kl_cov_ratio tokens by covariance.
         policy = config.policy_loss
@@ -204,6 +210,8 @@ def _metrics(loss_mode: str, log_prob: Tensor, old: Tensor, adv: Tensor, m: Tens
         low, high = _clip_bounds(config)
         if loss_mode == "kl_cov":
             return {"actor/ppo_kl": mean(delta.abs())}
+        if loss_mode == "dro":
+            return {"actor/ppo_kl": mean(-delta)}
         ppo_kl = mean(-delta.clamp(-20, 20) if loss_mode in ("vanilla", "cispo", "sapo",
                                                               "dppo_tv", "dppo_kl")
                       else -delta)
@@ -248,6 +256,11 @@ def compute_policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor,
     is positively homogeneous in them)."""
     if config is None:
         raise ValueError("config (verl's ActorConfig) is required")
+    if loss_mode == "dro" and rollout_is_weights is not None:
+        _refuse("algorithm.rollout_correction (rollout_is_weights)", "given", "verl's dro "
+                "multiplies its whole per-token loss, penalty included, by the rollout "
+                "weights, rlhf_fast's rollout weights scale the policy term only",
+                "Use verl's own 'dro' with rollout correction, or rollout_is=None.")
     mask = response_mask.bool()
     c = verl_policy_config(loss_mode, config, loss_agg_mode, mask)
     adv = advantages.float()
