@@ -10,7 +10,7 @@ Importing this module registers, additively (no default of verl changes):
   and the global token / sequence counts verl puts in ``config.global_batch_info``. The loss
   and ``dL/dlog_prob`` come from rlhf_fast's hand-derived coefficient step
   (``policy_coefficients``): no autograd graph over the ``[B, T]`` temporaries. Select with
-  ``actor_rollout_ref.actor.policy_loss  .loss_mode=rlhf_fast_vanilla`` (etc.).
+  ``actor_rollout_ref.actor.policy_loss.loss_mode=rlhf_fast_vanilla`` (etc.).
 - the fused-kernel backend ``rlhf_fast``: ``actor_rollout_ref.model.fused_kernel_options
   .impl_backend=rlhf_fast`` makes verl's patched model forward compute log-probs and
   entropy with ``linear_token_logprobs`` from the final hidden states and ``lm_head``
