@@ -282,9 +282,11 @@ def test_grpo_new_settings_bind(grpo):
 
 def test_grpo_adaptive_entropy_matches_trl(grpo):
     """``use_adaptive_entropy``: the bonus is applied (last window's entropy below the
-    target), and the controller moves entropy_coef and records the entropy as TRL's does."""
+    target), and the controller moves entropy_coef and records the entropy of the kept
+    tokens (top_entropy_quantile) as TRL's does."""
     trainer, inputs = grpo
-    _configure(trainer, dict(loss_type="dapo", use_adaptive_entropy=True))
+    _configure(trainer, dict(loss_type="dapo", use_adaptive_entropy=True,
+                             top_entropy_quantile=0.5))
     states = []
     try:
         for compute in (trl.GRPOTrainer.compute_loss, GRPOTrainer.compute_loss):
@@ -325,8 +327,6 @@ GRPO_REFUSALS = {
     # setting named in the error: the trainer's configuration
     "epsilon_high": dict(loss_type="cispo", epsilon_high=0.28),   # an absolute cap below 1
     "delta": dict(loss_type="dapo", delta=1.1),                   # not above 1 + epsilon_high
-    "use_adaptive_entropy": dict(loss_type="dapo", use_adaptive_entropy=True,
-                                 top_entropy_quantile=0.5),
     "use_bias_correction_kl": dict(loss_type="vespo", beta=0.04, use_bias_correction_kl=True,
                                    importance_sampling_level="sequence"),
     "vllm_importance_sampling_clip_min": dict(loss_type="vespo", use_vllm=True,

@@ -39,6 +39,7 @@ import trl
 from accelerate.utils import is_peft_model
 from torch import Tensor
 
+from ..loss_weights import top_entropy_mask
 from ..ops.linear import linear_policy_loss
 from ..ops.linear_dpo import linear_dpo_loss
 from .errors import UnsupportedSettingError
@@ -179,8 +180,11 @@ class FusedGRPOMixin:
         token count; at the optimiser-step boundary, reduce them over processes, move
         ``entropy_coef`` by ``entropy_coef_delta`` towards ``entropy_target`` (within
         ``entropy_coef_min`` / ``_max``) and keep the window's entropy for the next step's
-        gate. Only without a top-entropy mask (refused otherwise), so the tokens are the mask's."""
+        gate. The tokens are those the bonus acts on: the valid ones, or under
+        ``top_entropy_quantile`` the kept ones (the op's top-entropy mask, TRL's definition)."""
         m = mask.float()
+        quantile = float(self.top_entropy_quantile)
+        m = m * top_entropy_mask(entropy, m, quantile if quantile < 1.0 else None)
         stats = torch.stack([(entropy * m).sum(), m.sum()]).detach()
         window = self._entropy_window_stats
         self._entropy_window_stats = stats if window is None else window + stats

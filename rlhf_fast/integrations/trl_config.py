@@ -110,11 +110,6 @@ def grpo_policy_config(trainer: Any) -> PolicyLossConfig:
                 "processes; rlhf_fast takes it over the local batch",
                 "Use one process or top_entropy_quantile=1.0.")
     bonus = bool(getattr(trainer, "_entropy_bonus_enabled", False))
-    if bonus and trainer.use_adaptive_entropy and quantile < 1.0:
-        _refuse("use_adaptive_entropy", True, "with top_entropy_quantile < 1 the controller "
-                "averages the entropy over the kept tokens of TRL's quantile mask, which the "
-                "adapter does not rebuild", "Use top_entropy_quantile=1.0 or a fixed "
-                "entropy_coef.")
 
     fields: dict[str, Any] = dict(
         ratio_level=level, log_ratio_clamp=None, kl_clamp=None,   # TRL clamps nothing
