@@ -95,7 +95,9 @@ def grpo(tiny_model_dir, tmp_path_factory):
     inputs["ref_per_token_logps"] = logp + 0.5 * torch.randn(shape, generator=gen)
     inputs["advantages"] = torch.randn(shape[0], generator=gen)
     inputs["importance_sampling_ratio"] = torch.rand(shape, generator=gen) * 2
+    inputs["sampling_per_token_logps"] = logp + 0.4 * torch.randn(shape, generator=gen)
     inputs["num_items_in_batch"] = mask.sum() * 2
+    trainer._test_logp = logp  # the current log-probs, for the checks that settings bind
     assert mask.sum() > shape[0] and (mask.sum(-1) < shape[1]).any(), "want padded rows"
     return trainer, inputs
 
@@ -109,11 +111,34 @@ def _loss_and_grads(trainer, compute, inputs):
     return loss.detach(), grads
 
 
+def _last_metrics(trainer):
+    """The metrics one compute_loss logged (and clear them)."""
+    mode = "train" if trainer.model.training else "eval"
+    logged = {name: values[-1] for name, values in trainer._metrics[mode].items() if values}
+    trainer._metrics[mode].clear()
+    return logged
+
+
 def _assert_same_step(trainer, inputs):
-    """Our compute_loss vs TRL's own, on the same trainer, batch and weights."""
+    """Our compute_loss vs TRL's own, on the same trainer, batch and weights: loss,
+    gradients and every metric TRL logs in its loss (clip ratios, kl, entropy, phi,
+    policy_loss, entropy_coef). VESPO's loss
+    -phi A logp sums terms of both signs to far less than their size, so its loss is held to
+    1e-5 of the mean term size |A logp| (phi <= 1.25) instead of its own value."""
+    _last_metrics(trainer)
     ref_loss, ref_grads = _loss_and_grads(trainer, trl.GRPOTrainer.compute_loss, inputs)
+    ref_metrics = _last_metrics(trainer)
     loss, grads = _loss_and_grads(trainer, GRPOTrainer.compute_loss, inputs)
-    torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
+    metrics = _last_metrics(trainer)
+    assert metrics.keys() == ref_metrics.keys()
+    for name, value in ref_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
+    atol = 0.0
+    if trainer.loss_type == "vespo":
+        m = inputs["completion_mask"].float()
+        terms = inputs["advantages"].abs().reshape(-1, 1) * trainer._test_logp.abs() * m
+        atol = REL * float(terms.sum() / m.sum())
+    torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=atol)
     _assert_same_grads(grads, ref_grads)
 
 
@@ -131,6 +156,10 @@ def _assert_same_grads(grads, ref_grads):
         err = (g - ref).norm() / torch.maximum(ref.norm(), 1e-2 * total)
         assert err < REL, f"{name}: gradient off by {err:.2e} (norm-wise)"
 
+
+OPSM_ADVANTAGES = (-0.5, 0.7, -0.6, 0.9)
+OPSM_THRESHOLD = 0.1
+"""Two negative-advantage sequences, one of which the off-policy mask drops."""
 
 GRPO_SETTINGS = {
     "grpo": dict(loss_type="grpo"),
@@ -150,6 +179,26 @@ GRPO_SETTINGS = {
     "top_entropy": dict(loss_type="dapo", top_entropy_quantile=0.5),
     "on_policy": dict(loss_type="bnpo", old=None),
     "eval": dict(loss_type="dapo", train=False),
+    # Settings that used to be refused. VESPO with the ratio-weighted KL (TRL's default
+    # use_bias_correction_kl=True), and with vLLM's token ratio in its sequence weight:
+    "vespo_kl": dict(loss_type="vespo", beta=0.04, use_bias_correction_kl=True),
+    "vespo_vllm_truncate": dict(loss_type="vespo", use_vllm=True, nan_sampling=True,
+                                vllm_importance_sampling_correction=True,
+                                vllm_mode=("token_truncate", None, 1.5)),
+    "vespo_vllm_mask_opsm": dict(loss_type="vespo", use_vllm=True,
+                                 off_policy_mask_threshold=OPSM_THRESHOLD,
+                                 advantages=OPSM_ADVANTAGES,
+                                 vllm_importance_sampling_correction=True,
+                                 vllm_mode=("token_mask", 0.5, 2.0)),
+    "opsm_vllm_is": dict(loss_type="grpo", off_policy_mask_threshold=OPSM_THRESHOLD,
+                         advantages=OPSM_ADVANTAGES, use_vllm=True,
+                         vllm_importance_sampling_correction=True),
+    "kl_bias_entropy_top": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True,
+                                entropy_coef=0.05, top_entropy_quantile=0.5),
+    "kl_bias_gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                         use_bias_correction_kl=True, epsilon_low=3e-4, epsilon_high=4e-4),
+    "kl_bias_entropy_on_policy": dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=True,
+                                      entropy_coef=0.05, old=None),
 }
 
 
@@ -166,8 +215,30 @@ def _configure(trainer, setting):
     trainer.use_vllm = s.pop("use_vllm", False)
     trainer.vllm_importance_sampling_correction = s.pop("vllm_importance_sampling_correction",
                                                        False)
+    mode, low, high = s.pop("vllm_mode", ("token_truncate", None, 3.0))
+    trainer.vllm_importance_sampling_mode = mode
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = low, high
+    trainer.off_policy_mask_threshold = s.pop("off_policy_mask_threshold", None)
+    trainer.args.use_bias_correction_kl = s.pop("use_bias_correction_kl", False)
+    trainer.entropy_coef = s.pop("entropy_coef", 0.0)
+    trainer.use_adaptive_entropy = s.pop("use_adaptive_entropy", False)
+    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
     trainer.model.train(s.pop("train", True))
     return s
+
+
+def _vllm_ratio(trainer, inputs):
+    """TRL's token importance-sampling ratio from the old and vLLM log-probs (written from its
+    definition): exp((old - sampling) * mask), 1 where vLLM gave no log-prob, then clamped to
+    [clip_min, clip_max] (token_truncate) or zeroed outside it (token_mask)."""
+    low, high = trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max
+    diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"])
+    rho = torch.exp(torch.nan_to_num(diff * inputs["completion_mask"], nan=0.0))
+    if trainer.vllm_importance_sampling_mode == "token_truncate":
+        return rho.clamp(min=low, max=high)
+    inside = (rho >= (low if low is not None else -float("inf"))) & (
+        rho <= (high if high is not None else float("inf")))
+    return torch.where(inside, rho, torch.zeros_like(rho))
 
 
 @pytest.mark.parametrize("name", list(GRPO_SETTINGS))
@@ -176,10 +247,68 @@ def test_grpo_step_matches_trl(grpo, name):
     rest = _configure(trainer, GRPO_SETTINGS[name])
     if "old" in rest:
         inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+    if "advantages" in rest:
+        inputs = dict(inputs, advantages=torch.tensor(rest["advantages"]))
+    if rest.get("nan_sampling"):  # a token vLLM could not score: TRL gives it rho = 1
+        inputs = dict(inputs, sampling_per_token_logps=inputs["sampling_per_token_logps"].clone())
+        inputs["sampling_per_token_logps"][2, 1] = float("nan")
+        assert inputs["completion_mask"][2, 1] == 1
+    if not (trainer.use_vllm and trainer.vllm_importance_sampling_correction):
+        # TRL adds the ratio only then (VESPO reads it whenever it is there).
+        inputs = {k: v for k, v in inputs.items() if k != "importance_sampling_ratio"}
+    elif "vllm_mode" in GRPO_SETTINGS[name]:
+        inputs = dict(inputs, importance_sampling_ratio=_vllm_ratio(trainer, inputs))
     try:
         _assert_same_step(trainer, inputs)
     finally:
         trainer.model.train()
+
+
+def test_grpo_new_settings_bind(grpo):
+    """The batch makes the off-policy mask drop some but not all negative-advantage
+    sequences, and the vLLM ratio leave both VESPO bands (else the equalities above would
+    not test them)."""
+    trainer, inputs = grpo
+    mask = inputs["completion_mask"].float()
+    divergence = ((inputs["sampling_per_token_logps"] - trainer._test_logp) * mask).sum(-1) \
+        / mask.sum(-1).clamp(min=1)
+    negative = torch.tensor(OPSM_ADVANTAGES) < 0
+    assert (negative & (divergence > OPSM_THRESHOLD)).any()
+    assert (negative & (divergence <= OPSM_THRESHOLD) & (mask.sum(-1) > 0)).any()
+    rho = torch.exp((inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"])
+                    * mask)[mask.bool()]
+    assert (rho > 2.0).any() and (rho < 0.5).any() and ((rho > 1.5) & (rho <= 2.0)).any()
+
+
+def test_grpo_adaptive_entropy_matches_trl(grpo):
+    """``use_adaptive_entropy``: the bonus is applied (last window's entropy below the
+    target), and the controller moves entropy_coef and records the entropy of the kept
+    tokens (top_entropy_quantile) as TRL's does."""
+    trainer, inputs = grpo
+    _configure(trainer, dict(loss_type="dapo", use_adaptive_entropy=True,
+                             top_entropy_quantile=0.5))
+    states = []
+    try:
+        for compute in (trl.GRPOTrainer.compute_loss, GRPOTrainer.compute_loss):
+            trainer.entropy_coef, trainer._last_world_entropy = 0.1, 0.0
+            trainer._entropy_window_stats = None
+            _last_metrics(trainer)
+            loss, grads = _loss_and_grads(trainer, compute, inputs)
+            states.append((loss, grads, trainer.entropy_coef, trainer._last_world_entropy,
+                           _last_metrics(trainer)))
+    finally:
+        trainer.use_adaptive_entropy, trainer._entropy_bonus_enabled = False, False
+        trainer.entropy_coef, trainer._last_world_entropy = 0.0, float("inf")
+        trainer._entropy_window_stats = None
+    (ref_loss, ref_grads, ref_coef, ref_world, ref_metrics), \
+        (loss, grads, coef, world, metrics) = states
+    torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
+    assert metrics.keys() == ref_metrics.keys() and "policy_loss" in metrics
+    for name, value in ref_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    _assert_same_grads(grads, ref_grads)
+    assert coef == pytest.approx(ref_coef) and coef != 0.1
+    assert world == pytest.approx(ref_world, rel=1e-5)
 
 
 def test_grpo_metrics_are_logged_and_clips_bind(grpo):
@@ -194,41 +323,40 @@ def test_grpo_metrics_are_logged_and_clips_bind(grpo):
     assert logged["clip_ratio/region_mean"][-1] > 0 and logged["kl"][-1] > 0
 
 
-@pytest.mark.parametrize(("setting", "value", "attribute"), [
-    ("loss_type", "vespo", "loss_type"),
-    ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold"),
-    ("entropy_coef", 0.01, "_entropy_bonus_enabled"),
-    ("use_bias_correction_kl", True, None),
-    ("epsilon_high", 0.28, "epsilon_high"),   # with cispo: an absolute cap below 1
-    ("delta", 1.1, None),                     # not above 1 + epsilon_high
-])
-def test_grpo_refuses_unmappable_settings(grpo, setting, value, attribute):
+GRPO_REFUSALS = {
+    # setting named in the error: the trainer's configuration
+    "epsilon_high": dict(loss_type="cispo", epsilon_high=0.28),   # an absolute cap below 1
+    "delta": dict(loss_type="dapo", delta=1.1),                   # not above 1 + epsilon_high
+    "use_bias_correction_kl": dict(loss_type="vespo", beta=0.04, use_bias_correction_kl=True,
+                                   importance_sampling_level="sequence"),
+    "vllm_importance_sampling_clip_min": dict(loss_type="vespo", use_vllm=True,
+                                              vllm_importance_sampling_correction=True,
+                                              vllm_mode=("token_mask", 1.2, 3.0)),
+    "vllm_importance_sampling_mode": dict(loss_type="vespo", use_vllm=True,
+                                          vllm_importance_sampling_correction=True,
+                                          vllm_mode=("sequence_mask", None, 3.0)),
+    "loss_type": dict(loss_type="gspo_like"),
+}
+
+
+@pytest.mark.parametrize("setting", list(GRPO_REFUSALS))
+def test_grpo_refuses_unmappable_settings(grpo, setting):
     from rlhf_fast.integrations.trl_config import grpo_policy_config
 
     trainer, _ = grpo
-    _configure(trainer, {"loss_type": "cispo" if setting == "epsilon_high" else "dapo",
-                         "beta": 0.04})
-    saved = (trainer.args.use_bias_correction_kl, trainer.entropy_coef)
-    if attribute is not None:
-        setattr(trainer, attribute, value)
-    if setting == "entropy_coef":
-        trainer.entropy_coef = value
-    elif setting == "use_bias_correction_kl":
-        trainer.args.use_bias_correction_kl = True
-    elif setting == "delta":
-        trainer.args.delta = value
+    rest = _configure(trainer, GRPO_REFUSALS[setting])
+    assert not rest
     try:
         with pytest.raises(UnsupportedSettingError, match=setting):
             grpo_policy_config(trainer)
     finally:
-        trainer.args.use_bias_correction_kl, trainer.entropy_coef = saved
-        trainer.off_policy_mask_threshold = None
-        trainer._entropy_bonus_enabled = False
+        _configure(trainer, GRPO_SETTINGS["grpo"])
 
 
 def test_grpo_refuses_at_construction(tiny_model_dir, tmp_path):
-    with pytest.raises(UnsupportedSettingError, match="loss_type='vespo'"):
-        _grpo_trainer(tiny_model_dir, tmp_path, loss_type="vespo")
+    with pytest.raises(UnsupportedSettingError, match="use_bias_correction_kl=True"):
+        _grpo_trainer(tiny_model_dir, tmp_path, loss_type="vespo", beta=0.04,
+                      use_bias_correction_kl=True, importance_sampling_level="sequence")
 
 
 def test_grpo_train_end_to_end(tiny_model_dir, tmp_path):
@@ -291,6 +419,18 @@ DPO_SETTINGS = {
     "sigmoid_plus_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[2.0, 0.5], beta=0.1),
     "smoothing_ignored_by_sigmoid": dict(loss_type=["sigmoid"], beta=0.1, label_smoothing=0.3),
     "precomputed_ref": dict(loss_type=["sigmoid"], beta=0.1, precompute=True),
+    # Settings that used to be refused: weighted sums (MPO's sigmoid + bco_pair + sft; a
+    # repeated type, smoothing and an f-divergence), aot, f-divergences, LD-DPO.
+    "mpo_list": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                     beta=0.1),
+    "list_js_smoothed": dict(loss_type=["robust", "hinge", "robust"], beta=0.1,
+                             loss_weights=[0.5, 1.0, 0.25], label_smoothing=0.2,
+                             f_divergence_type="js_divergence"),
+    "aot_smoothed": dict(loss_type=["aot"], beta=0.1, label_smoothing=0.1),
+    "aot_unpaired": dict(loss_type=["aot_unpaired", "sft"], loss_weights=[2.0, 0.5], beta=0.1),
+    "alpha_divergence": dict(loss_type=["sigmoid"], beta=0.1,
+                             f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "ld_alpha": dict(loss_type=["sigmoid", "sft"], beta=0.1, ld_alpha=0.5),
 }
 
 
@@ -301,6 +441,10 @@ def _configure_dpo(trainer, setting, batch):
     trainer.beta = s["beta"]
     trainer.label_smoothing = s.get("label_smoothing", 0.0)
     trainer.precompute_ref_logps = s.get("precompute", False)
+    trainer.f_divergence_type = s.get("f_divergence_type", "reverse_kl")
+    trainer.f_alpha_divergence_coef = s.get("f_alpha_divergence_coef", 1.0)
+    trainer.ld_alpha = s.get("ld_alpha")
+    trainer.use_weighting = s.get("use_weighting", False)
     inputs = dict(batch)
     if trainer.precompute_ref_logps:
         chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
@@ -318,27 +462,64 @@ def test_dpo_step_matches_trl(dpo, name):
     _assert_same_grads(grads, ref_grads)
 
 
-@pytest.mark.parametrize(("setting", "attribute", "value"), [
-    ("loss_type", "loss_types", ["aot"]),
-    ("loss_type", "loss_types", ["sigmoid", "hinge"]),
-    ("f_divergence_type", "f_divergence_type", "js_divergence"),
-    ("ld_alpha", "ld_alpha", 0.5),
-    ("use_weighting", "use_weighting", True),
-])
-def test_dpo_refuses_unmappable_settings(dpo, setting, attribute, value):
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+def test_ld_reference_sums_as_tokens_keep_trls_weighted_sums(ld_alpha):
+    """TRL hands LD-weighted reference sums; the op weighs per-token reference log-probs
+    itself: the tokens the adapter builds give back TRL's sums, also for a pair sharing no
+    token (an empty sequence) and for a pair of unequal lengths."""
+    from rlhf_fast.integrations.trl import _ld_sums_as_tokens
+    from rlhf_fast.preference_config import preference_config
+    from rlhf_fast.reference.dpo import dpo_loss_from_logprobs
+
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([0, 4, 3, 5, 2, 3])          # pairs (0, 5), (4, 2), (3, 3)
+    valid = torch.arange(6)[None, :] >= (6 - lengths)[:, None]   # left padding
+    logp = -torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    sums = -torch.rand(6, generator=gen, dtype=torch.float64) * 3
+    sums[0] = 0.0                                        # an empty sequence sums to 0
+    if ld_alpha == 0.0:
+        sums[3] = 0.0                    # its partner is empty: TRL's sum is 0 * the tail
+    config = preference_config(beta=0.1, ld_alpha=ld_alpha)
+    tokens = _ld_sums_as_tokens(sums, valid, ld_alpha)
+    by_tokens = dpo_loss_from_logprobs(logp, valid, tokens, config)
+    by_sums = dpo_loss_from_logprobs(logp, valid, sums, config)
+    torch.testing.assert_close(by_tokens[0], by_sums[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(by_tokens[3]["rewards_margin"], by_sums[3]["rewards_margin"],
+                               rtol=1e-12, atol=0)
+
+
+def test_dpo_aot_sorting_binds(dpo):
+    """aot pairs the i-th smallest policy margin with the i-th smallest reference margin:
+    on this batch that is not the identity pairing (else the aot equality tests no sort)."""
+    trainer, batch = dpo
+    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+    policy = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    policy_order = torch.argsort(policy[0] - policy[1])
+    assert not torch.equal(policy_order, torch.argsort(ref[0] - ref[1]))
+    assert not torch.equal(policy_order, torch.argsort(ref[0] - policy[1] + policy[0] - ref[1]))
+
+
+DPO_REFUSALS = {
+    # setting named in the error: the trainer's configuration
+    "loss_type": dict(loss_type=["sigmoid", "ipo"], beta=0.1),        # ipo averages by length
+    "label_smoothing": dict(loss_type=["sigmoid", "robust"], beta=0.1, label_smoothing=0.2),
+    "f_divergence_type": dict(loss_type=["ipo"], beta=0.1, f_divergence_type="js_divergence"),
+    "use_weighting": dict(loss_type=["sigmoid"], beta=0.1, use_weighting=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(DPO_REFUSALS))
+def test_dpo_refuses_unmappable_settings(dpo, setting):
     from rlhf_fast.integrations.trl_config import dpo_loss_arguments
 
     trainer, batch = dpo
-    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
-    saved = getattr(trainer, attribute)
-    setattr(trainer, attribute, value)
-    if attribute == "loss_types":
-        trainer.loss_weights = [1.0] * len(value)
+    _configure_dpo(trainer, DPO_REFUSALS[setting], batch)
     try:
         with pytest.raises(UnsupportedSettingError, match=setting):
             dpo_loss_arguments(trainer)
     finally:
-        setattr(trainer, attribute, saved)
+        _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
 
 
 def test_dpo_train_end_to_end(tiny_model_dir, tmp_path):

@@ -19,6 +19,7 @@ core_algos = pytest.importorskip(
            "plus its import dependencies as .ci/run does); CI installs it")
 
 from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.config.actor import PolicyLossConfig as VerlPolicyLossConfig  # noqa: E402
 
 from rlhf_fast.integrations import UnsupportedSettingError  # noqa: E402
 from rlhf_fast.integrations import verl as adapter  # noqa: E402
@@ -31,7 +32,10 @@ AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-me
 def _actor_config(**overrides):
     fields = dict(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
                   rollout_n=1, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                  clip_ratio_c=3.0)
+                  clip_ratio_c=3.0,
+                  # kl_cov: 20% of the valid tokens (5 of 25) get the |log r| penalty.
+                  policy_loss=VerlPolicyLossConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.5,
+                                                   dro_beta=0.5))
     fields.update(overrides)
     return ActorConfig(**fields)
 
@@ -81,9 +85,10 @@ def _assert_same(mode, agg, config, weights=True, seed=0):
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "gpg", "cispo"])
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "gpg", "cispo", "dppo_tv", "dppo_kl",
+                                  "kl_cov", "dro"])
 def test_loss_modes_match_verl_per_aggregation(mode, agg):
-    _assert_same(mode, agg, _actor_config())
+    _assert_same(mode, agg, _actor_config(), weights=mode != "dro")
 
 
 @pytest.mark.parametrize("mode", adapter.LOSS_MODES)
@@ -96,7 +101,7 @@ def test_loss_modes_match_verl_with_global_normalisers(mode):
                                                        loss_scale_factor=64))]:
         config.global_batch_info.clear()
         config.global_batch_info.update(info)
-        _assert_same(mode, agg, config)
+        _assert_same(mode, agg, config, weights=mode != "dro")
     config.global_batch_info.clear()
 
 
@@ -108,10 +113,41 @@ def test_modes_with_a_fixed_aggregation_match_verl(mode):
                          weights=weights)
 
 
+@pytest.mark.parametrize("weights", [True, False])
+def test_geo_mean_with_asymmetric_verl_bounds_matches_verl(weights):
+    """clip_ratio_low != clip_ratio_high: gmpo_clip (low) and gmpo_clip_high (high)."""
+    ref = _assert_same("geo_mean", "token-mean", _actor_config(clip_ratio_low=0.1,
+                                                                clip_ratio_high=0.3),
+                       weights=weights)
+    assert ref[2]["actor/pg_clipfrac"] > 0 and ref[2]["actor/pg_clipfrac_lower"] > 0
+
+
 def test_the_problem_exercises_the_clips():
-    """Otherwise the equality above would not test them."""
+    """Otherwise the equality above would not test them: the dual clip, DPPO's trust region
+    on both sides and its ratio cap, and a KL-Cov selection that changes the loss."""
     _, _, metrics = _assert_same("vanilla", "token-mean", _actor_config())
     assert metrics["actor/pg_clipfrac"] > 0 and metrics["actor/pg_clipfrac_lower"] > 0
+    for mode in ("dppo_tv", "dppo_kl"):
+        _, _, metrics = _assert_same(mode, "token-mean", _actor_config(clip_ratio_low=0.05,
+                                                                         clip_ratio_high=0.05))
+        assert 0 < metrics["actor/pg_clipfrac"] < 1 and metrics["actor/pg_clipfrac_lower"] > 0
+    logp, old, adv, mask, _ = _problem()
+    without = _run(core_algos.get_policy_loss_fn("rlhf_fast_kl_cov"), logp, old, adv, mask,
+                   "token-mean", _actor_config(policy_loss=VerlPolicyLossConfig(
+                       kl_cov_ratio=0.2, ppo_kl_coef=0.0)), None)
+    with_penalty = _assert_same("kl_cov", "token-mean", _actor_config(), weights=False)
+    assert with_penalty[0] > without[0]
+
+
+def test_dro_refuses_rollout_weights_and_needs_its_beta():
+    """verl scales DRO's penalty by the rollout weights too; rlhf_fast's scale the policy
+    term only. Without dro_beta verl raises, and so does the adapter."""
+    logp, old, adv, mask, weights = _problem()
+    with pytest.raises(UnsupportedSettingError, match="rollout_is_weights"):
+        adapter.compute_policy_loss("dro", old, logp, adv, mask, config=_actor_config(),
+                                    rollout_is_weights=weights)
+    _assert_same("dro", "token-mean", _actor_config(policy_loss=VerlPolicyLossConfig()),
+                 weights=False)
 
 
 @pytest.mark.parametrize("mode", sorted(adapter.REFUSED_MODES))
@@ -119,12 +155,6 @@ def test_refused_modes_name_the_setting(mode):
     logp, old, adv, mask, _ = _problem()
     with pytest.raises(UnsupportedSettingError, match=f"policy_loss.loss_mode='{mode}'"):
         adapter.compute_policy_loss(mode, old, logp, adv, mask, config=_actor_config())
-
-
-def test_asymmetric_geo_mean_clip_is_refused():
-    logp, old, adv, mask, _ = _problem()
-    with pytest.raises(UnsupportedSettingError, match="clip_ratio_low / clip_ratio_high"):
-        adapter.compute_policy_loss("geo_mean", old, logp, adv, mask, config=_actor_config())
 
 
 def _head_problem(dtype=torch.float32, tokens=(2, 7), hidden=24, vocab=50, seed=0):

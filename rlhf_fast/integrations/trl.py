@@ -39,10 +39,12 @@ import trl
 from accelerate.utils import is_peft_model
 from torch import Tensor
 
+from ..loss_weights import top_entropy_mask
 from ..ops.linear import linear_policy_loss
 from ..ops.linear_dpo import linear_dpo_loss
 from .errors import UnsupportedSettingError
-from .trl_config import dpo_loss_arguments, grpo_normalizer, grpo_policy_config
+from .trl_config import dpo_loss_arguments, grpo_entropy_coef, grpo_policy_config, grpo_step_config
+from .trl_metrics import log_grpo_metrics
 
 HEAD_KWARG = "rlhf_fast_head"
 """The forward keyword that runs the backbone and hands ``(hidden_states, lm_head)`` to a
@@ -136,48 +138,86 @@ class FusedGRPOMixin:
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         training = self.model.training
-        config = grpo_policy_config(self).replace(normalizer=grpo_normalizer(
-            self, float(mask.sum()), batch, inputs.get("num_items_in_batch"), training))
+        config = grpo_step_config(self, float(mask.sum()), batch,
+                                  inputs.get("num_items_in_batch"), training)
         advantages = inputs["advantages"]
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        if vllm_is and self.loss_type != "vespo":
             # rho >= 0 multiplies the policy term only: folded into A (trl_config docstring).
             advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
             advantages = advantages * inputs["importance_sampling_ratio"]
             advantages = advantages.expand(batch, length)
         old = inputs.get("old_per_token_logps")
-        ref = inputs["ref_per_token_logps"] if config.kl.coef != 0 else None
+        ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        rollout = None
+        if (vllm_is and self.loss_type == "vespo") or self.off_policy_mask_threshold is not None:
+            # vLLM's log-probs: VESPO's rho and OPSM's behaviour policy (old ones without).
+            rollout = inputs.get("sampling_per_token_logps")
+            if rollout is not None and old is not None:
+                rollout = torch.where(torch.isnan(rollout), old, rollout)  # TRL: rho = 1
 
         def loss_fn(hidden: Tensor, weight: Tensor, bias: Tensor | None):
             return linear_policy_loss(hidden[:, -length - 1:-1], weight, completion_ids,
                                       advantages, mask, bias=bias, old_logprobs=old,
-                                      ref_logprobs=ref, config=config)
+                                      ref_logprobs=ref, rollout_logprobs=rollout,
+                                      config=config)
 
         model_kwargs = {"input_ids": torch.cat([inputs["prompt_ids"], completion_ids], 1),
                         "attention_mask": torch.cat([inputs["prompt_mask"],
                                                      inputs["completion_mask"]], 1)}
         out = _run_head(model, model_kwargs, self.args.cast_lm_head_to_fp32, loss_fn)
-        self._log_fused_grpo_metrics(out, mask, training)
+        log_grpo_metrics(self, out, mask, inputs["advantages"], old, ref, rollout, config,
+                         grpo_entropy_coef(self, training), training)
+        if self.use_adaptive_entropy and training:
+            self._step_adaptive_entropy(out.entropy, mask)
+        if getattr(self, "_entropy_bonus_enabled", False) and training \
+                and self.accelerator.sync_gradients:
+            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
         return out.loss
 
-    def _log_fused_grpo_metrics(self, out, mask: Tensor, training: bool) -> None:
-        """TRL's global token means: entropy, kl, clip ratios (or the CISPO clip ratio)."""
-        mode = "train" if training else "eval"
-        count = mask.sum().float()
-        metrics = out.metrics
-        sums = {"entropy": (out.entropy * mask).sum()}
-        if self.beta != 0.0:
-            sums["kl"] = metrics["kl_mean"] * count
-        if self.loss_type == "cispo":
-            sums["cispo_clip_ratio"] = metrics["clip_frac_high"] * count
-        elif self.loss_type != "sapo":
-            low, high = metrics["clip_frac_low"] * count, metrics["clip_frac_high"] * count
-            sums.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                         "clip_ratio/region_mean": low + high})
-        names = list(sums)
-        local = torch.stack([sums[n].float() for n in names] + [count])
-        totals = self.accelerator.reduce(local, reduction="sum")
-        for name, total in zip(names, totals[:-1], strict=True):
-            self._metrics[mode][name].append((total / totals[-1].clamp(min=1.0)).item())
+    def _step_adaptive_entropy(self, entropy: Tensor, mask: Tensor) -> None:
+        """TRL's entropy controller (``use_adaptive_entropy``): sum the window's entropy and
+        token count; at the optimiser-step boundary, reduce them over processes, move
+        ``entropy_coef`` by ``entropy_coef_delta`` towards ``entropy_target`` (within
+        ``entropy_coef_min`` / ``_max``) and keep the window's entropy for the next step's
+        gate. The tokens are those the bonus acts on: the valid ones, or under
+        ``top_entropy_quantile`` the kept ones (the op's top-entropy mask, TRL's definition)."""
+        m = mask.float()
+        quantile = float(self.top_entropy_quantile)
+        m = m * top_entropy_mask(entropy, m, quantile if quantile < 1.0 else None)
+        stats = torch.stack([(entropy * m).sum(), m.sum()]).detach()
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world = float(totals[0] / totals[1].clamp(min=1.0))
+        args = self.args
+        if world <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                    args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                    args.entropy_coef_min)
+        self._last_world_entropy = world
+        self._entropy_window_stats = None
+
+
+def _ld_sums_as_tokens(sums: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
+    """Per-token reference log-probs ``[2B, T]`` whose LD-DPO-weighted sum (what the op forms
+    with ``ld_alpha``) is TRL's LD-weighted reference sum ``[2B]``: each sequence's sum sits
+    on its first valid token, whose weight is 1, or ld_alpha when its pair shares no token
+    (TRL's sum is then ld_alpha times the tail: 0 when ld_alpha is 0)."""
+    lengths = mask.sum(-1)
+    half = lengths.shape[0] // 2
+    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
+    first_weight = torch.where(shared > 0, 1.0, ld_alpha).to(sums.dtype)
+    value = torch.where(first_weight > 0, sums / first_weight.clamp(min=1e-30),
+                        torch.zeros_like(sums))
+    tokens = torch.zeros(mask.shape, dtype=sums.dtype, device=sums.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    tokens[rows, mask.float().argmax(-1)] = torch.where(lengths > 0, value, 0.0)
+    return tokens
 
 
 class FusedDPOMixin:
@@ -203,12 +243,16 @@ class FusedDPOMixin:
                 self.ref_model if self.ref_model is not None else model, inputs))
         targets = inputs["input_ids"][:, 1:]
         mask = completion_mask[:, 1:].bool()
+        if "ld_alpha" in kwargs:
+            ref = _ld_sums_as_tokens(ref.float(), mask, kwargs["ld_alpha"])
         # Columns where no sequence has a completion token need no GEMM: start at the first.
         first = int(mask.any(0).float().argmax()) if mask.any() else 0
 
+        ref_logprobs = ref.float() if ref.dim() == 1 else ref[:, first:].float()
+
         def loss_fn(hidden: Tensor, weight_: Tensor, bias: Tensor | None):
             return linear_dpo_loss(hidden[:, first:-1], weight_, targets[:, first:],
-                                   mask[:, first:], bias=bias, ref_logprobs=ref.float(),
+                                   mask[:, first:], bias=bias, ref_logprobs=ref_logprobs,
                                    **kwargs)
 
         skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}

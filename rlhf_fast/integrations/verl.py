@@ -4,13 +4,13 @@ Covered: verl 0.9.1 (``verl.trainer.ppo.core_algos``, the FSDP engine's fused-ke
 Importing this module registers, additively (no default of verl changes):
 
 - policy losses ``rlhf_fast_<mode>`` for ``mode`` in ``LOSS_MODES`` (``vanilla`` PPO with
-  dual clip, ``gspo``, ``gpg``, ``cispo``, ``sapo``, ``geo_mean``): verl's own loss on the
-  same ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-  rollout_is_weights)``, honouring ``loss_agg_mode`` and the global token / sequence counts
-  verl puts in ``config.global_batch_info``. The loss and ``dL/dlog_prob`` come from
-  rlhf_fast's hand-derived coefficient step (``policy_coefficients``): no autograd graph
-  over the ``[B, T]`` temporaries. Select with ``actor_rollout_ref.actor.policy_loss
-  .loss_mode=rlhf_fast_vanilla`` (etc.).
+  dual clip, ``gspo``, ``gpg``, ``cispo``, ``sapo``, ``geo_mean``, ``dppo_tv``, ``dppo_kl``,
+  ``kl_cov``, ``dro``): verl's own loss on the same ``(old_log_prob, log_prob, advantages,
+  response_mask, loss_agg_mode, config, rollout_is_weights)``, honouring ``loss_agg_mode``
+  and the global token / sequence counts verl puts in ``config.global_batch_info``. The loss
+  and ``dL/dlog_prob`` come from rlhf_fast's hand-derived coefficient step
+  (``policy_coefficients``): no autograd graph over the ``[B, T]`` temporaries. Select with
+  ``actor_rollout_ref.actor.policy_loss.loss_mode=rlhf_fast_vanilla`` (etc.).
 - the fused-kernel backend ``rlhf_fast``: ``actor_rollout_ref.model.fused_kernel_options
   .impl_backend=rlhf_fast`` makes verl's patched model forward compute log-probs and
   entropy with ``linear_token_logprobs`` from the final hidden states and ``lm_head``
@@ -22,40 +22,52 @@ entry point, which verl imports at ``import verl`` in every process (driver and 
 workers). Naming it in ``actor_rollout_ref.model.external_lib`` or
 ``VERL_USE_EXTERNAL_MODULES`` also works.
 
+Batch statistics are verl's: ``kl_cov``'s covariance (and its top-k) is taken over the
+micro-batch verl hands to the policy loss, and so is it here; verl's rollout correction
+(``rollout_is``, ``rollout_rs``, ``rollout_is_batch_normalize``, all over the training
+batch) runs in verl's trainer and reaches the loss as ``rollout_is_weights`` and the response
+mask, which are used as given. verl's KL loss (every ``kl_loss_type``, the straight-through
+``k1+`` / ``k3+`` / ``low_var_kl+`` / ``abs+`` included) and entropy bonus are computed by verl
+itself on the log-probs and entropy of the fused head, outside the policy loss: nothing to
+map.
+
 Differences on purpose: the ``gspo`` clamp of log s at 10 (value capped, gradient zeroed) is
 not reproduced (the two agree while the sequence log-ratio stays below 10); the fused head's
 entropy is float32 where verl's torch backend rounds it to the logits' dtype; an all-empty
-micro-batch gives a loss of 0 where verl divides 0 by 0. Refused (``UnsupportedSettingError``):
-``clip_cov`` and ``kl_cov`` (random / top-k token selection by covariance), ``dppo_tv`` /
-``dppo_kl`` (probability-difference trust regions), ``dro`` (log-prob objective with a ratio
-penalty), ``bypass_mode`` (rollout log-probs as the old policy), and ``geo_mean`` with
-``clip_ratio_low != clip_ratio_high``.
+micro-batch gives a loss of 0 where verl divides 0 by 0. Refused (``UnsupportedSettingError``,
+``REFUSED_MODES`` says why): ``clip_cov`` (random token draw) and ``bypass_mode``; ``dro``
+with ``rollout_is_weights`` (verl scales its penalty by them too).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import PolicyLossConfig
+from ..loss_weights import dppo_keep
 from ..ops.linear import linear_token_logprobs
 from ..policy_coefficients import policy_coefficients
 from .errors import UnsupportedSettingError
 
-LOSS_MODES = ("vanilla", "gspo", "gpg", "cispo", "sapo", "geo_mean")
+LOSS_MODES = ("vanilla", "gspo", "gpg", "cispo", "sapo", "geo_mean", "dppo_tv", "dppo_kl",
+              "kl_cov", "dro")
 """verl loss modes with an exact rlhf_fast counterpart; registered as ``rlhf_fast_<mode>``."""
 
 REFUSED_MODES = {
-    "clip_cov": "it zeroes the loss of randomly drawn high-covariance tokens",
-    "kl_cov": "it penalises the top-k tokens by covariance",
-    "dppo_tv": "its trust region is on probability differences, not ratios",
-    "dppo_kl": "its trust region is on probability differences, not ratios",
-    "dro": "its objective is -logp * A plus a ratio penalty",
-    "bypass_mode": "it builds the ratio against the rollout log-probs inside the loss",
+    "clip_cov": "verl draws the high-covariance tokens it zeroes with torch.randperm over the "
+                "candidates and rlhf_fast's cov_selection='clip_cov' with per-token torch.rand "
+                "priorities: the same distribution, not the same tokens for a seed",
+    "bypass_mode": "verl's bypass mode (algorithm.rollout_correction.bypass_mode=True) sets "
+                   "policy_loss.loss_mode='bypass_mode' itself (rollout_corr_helper."
+                   "apply_bypass_mode), over any rlhf_fast_<mode>: verl's own loss then runs, "
+                   "on the fused head's log-probs, so an rlhf_fast_bypass_mode could never be "
+                   "selected",
 }
+"""verl loss modes refused, with the reason (``clip_cov`` is ``PolicyLossConfig.preset(
+"clip_cov")`` for users of rlhf_fast's own trainers)."""
 
 BACKEND = "rlhf_fast"
 """``fused_kernel_options.impl_backend`` value that selects the fused head."""
@@ -112,18 +124,18 @@ def verl_policy_config(loss_mode: str, config: Any, loss_agg_mode: str,
     normaliser depends on the mask and ``config.global_batch_info``)."""
     if loss_mode in REFUSED_MODES:
         _refuse("policy_loss.loss_mode", loss_mode, REFUSED_MODES[loss_mode],
-                f"Exact modes: {LOSS_MODES}.")
+                f"Use verl's own {loss_mode!r}, or one of the exact modes rlhf_fast_<mode>, "
+                f"mode in {LOSS_MODES}.")
     if loss_mode not in LOSS_MODES:
         _refuse("policy_loss.loss_mode", loss_mode, "unknown loss mode")
     low, high = _clip_bounds(config)
     info = dict(getattr(config, "global_batch_info", None) or {})
     if loss_mode == "geo_mean":
-        if not math.isclose(low, high):
-            _refuse("clip_ratio_low / clip_ratio_high", (low, high), "rlhf_fast's GMPO clip "
-                    "is symmetric in log space", "Set clip_ratio_low == clip_ratio_high.")
-        # verl: torch.mean over all rows of the micro-batch, whatever loss_agg_mode says.
+        # verl: the log-ratio clamped to [-clip_ratio_low, clip_ratio_high] on the pessimistic
+        # side; torch.mean over all rows of the micro-batch, whatever loss_agg_mode says.
         return PolicyLossConfig(objective="gmpo", ratio_level="sequence", gmpo_clip=low,
-                                log_ratio_clamp=None, aggregation="seq_mean_token_mean",
+                                gmpo_clip_high=high, log_ratio_clamp=None,
+                                aggregation="seq_mean_token_mean",
                                 normalizer=float(max(mask.shape[0], 1)))
     aggregation, normalizer = _aggregation(_FORCED_AGGREGATION.get(loss_mode, loss_agg_mode),
                                            mask, info)
@@ -141,6 +153,26 @@ def verl_policy_config(loss_mode: str, config: Any, loss_agg_mode: str,
     if loss_mode == "sapo":
         return PolicyLossConfig(objective="sapo", sapo_tau_pos=float(config.tau_pos),
                                 sapo_tau_neg=float(config.tau_neg), **common)
+    if loss_mode in ("dppo_tv", "dppo_kl"):
+        # clip_ratio_low / high are the trust-region thresholds; clip_ratio_c caps the ratio.
+        return PolicyLossConfig(objective=loss_mode, clip_eps_low=low, clip_eps_high=high,
+                                dppo_ratio_cap=float(config.get("clip_ratio_c", 20.0)),
+                                **common)
+    if loss_mode == "dro":
+        # -A logp (CISPO's weight clamped to [1, 1]) + dro_beta * k2(logp - old), unclamped.
+        beta = config.policy_loss.dro_beta
+        if beta is None or beta <= 0:
+            raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+        return PolicyLossConfig(objective="cispo", clip_eps_low=0.0, clip_eps_high=0.0,
+                                kl_coef=float(beta), kl_estimator="k2", kl_reference="old",
+                                kl_clamp=None, **{**common, "log_ratio_clamp": None})
+    if loss_mode == "kl_cov":
+        # -A r (no clamp), plus ppo_kl_coef |log r| on the top kl_cov_ratio tokens by covariance.
+        policy = config.policy_loss
+        ratio = policy.kl_cov_ratio if policy.kl_cov_ratio is not None else 0.0002
+        coef = policy.ppo_kl_coef if policy.ppo_kl_coef is not None else 1.0
+        return PolicyLossConfig(objective="pg", cov_selection="kl_cov", cov_ratio=float(ratio),
+                                cov_kl_coef=float(coef), **{**common, "log_ratio_clamp": None})
     # gpg: -A * logp, which is CISPO's objective at r = 1 (on-policy: no old log-probs).
     return PolicyLossConfig(objective="cispo", clip_eps_low=None, clip_eps_high=0.0, **common)
 
@@ -149,10 +181,10 @@ class _CoefficientLoss(torch.autograd.Function):
     """Loss from ``[B, T]`` log-probs with the hand-derived ``dL/dlogp`` saved in forward."""
 
     @staticmethod
-    def forward(ctx, log_prob, old, advantages, valid, config):
+    def forward(ctx, log_prob, old, advantages, valid, config, rollout_weight):
         logp = log_prob.detach().float()
         coef = policy_coefficients(logp, torch.zeros_like(logp), valid, advantages, old, None,
-                                   None, config)
+                                   None, config, rollout_weight=rollout_weight)
         ctx.save_for_backward(coef.c_logp)
         ctx.dtype = log_prob.dtype
         return coef.loss
@@ -160,11 +192,11 @@ class _CoefficientLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (c_logp,) = ctx.saved_tensors
-        return (c_logp * grad_loss).to(ctx.dtype), None, None, None, None
+        return (c_logp * grad_loss).to(ctx.dtype), None, None, None, None, None
 
 
 def _metrics(loss_mode: str, log_prob: Tensor, old: Tensor, adv: Tensor, m: Tensor,
-             config: Any) -> dict[str, float]:
+             config: Any, policy: PolicyLossConfig) -> dict[str, float]:
     """verl's metric names and definitions (masked token means)."""
     if loss_mode == "gpg":
         return {}
@@ -176,7 +208,12 @@ def _metrics(loss_mode: str, log_prob: Tensor, old: Tensor, adv: Tensor, m: Tens
 
         delta = log_prob.float() - old
         low, high = _clip_bounds(config)
-        ppo_kl = mean(-delta.clamp(-20, 20) if loss_mode in ("vanilla", "cispo", "sapo")
+        if loss_mode == "kl_cov":
+            return {"actor/ppo_kl": mean(delta.abs())}
+        if loss_mode == "dro":
+            return {"actor/ppo_kl": mean(-delta)}
+        ppo_kl = mean(-delta.clamp(-20, 20) if loss_mode in ("vanilla", "cispo", "sapo",
+                                                              "dppo_tv", "dppo_kl")
                       else -delta)
         clipfrac = clipfrac_lower = 0.0
         if loss_mode in ("vanilla", "gspo"):
@@ -193,6 +230,11 @@ def _metrics(loss_mode: str, log_prob: Tensor, old: Tensor, adv: Tensor, m: Tens
         elif loss_mode == "cispo":
             ratio = torch.exp(delta.clamp(-20, 20))
             clipfrac = mean(ratio != ratio.clamp(1 - low, 1 + high))
+        elif loss_mode in ("dppo_tv", "dppo_kl"):
+            keep = dppo_keep(log_prob.float(), old, adv, policy)
+            cap = float(config.get("clip_ratio_c", 20.0))
+            clipfrac = mean(keep == 0)
+            clipfrac_lower = mean((torch.exp(delta.clamp(-20, 20)) > cap) & (keep > 0))
         elif loss_mode == "geo_mean":
             clipped = delta != delta.clamp(-low, high)
             clipfrac, clipfrac_lower = mean(clipped & (adv > 0)), mean(clipped & (adv < 0))
@@ -208,22 +250,33 @@ def compute_policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor,
     """verl's ``loss_mode`` on verl's arguments: ``(pg_loss, metrics)``, differentiable in
     ``log_prob`` ``[B, T]``. ``rollout_is_weights`` (>= 0, detached) multiply the per-token
     policy loss; every mapped objective is positively homogeneous in A, so they scale the
-    advantages (for geo_mean: their per-sequence geometric mean, as verl does)."""
+    per-token policy loss (as the op's rollout-correction weights, so that batch statistics
+    such as ``kl_cov``'s covariance see the plain advantages); for geo_mean their per-sequence
+    geometric mean scales the sequence's loss, as verl does, folded into the advantages (GMPO
+    is positively homogeneous in them)."""
     if config is None:
         raise ValueError("config (verl's ActorConfig) is required")
+    if loss_mode == "dro" and rollout_is_weights is not None:
+        _refuse("algorithm.rollout_correction (rollout_is_weights)", "given", "verl's dro "
+                "multiplies its whole per-token loss, penalty included, by the rollout "
+                "weights, rlhf_fast's rollout weights scale the policy term only",
+                "Use verl's own 'dro' with rollout correction, or rollout_is=None.")
     mask = response_mask.bool()
     c = verl_policy_config(loss_mode, config, loss_agg_mode, mask)
     adv = advantages.float()
     old = old_log_prob.detach().float()
+    weight = None
     if rollout_is_weights is not None:
         w = rollout_is_weights.detach().float()
         if loss_mode == "geo_mean":
             m = mask.float()
-            w = torch.exp((torch.log(w + 1e-10) * m).sum(-1, keepdim=True)
-                          / (m.sum(-1, keepdim=True) + 1e-8))
-        adv = adv * w
-    loss = _CoefficientLoss.apply(log_prob, None if loss_mode == "gpg" else old, adv, mask, c)
-    return loss, _metrics(loss_mode, log_prob, old, advantages.float(), mask.float(), config)
+            adv = adv * torch.exp((torch.log(w + 1e-10) * m).sum(-1, keepdim=True)
+                                  / (m.sum(-1, keepdim=True) + 1e-8))
+        else:
+            weight = w.expand_as(log_prob)
+    loss = _CoefficientLoss.apply(log_prob, None if loss_mode == "gpg" else old, adv, mask, c,
+                                  weight)
+    return loss, _metrics(loss_mode, log_prob, old, advantages.float(), mask.float(), config, c)
 
 
 def _policy_loss_fn(loss_mode: str):
