@@ -61,7 +61,7 @@ PARTS: dict[str, type] = {
 _TOP_LEVEL = ("objective", "temperature")
 
 
-@dataclass(frozen=True, init=False, repr=False)
+@dataclass(frozen=True)
 class PolicyLossConfig:
     """A policy loss: the objective, the logits' temperature, and one part per concern.
 
@@ -110,6 +110,8 @@ class PolicyLossConfig:
     rollout: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     """Rollout correction against the inference engine's log-probs, and the OPSM mask."""
 
+    # Defined in the class body, so ``@dataclass`` keeps these two instead of generating its
+    # own: the constructor takes flat keywords and mappings, the repr only what differs.
     __repr__ = compact_repr
 
     def __init__(self, objective: Objective = "ppo_clip", *, temperature: float = 1.0,

@@ -64,7 +64,7 @@ def compact_repr(config: object) -> str:
     return f"{type(config).__name__}({', '.join(changed)})"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class RatioConfig:
     """How the importance ratio is formed."""
 
@@ -83,7 +83,7 @@ class RatioConfig:
         check_positive("log_ratio_clamp", self.log_clamp)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class ClipConfig:
     """The hard trust region: PPO's clip bounds and the objectives' own caps."""
 
@@ -133,7 +133,7 @@ class ClipConfig:
             check_positive(name, value)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class SoftClipConfig:
     """The smooth trust regions: SAPO's sigmoid gate and VESPO's gamma weight."""
 
@@ -164,7 +164,7 @@ class SoftClipConfig:
             check_finite(name, getattr(self, name))
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class AggregationConfig:
     """How per-token losses become one number."""
 
@@ -196,7 +196,7 @@ class AggregationConfig:
             raise ValueError(f"max_length must be None or >= 1, got {self.max_length}")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class KLConfig:
     """The KL penalty."""
 
@@ -250,7 +250,7 @@ class KLConfig:
                              "kl_aggregation too (the KL term otherwise follows normalizer)")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class EntropyConfig:
     """The entropy bonus and the entropy-driven token selection and advantage shaping."""
 
@@ -292,7 +292,7 @@ class EntropyConfig:
                              f"{self.top_quantile}")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class CovSelectionConfig:
     """The entropy mechanism's covariance-selected tokens (Clip-Cov / KL-Cov)."""
 
@@ -331,7 +331,7 @@ class CovSelectionConfig:
             raise ValueError(f"cov_lower must be < cov_upper, got {self.lower}, {self.upper}")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class RolloutCorrectionConfig:
     """Importance sampling against the inference engine's ``rollout_logprobs``."""
 

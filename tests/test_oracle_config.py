@@ -7,6 +7,7 @@ import math
 import pytest
 
 from rlhf_fast import PRESETS, PolicyLossConfig
+from rlhf_fast import config as config_module
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -48,6 +49,11 @@ def test_accepted_at_the_bound(field, value):
     ("clip_gradient", "keep", "clip_gradient must be one of"),
     ("kl_estimator", "k4", "kl_estimator must be one of"),
     ("kl_reference", "policy", "kl_reference must be one of"),
+    ("vespo_k_pos", math.inf, "vespo_k_pos must be finite"),
+    ("vespo_lambda_neg", math.nan, "vespo_lambda_neg must be finite"),
+    ("cov_lower", -math.inf, "cov_lower must be finite"),
+    ("cov_kl_coef", math.nan, "cov_kl_coef must be finite"),
+    ("cov_upper", 1.0, "cov_lower must be < cov_upper"),
 ])
 def test_rejected_past_the_bound(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -158,7 +164,31 @@ def test_preset_overrides_and_unknown_names():
     ({"entropy_advantage_alpha": 0.0}, True), ({"top_entropy_quantile": 0.5}, True),
     ({"rollout_correction": "sequence_truncate"}, True),
     ({"rollout_correction": "sequence_mask"}, True),
+    ({"rollout_correction": "sequence_gate"}, True), ({"objective": "vespo"}, True),
+    ({"off_policy_mask_threshold": 0.5}, True),
+    ({"rollout_correction": "token_truncate", "rollout_normalize": True}, True),
+    ({"objective": "pg", "cov_selection": "kl_cov"}, True),
     ({"rollout_correction": "token_truncate"}, False), ({"kl_coef": 0.5}, False),
 ])
 def test_needs_batch_statistics(overrides, expected):
     assert PolicyLossConfig(**overrides).needs_batch_statistics is expected
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, False), ({"ratio_level": "sequence"}, False), ({"top_entropy_quantile": 0.5}, False),
+    ({"rollout_correction": "sequence_mask"}, False), ({"kl_coef": 0.5}, False),
+    ({"cov_selection": "clip_cov"}, True),
+    ({"rollout_correction": "token_truncate", "rollout_normalize": True}, True),
+    ({"kl_aggregation": "token_mean"}, True), ({"entropy_aggregation": "token_mean"}, True),
+    ({"count_empty_sequences": True}, True),
+])
+def test_needs_whole_batch(overrides, expected):
+    assert PolicyLossConfig(**overrides).needs_whole_batch is expected
+
+
+def test_the_peers_published_constants():
+    # OpenRLHF's KL_IS_WEIGHT_CLIP, TRL's VESPO clamps, verl's batch-normalisation floor.
+    assert config_module.KL_WEIGHT_CAP == 10.0
+    assert config_module.VESPO_LOG_W_BOUNDS == (math.log(1e-8), 20.0)
+    assert config_module.VESPO_MIN_LAMBDA == 1e-4
+    assert config_module.ROLLOUT_NORMALIZE_MIN == 1e-8
