@@ -580,6 +580,23 @@ def test_dpo_refuses_unmappable_settings(dpo, setting):
         _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
 
 
+def test_dpo_refuses_weighting_with_rpo_alpha(dpo, monkeypatch):
+    """TRL < 0.29's rpo_alpha came with a WPO weight clamped at 1 and an unweighted NLL (the
+    attribute is gone in TRL 1.16, so it is set by hand here)."""
+    from rlhf_fast.integrations.trl_config import dpo_loss_arguments
+
+    trainer, batch = dpo
+    monkeypatch.setattr(trainer.args, "rpo_alpha", 0.5, raising=False)
+    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+    assert dpo_loss_arguments(trainer)["nll_coef"] == 0.5
+    _configure_dpo(trainer, DPO_SETTINGS["wpo_sigmoid_norm"], batch)
+    try:
+        with pytest.raises(UnsupportedSettingError, match=r"use_weighting.*rpo_alpha"):
+            dpo_loss_arguments(trainer)
+    finally:
+        _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+
+
 def test_dpo_train_end_to_end(tiny_model_dir, tmp_path):
     trainer = _dpo_trainer(tiny_model_dir, tmp_path, loss_type=["ipo"], beta=0.5)
     before = trainer.model.lm_head.weight.detach().clone()
