@@ -274,13 +274,15 @@ def preference_coefficients(logp: Tensor, valid: Tensor, ref: Tensor | None,
         loss_pairs, g_w, g_l = sorted_pairs(score, ref_score, config)
     else:
         loss_pairs, g_w, g_l = _scored_pair_losses(d, config)
-        if config.loss_weight != 1.0 or config.mixture:
-            loss_pairs, g_w, g_l = (config.loss_weight * x for x in (loss_pairs, g_w, g_l))
-            for kind, weight in config.mixture:
-                more = _scored_pair_losses(d, dataclasses.replace(config, loss_type=kind,
-                                                                  mixture=()))
-                loss_pairs, g_w, g_l = (x + weight * y for x, y in
-                                        zip((loss_pairs, g_w, g_l), more, strict=True))
+    if config.loss_weight != 1.0 or config.mixture:
+        # The first type's weight applies whatever the type (orpo and the sorted aot too);
+        # a mixture holds only MIXABLE_LOSSES (no sort, no length normalisation).
+        loss_pairs, g_w, g_l = (config.loss_weight * x for x in (loss_pairs, g_w, g_l))
+        for kind, weight in config.mixture:
+            more = _scored_pair_losses(d, dataclasses.replace(config, loss_type=kind,
+                                                              mixture=()))
+            loss_pairs, g_w, g_l = (x + weight * y for x, y in
+                                    zip((loss_pairs, g_w, g_l), more, strict=True))
     pairs_norm = float(max(num_pairs, 1))
     nll_weight = torch.full((), config.nll_weight, dtype=torch.float64, device=logp.device)
     if config.use_weighting:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 import trl  # in the test extra: a missing TRL fails here instead of skipping
+from trl.trainer.utils import add_fused_lm_head
 
 from rlhf_fast.integrations import UnsupportedSettingError
 from rlhf_fast.integrations.trl import DPOTrainer, GRPOTrainer
@@ -431,6 +432,13 @@ DPO_SETTINGS = {
     "alpha_divergence": dict(loss_type=["sigmoid"], beta=0.1,
                              f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
     "ld_alpha": dict(loss_type=["sigmoid", "sft"], beta=0.1, ld_alpha=0.5),
+    # WPO (TRL 1.16: w = exp(c_w + c_l), unclamped): one weighted length-averaged loss, and
+    # a list with a repeated type. (aot_unpaired above: one weighted loss with the op's
+    # loss_weights, which aot ignored before.)
+    "wpo_sigmoid_norm": dict(loss_type=["sigmoid_norm"], loss_weights=[2.0], beta=0.5,
+                             use_weighting=True),
+    "wpo_list": dict(loss_type=["sigmoid", "bco_pair", "sigmoid"], loss_weights=[0.5, 0.3, 0.4],
+                     beta=0.1, use_weighting=True),
 }
 
 
@@ -445,6 +453,12 @@ def _configure_dpo(trainer, setting, batch):
     trainer.f_alpha_divergence_coef = s.get("f_alpha_divergence_coef", 1.0)
     trainer.ld_alpha = s.get("ld_alpha")
     trainer.use_weighting = s.get("use_weighting", False)
+    if trainer.use_weighting and not getattr(trainer, "_test_sum_sq_head", False):
+        # TRL's head computes ln sum p^2 only when built with use_weighting: rebuild it so
+        # (our hook, below it, still answers the fused forward's keyword).
+        add_fused_lm_head(trainer.model, outputs=("log_probs", "entropy", "mean_logits",
+                                                  "is_top1", "log_sum_sq_probs"))
+        trainer._test_sum_sq_head = True
     inputs = dict(batch)
     if trainer.precompute_ref_logps:
         chosen, rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
@@ -460,6 +474,50 @@ def test_dpo_step_matches_trl(dpo, name):
     loss, grads = _loss_and_grads(trainer, DPOTrainer.compute_loss, inputs)
     torch.testing.assert_close(loss, ref_loss, rtol=REL, atol=0)
     _assert_same_grads(grads, ref_grads)
+
+
+def test_dpo_weighted_hinge_and_sft_where_trl_fails(dpo, monkeypatch):
+    """TRL 1.16 fails on two weighted terms, and the adapter takes their evident intent.
+    A weighted hinge fails in TRL's backward (its in-place weighting overwrites the relu
+    output relu's gradient reads): its forward is the loss, and the gradient is TRL's once
+    relu is computed as clamp(min=0) (the same values). A weighted "sft" fails in TRL's
+    forward (it weighs the broadcast scalar NLL in place): the adapter takes the pair mean of
+    w * NLL = mean(w) * NLL, with w from TRL's own fused head. So the adapter's step is TRL's
+    weighted hinge step plus w_sft * mean(w) times TRL's unweighted sft step."""
+    trainer, batch = dpo
+    setting = dict(loss_type=["hinge", "sft"], loss_weights=[1.0, 0.7], beta=0.5,
+                   use_weighting=True)
+    inputs = _configure_dpo(trainer, setting, batch)
+    try:
+        with pytest.raises(RuntimeError, match="memory location"):
+            trl.DPOTrainer.compute_loss(trainer, trainer.model, dict(inputs))
+        loss, grads = _loss_and_grads(trainer, DPOTrainer.compute_loss, inputs)
+        _configure_dpo(trainer, dict(setting, loss_type=["hinge"], loss_weights=[1.0]), batch)
+        trainer.model.zero_grad(set_to_none=True)
+        hinge_loss = trl.DPOTrainer.compute_loss(trainer, trainer.model, dict(inputs))
+        with pytest.raises(RuntimeError, match="inplace"):
+            hinge_loss.backward()
+        monkeypatch.setattr(torch, "relu", lambda x: torch.clamp(x, min=0))
+        intended_loss, hinge_grads = _loss_and_grads(trainer, trl.DPOTrainer.compute_loss,
+                                                     inputs)
+        torch.testing.assert_close(intended_loss, hinge_loss.detach(), rtol=0, atol=0)
+        with torch.no_grad():
+            out = trainer.model(input_ids=inputs["input_ids"],
+                                attention_mask=inputs["attention_mask"], use_cache=False,
+                                labels=inputs["input_ids"].masked_fill(
+                                    inputs["completion_mask"] == 0, -100), fused_lm_head=True)
+        _configure_dpo(trainer, dict(loss_type=["sft"], beta=0.5), batch)
+        sft_loss, sft_grads = _loss_and_grads(trainer, trl.DPOTrainer.compute_loss, inputs)
+        mask = inputs["completion_mask"][:, 1:].float()
+        aligned = ((out.log_probs - out.log_sum_sq_probs) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        chosen, rejected = torch.exp(aligned).chunk(2)
+        scale = 0.7 * (chosen * rejected).mean()
+        assert abs(scale / 0.7 - 1) > 1e-3          # the weights are not all 1
+        torch.testing.assert_close(loss, intended_loss + scale * sft_loss, rtol=REL, atol=0)
+        _assert_same_grads(grads, {n: g + scale * sft_grads[n]
+                                   for n, g in hinge_grads.items()})
+    finally:
+        _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
 
 
 @pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
@@ -505,7 +563,7 @@ DPO_REFUSALS = {
     "loss_type": dict(loss_type=["sigmoid", "ipo"], beta=0.1),        # ipo averages by length
     "label_smoothing": dict(loss_type=["sigmoid", "robust"], beta=0.1, label_smoothing=0.2),
     "f_divergence_type": dict(loss_type=["ipo"], beta=0.1, f_divergence_type="js_divergence"),
-    "use_weighting": dict(loss_type=["sigmoid"], beta=0.1, use_weighting=True),
+    "use_weighting": dict(loss_type=["aot"], beta=0.1, use_weighting=True),   # TRL refuses it
 }
 
 
@@ -517,6 +575,23 @@ def test_dpo_refuses_unmappable_settings(dpo, setting):
     _configure_dpo(trainer, DPO_REFUSALS[setting], batch)
     try:
         with pytest.raises(UnsupportedSettingError, match=setting):
+            dpo_loss_arguments(trainer)
+    finally:
+        _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+
+
+def test_dpo_refuses_weighting_with_rpo_alpha(dpo, monkeypatch):
+    """TRL < 0.29's rpo_alpha came with a WPO weight clamped at 1 and an unweighted NLL (the
+    attribute is gone in TRL 1.16, so it is set by hand here)."""
+    from rlhf_fast.integrations.trl_config import dpo_loss_arguments
+
+    trainer, batch = dpo
+    monkeypatch.setattr(trainer.args, "rpo_alpha", 0.5, raising=False)
+    _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)
+    assert dpo_loss_arguments(trainer)["nll_coef"] == 0.5
+    _configure_dpo(trainer, DPO_SETTINGS["wpo_sigmoid_norm"], batch)
+    try:
+        with pytest.raises(UnsupportedSettingError, match=r"use_weighting.*rpo_alpha"):
             dpo_loss_arguments(trainer)
     finally:
         _configure_dpo(trainer, DPO_SETTINGS["sigmoid"], batch)

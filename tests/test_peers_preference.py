@@ -182,3 +182,59 @@ def test_mixture_is_the_weighted_sum_of_its_losses():
     parts = 0.8 * loss(loss_type="sigmoid") + 0.2 * loss(loss_type="bco_pair") \
         + 0.5 * loss(loss_type="apo_down")
     assert torch.allclose(mixed, parts, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", "orpo"])
+def test_single_loss_weight_scales_its_pair_losses(loss_type, device):
+    """``loss_weights=[w]`` with one type multiplies its pair mean, whatever the type: also
+    the batch-sorted aot losses and orpo (whose NLL stays unweighted, as for any loss), in
+    the float64 reference and in dpo_loss / linear_dpo_loss (both backends for aot; the
+    weighting is host code the backends share): the loss and its gradient are affine in w
+    and move with it (aot: linear, its w = 0 loss is 0)."""
+    problem = make_pairs(pairs=3, seq_len=5, seed=21)
+    h = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lm = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = None if loss_type == "orpo" else problem["ref"]
+
+    def reference_step(logits, w):
+        from rlhf_fast.preference_config import preference_config
+        from rlhf_fast.reference.dpo import dpo_loss as reference_dpo_loss
+        config = preference_config(beta=0.5, loss_type=loss_type, loss_weights=[w])
+        return reference_dpo_loss(logits, problem["targets"], problem["mask"],
+                                  ref_logprobs=None if ref is None else ref.double(),
+                                  config=config)[0]
+
+    def op_step(backend, linear):
+        def step(leaf, w):
+            args = (problem["targets"].to(device), problem["mask"].to(device))
+            kwargs = dict(ref_logprobs=None if ref is None else ref.to(device), beta=0.5,
+                          loss_type=loss_type, loss_weights=[w], backend=backend)
+            if linear:
+                return rlhf_fast.linear_dpo_loss(leaf, lm.float().to(device), *args,
+                                                 **kwargs).loss
+            return rlhf_fast.dpo_loss(leaf, *args, **kwargs).loss
+        return step
+
+    runs = [("reference", reference_step, h @ lm.T, 1e-12)]
+    for backend in ("torch", "triton") if loss_type == "aot" else ("torch",):
+        runs.append((f"dpo_loss[{backend}]", op_step(backend, False),
+                     (h @ lm.T).float().to(device), 1e-5))
+        runs.append((f"linear_dpo_loss[{backend}]", op_step(backend, True),
+                     h.float().to(device), 1e-5))
+    for name, step, leaf_value, tol in runs:
+        losses, grads = [], []
+        if loss_type != "orpo":     # no NLL term: the w = 0 loss is 0, with no gradient
+            losses.append(torch.zeros((), dtype=torch.float64))
+            grads.append(torch.zeros(leaf_value.shape, dtype=torch.float64))
+        for w in (0.0, 1.0, 2.0)[len(losses):]:
+            leaf = leaf_value.clone().requires_grad_()
+            loss = step(leaf, w)
+            loss.backward()
+            losses.append(loss.detach().double().cpu())
+            grads.append(leaf.grad.double().cpu())
+        assert abs(losses[1] - losses[0]) > 1e-2, name          # the pair term is there
+        assert (grads[1] - grads[0]).norm() > 1e-3 * grads[1].norm(), name
+        torch.testing.assert_close(losses[2], 2 * losses[1] - losses[0], rtol=tol, atol=tol,
+                                   msg=name)
+        torch.testing.assert_close(grads[2], 2 * grads[1] - grads[0], rtol=tol,
+                                   atol=tol * grads[1].norm().item(), msg=name)

@@ -223,7 +223,9 @@ def _ld_sums_as_tokens(sums: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
 class FusedDPOMixin:
     """Put before ``trl.DPOTrainer`` (or a subclass of it) in the bases: ``compute_loss`` runs
     ``linear_dpo_loss`` on the policy's final hidden states; the reference sequence log-probs
-    come from TRL's own no-grad pass (its fused head, PEFT adapters, or precomputed)."""
+    come from TRL's own no-grad pass (its fused head, PEFT adapters, or precomputed). The
+    op weighs the loss types itself (``loss_weights``), and with ``use_weighting`` forms the
+    WPO weights from its own sum_v p_v^2 per token (``dpo_loss_arguments``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -234,7 +236,7 @@ class FusedDPOMixin:
         if return_outputs:
             raise UnsupportedSettingError("TRL", "return_outputs", True, "the fused loss "
                                           "never builds the logits TRL would return")
-        kwargs, weight = dpo_loss_arguments(self)
+        kwargs = dpo_loss_arguments(self)
         completion_mask = inputs["completion_mask"]
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
@@ -259,7 +261,7 @@ class FusedDPOMixin:
         model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
         out = _run_head(model, model_kwargs, False, loss_fn)
         self._log_fused_dpo_metrics(out, inputs, self.model.training)
-        return out.loss * weight if weight != 1.0 else out.loss
+        return out.loss
 
     def _log_fused_dpo_metrics(self, out, inputs: dict, training: bool) -> None:
         mode = "train" if training else "eval"

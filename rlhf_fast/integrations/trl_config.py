@@ -226,15 +226,26 @@ def grpo_normalizer(trainer: Any, mask_sum: float, batch: int, num_items_in_batc
     return normalizer
 
 
-def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
-    """Keyword arguments of ``linear_dpo_loss`` for a ``DPOTrainer`` and the weight its loss
-    is multiplied by, or ``UnsupportedSettingError``.
+def dpo_loss_arguments(trainer: Any) -> dict[str, Any]:
+    """Keyword arguments of ``linear_dpo_loss`` for a ``DPOTrainer``, or
+    ``UnsupportedSettingError``.
 
-    One preference loss (plus 'sft'): the op's loss times TRL's weight w, with nll_coef =
-    (w_sft + rpo_alpha) / w. Several: the op's weighted sum (``loss_type`` list with
-    ``loss_weights``; repeated types merged, their weights added) and nll_coef = w_sft +
-    rpo_alpha. TRL's f-divergence scores, LD-DPO weights (its reference sums arrive
-    LD-weighted already) and aot sorting map onto the op's own settings."""
+    TRL's loss is sum_k w_k * (pair mean of L_k) over its ``loss_type`` list with
+    ``loss_weights`` w_k; the op's ``loss_type`` (one type, or a list of distinct types whose
+    repeated TRL entries are merged, their weights added) with ``loss_weights`` is the same
+    sum, and "sft" (plus ``rpo_alpha``) maps onto ``nll_coef`` = w_sft + rpo_alpha. TRL's
+    f-divergence scores, LD-DPO weights (its reference sums arrive LD-weighted already), aot
+    sorting and WPO's ``use_weighting`` map onto the op's own settings.
+
+    ``use_weighting`` (TRL 1.16: each pair's loss of every type times the constant
+    w = exp(c_w + c_l), unclamped; refused with aot / aot_unpaired, as TRL refuses it): exact
+    for every other type but two, where TRL's own step fails
+    and the adapter takes the op's documented behaviour, TRL's evident intent. A weighted
+    "sft" raises in TRL's forward (it multiplies the broadcast NLL in place); the op weighs
+    the NLL by the batch mean of w, the pair mean of w * NLL TRL means to take. A weighted
+    "hinge" raises in TRL's backward (the in-place product overwrites the relu output that
+    relu's gradient reads); the op's forward value is TRL's, its gradient that of the same
+    formula."""
     args = trainer.args
     losses = list(trainer.loss_types)
     weights = [float(w) for w in trainer.loss_weights]
@@ -250,25 +261,26 @@ def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
         if name not in DPO_LOSS_TYPES:
             _refuse("loss_type", name, "unknown loss type",
                     f"Supported: {sorted(DPO_LOSS_TYPES)} and 'sft'.")
-    if trainer.use_weighting:
-        _refuse("use_weighting", True, "WPO weights need sum_v p_v^2 per token, which the "
-                "fused op does not compute")
     if getattr(trainer, "aux_loss_enabled", False):
         _refuse("router_aux_loss_coef", trainer.router_aux_loss_coef,
                 "the MoE load-balancing loss needs the router logits of the fused forward")
+    rpo = float(getattr(args, "rpo_alpha", None) or 0.0)
+    weighting = bool(trainer.use_weighting)
+    sorted_types = [n for n in merged if n in ("aot", "aot_unpaired")]
+    if weighting and sorted_types:
+        _refuse("use_weighting", True, f"{sorted_types} sort the pairs across the batch, which "
+                "misaligns the per-pair WPO weights (TRL refuses it too)")
+    if weighting and rpo != 0.0:
+        _refuse("use_weighting", True, "with rpo_alpha (TRL < 0.29) TRL clamps the WPO weight "
+                "at 1 and leaves the RPO NLL unweighted; rlhf_fast takes TRL 1.16's unclamped "
+                "weight", "Use loss_type=[..., 'sft'] with loss_weights instead of rpo_alpha.")
     names = list(merged)
     averaged = [name for name in names if DPO_LOSS_TYPES[name][1]]   # ipo, sigmoid_norm
-    rpo = float(getattr(args, "rpo_alpha", None) or 0.0)
     if len(names) == 1:
         (name, weight), = merged.items()
-        if weight <= 0:
-            _refuse("loss_weights", trainer.loss_weights, "the preference loss needs a "
-                    "weight > 0")
         loss_type, average = DPO_LOSS_TYPES[name]
-        # Total: weight * L + (sft weight + rpo_alpha) * NLL = weight * (L + nll_coef * NLL).
-        kwargs: dict[str, Any] = dict(loss_type=loss_type, average_logprobs=average,
-                                      nll_coef=(sft_weight + rpo) / weight)
-        multiplier = weight
+        kwargs: dict[str, Any] = dict(loss_type=loss_type, loss_weights=[weight],
+                                      average_logprobs=average)
     else:
         unmixable = [n for n in names if DPO_LOSS_TYPES[n][0] not in MIXABLE_LOSSES]
         if unmixable:
@@ -277,16 +289,15 @@ def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
                     f"sigmoid_norm) or sort them across the batch (aot)",
                     f"Mix only {MIXABLE_LOSSES} (plus 'sft'), or use one loss type.")
         kwargs = dict(loss_type=[DPO_LOSS_TYPES[n][0] for n in names],
-                      loss_weights=[merged[n] for n in names], average_logprobs=False,
-                      nll_coef=sft_weight + rpo)
-        multiplier = 1.0
+                      loss_weights=[merged[n] for n in names], average_logprobs=False)
     smoothed = [n for n in names if n in _SMOOTHED]
     eps = float(trainer.label_smoothing) if smoothed else 0.0
     if eps != 0.0 and "sigmoid" in names:
         _refuse("label_smoothing", eps, f"TRL smooths {smoothed} but not 'sigmoid', while "
                 "rlhf_fast's one label_smoothing smooths every smoothable loss of a mixture",
                 "Mix sigmoid only with losses that take no label_smoothing.")
-    kwargs.update(beta=float(trainer.beta), label_smoothing=eps)
+    kwargs.update(beta=float(trainer.beta), label_smoothing=eps, nll_coef=sft_weight + rpo,
+                  use_weighting=weighting)
     if "discopop" in names:  # the op refuses a temperature that its loss would ignore
         kwargs["discopop_tau"] = float(getattr(args, "discopop_tau", 0.05))
     divergence = trainer.f_divergence_type
@@ -304,4 +315,4 @@ def dpo_loss_arguments(trainer: Any) -> tuple[dict[str, Any], float]:
             kwargs["f_alpha"] = alpha
     if trainer.ld_alpha is not None:
         kwargs["ld_alpha"] = float(trainer.ld_alpha)
-    return kwargs, multiplier
+    return kwargs

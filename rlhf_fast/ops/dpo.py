@@ -434,7 +434,8 @@ def dpo_loss(
         loss_weights: with ``loss_type`` a list of types (TRL's), the loss is the weighted
             sum of their pair means (ones by default); the types must be distinct among
             sigmoid, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
-            apo_down, discopop.
+            apo_down, discopop. With one type (any), ``[w]`` multiplies its pair mean (not
+            the NLL term).
         use_weighting: WPO (TRL's ``use_weighting``): each pair's loss times the constant
             weight exp(c_w + c_l), c a sequence's token mean of logp_t - ln sum_v p_v(t)^2
             (from the same stats sweep, its ``WITH_SUM_SQ`` variant); the NLL term times the

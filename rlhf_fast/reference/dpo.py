@@ -12,10 +12,10 @@ losses (forward_kl 1 - e^-D, js_divergence log 2 + log s(D), alpha_divergence
 (exp(min((a-1) D, 80)) - 1) / (a-1)); ``ld_alpha`` weighs a sequence's valid tokens beyond
 the shorter sequence of its pair by ld_alpha (policy and reference sums alike);
 ``nll_aggregation="sequence_mean"`` is the mean over non-empty chosen sequences of their
-token-mean NLL; ``loss_weight`` and ``mixture`` ((type, weight), ...) make the loss a
-weighted sum of pair losses, each on the same scores; ``alphapo`` = a != 0 replaces the
-(reference-free) score D by the reward (1 - e^(-a D)) / a, in the loss and in the reported
-rewards.
+token-mean NLL; ``loss_weight`` (of any loss type, the sorted aot and orpo too) and
+``mixture`` ((type, weight), ...) make the loss a weighted sum of pair losses, each on the
+same scores; ``alphapo`` = a != 0 replaces the (reference-free) score D by the reward
+(1 - e^(-a D)) / a, in the loss and in the reported rewards.
 
 WPO (``use_weighting``): with lsq_t = log sum_v softmax(z_t)_v^2 of the temperature-scaled
 logits z_t, each sequence's c = mean over its valid tokens of (logp_t - lsq_t) (0 when empty),
@@ -175,12 +175,13 @@ def dpo_loss_from_logprobs(logp: Tensor, valid: Tensor, ref_logprobs: Tensor | N
             first, second = torch.sort(d[:b]).values, torch.sort(d[b:]).values
         x = config.beta * (first - second)
         eps = config.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+        losses = config.loss_weight * (-(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x))
     elif config.loss_type == "orpo":  # a pair with an empty sequence has no odds: loss 0
         both = (length[:b] > 0) & (length[b:] > 0)
         safe = torch.full_like(d[:b], -1.0)
-        losses = torch.where(both, _pair_loss(torch.where(both, d[:b], safe),
-                                              torch.where(both, d[b:], safe), config), 0.0)
+        losses = config.loss_weight * torch.where(
+            both, _pair_loss(torch.where(both, d[:b], safe), torch.where(both, d[b:], safe),
+                             config), 0.0)
     else:
         members = ((config.loss_type, config.loss_weight), *config.mixture)
         losses = 0.0 * d[:b]
