@@ -153,6 +153,15 @@ CONFIGS = {
                                   cov_upper=1e3),
     "clip_cov_no_low": dict(cov_selection="clip_cov", cov_ratio=1.0, cov_lower=-1e3,
                             cov_upper=1e3, clip_eps_low=None, clip_eps_high=0.5),
+    # VESPO's gamma weight, alone and with the rollout correction's log rho summed over the
+    # valid tokens or taken once per sequence; DPPO's total-variation trust region
+    # (the binary KL one needs old log-probs <= 0: tests/test_oracle_policy.py).
+    "vespo": dict(objective="vespo"),
+    "vespo_token_rollout": dict(objective="vespo", rollout_correction="token_truncate",
+                                rollout_cap=1.5),
+    "vespo_sequence_rollout": dict(objective="vespo", rollout_correction="sequence_mask",
+                                   rollout_cap=3.0),
+    "dppo_tv": dict(objective="dppo_tv", clip_eps_low=0.25, clip_eps_high=0.125),
     "everything": dict(dual_clip_c=2.0, delta=3.0, kl_coef=0.25, kl_clamp=1.0,
                        entropy_coef=0.125, top_entropy_quantile=0.75,
                        entropy_advantage_alpha=0.25, rollout_correction="token_mask",

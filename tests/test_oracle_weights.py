@@ -242,3 +242,19 @@ def test_covariance_selection_against_reference(selection, ratio, lower, upper):
                                                         config)
     assert torch.equal(got, expected), (got, expected)
     assert 0 < got.sum() < COV_MASK.sum(), "a selection of some tokens, not none or all"
+
+
+def test_dppo_kl_keeps_a_token_exactly_on_the_bound():
+    # p > p_old with A > 0 and A < 0: the binary KL written out here (the same float64
+    # operations) is the bound itself, and the trust region is closed: the token is kept.
+    logp = torch.tensor([[-0.5, -0.5]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    p, q = torch.exp(logp), torch.exp(old)
+    binary_kl = q * (old - logp) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+    bound = float(binary_kl[0, 0])
+    assert bound > 0
+    on_bound = PolicyLossConfig(objective="dppo_kl", clip_eps_high=bound, clip_eps_low=0.0)
+    assert loss_weights.dppo_keep(logp, old, adv, on_bound).tolist() == [[1.0, 1.0]]
+    below = on_bound.replace(clip_eps_high=math.nextafter(bound, 0.0))
+    assert loss_weights.dppo_keep(logp, old, adv, below).tolist() == [[0.0, 1.0]]
