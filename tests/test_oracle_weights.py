@@ -258,3 +258,17 @@ def test_dppo_kl_keeps_a_token_exactly_on_the_bound():
     assert loss_weights.dppo_keep(logp, old, adv, on_bound).tolist() == [[1.0, 1.0]]
     below = on_bound.replace(clip_eps_high=math.nextafter(bound, 0.0))
     assert loss_weights.dppo_keep(logp, old, adv, below).tolist() == [[0.0, 1.0]]
+
+
+def test_rollout_normalize_leaves_a_mean_at_the_threshold():
+    # One token whose weight the floor lifts to exactly the threshold 1e-8 (verl divides only
+    # by a batch mean above it): the weight stays 1e-8, as in the reference.
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    rollout_logp = torch.tensor([[30.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    config = PolicyLossConfig(rollout_correction="token_truncate", rollout_cap=2.0,
+                              rollout_floor=1e-8, rollout_normalize=True,
+                              log_ratio_clamp=None)
+    got = loss_weights.rollout_weights(old, rollout_logp, mask, config)
+    assert got[0, 0].item() == 1e-8
+    assert rollout.rollout_weights(old, rollout_logp, mask, config)[0, 0].item() == 1e-8
