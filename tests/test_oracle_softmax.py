@@ -75,3 +75,19 @@ def test_sum_of_squared_probabilities_in_the_same_sweep(device, backend):
             stats_sweep(x[None].to(device), y[None].to(device), temperature, -100, True,
                         backend, log_sum_sq=got)
             assert_values_close(got[0].cpu(), expected, torch.float32, "log_sum_sq")
+
+
+def test_row_of_only_minus_inf_gives_nan(device, backend):
+    # No finite logit: log p_y and the entropy are NaN, as torch.log_softmax gives (not -inf:
+    # a row without a finite maximum takes the plain s - 1 = -1 branch, log1p(-1) = -inf).
+    import rlhf_fast
+
+    for n_cols in (300, V):
+        x = torch.randn(2, n_cols, generator=torch.Generator().manual_seed(3))
+        x[1] = float("-inf")
+        targets = torch.tensor([[3, 5]], device=device)
+        logp, ent = rlhf_fast.token_logprobs(x[None].to(device), targets, return_entropy=True,
+                                             backend=backend)
+        assert torch.isnan(torch.log_softmax(x[1].double(), -1)[5])
+        assert torch.isnan(logp[0, 1]) and torch.isnan(ent[0, 1])
+        assert torch.isfinite(logp[0, 0]) and torch.isfinite(ent[0, 0])
