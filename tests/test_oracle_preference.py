@@ -176,6 +176,11 @@ def test_config_dataclass_defaults_are_the_checked_defaults():
     (dict(nll_coef=-1e-9), ValueError), (dict(discopop_tau=-1.0), ValueError),
     (dict(loss_type="simpo", average_logprobs=False), ValueError),
     (dict(temperature=-1.0), ValueError), (dict(loss_type="SIGMOID"), ValueError),
+    # Loss lists: two of the same type, a type that cannot be mixed, a weight per type.
+    (dict(loss_type=["sigmoid", "sigmoid"]), ValueError),
+    (dict(loss_type=["sigmoid", "ipo"]), ValueError),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), ValueError),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5, 0.25]), ValueError),
 ])
 def test_config_rejects(kwargs, error):
     with pytest.raises(error):
@@ -186,6 +191,9 @@ def test_config_rejects(kwargs, error):
     dict(label_smoothing=0.0), dict(loss_type="robust", label_smoothing=0.49),
     dict(label_smoothing=0.99), dict(nll_coef=0.0), dict(loss_type="simpo", gamma=-0.5),
     dict(loss_type="discopop", discopop_tau=1e-6), dict(beta=1e-6),
+    dict(ld_alpha=0.0), dict(ld_alpha=1.0),
+    dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5]),
+    dict(loss_type=["sigmoid", "hinge", "bco_pair"]),
 ])
 def test_config_accepts_the_edges(kwargs):
     preference_config(**kwargs)
