@@ -211,3 +211,118 @@ def test_batch_scale_of_two_rewards(unbiased):
     got = impl.group_advantages(r, 2, scale="batch", unbiased=unbiased, eps=0.0)
     assert torch.allclose(got, ref.group_advantages(r, 2, scale="batch", unbiased=unbiased,
                                                     eps=0.0))
+
+
+# Non-contiguous groups of unequal sizes by id: ids 3 (four samples), 0 (three), 7 (two, a
+# tie), 5 (one: a singleton).
+IDS = torch.tensor([3, 0, 3, 7, 0, 3, 5, 0, 7, 3])
+BY_ID = torch.tensor([1.0, 0.5, -2.0, 0.25, 3.0, 0.0, 4.0, -1.0, 0.25, 2.5])
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("singleton", ["zero", "raw"])
+def test_group_advantages_by_id(scale, unbiased, singleton):
+    kwargs = dict(scale=scale, eps=0.05, unbiased=unbiased, singleton=singleton)
+    got = impl.group_advantages(BY_ID, None, group_ids=IDS, **kwargs)
+    expected = ref.group_advantages(BY_ID, None, group_ids=IDS, **kwargs)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("singleton", ["zero", "raw"])
+def test_rloo_and_winrate_by_id(singleton):
+    got = impl.rloo_advantages(BY_ID, None, singleton=singleton, group_ids=IDS)
+    assert torch.allclose(got, ref.rloo_advantages(BY_ID, None, singleton=singleton,
+                                                   group_ids=IDS), atol=1e-6)
+    for temperature in (1.0, 0.3):
+        got = impl.winrate_advantages(BY_ID, None, temperature=temperature, group_ids=IDS)
+        expected = ref.winrate_advantages(BY_ID, None, temperature=temperature, group_ids=IDS)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("by_id", [False, True])
+def test_opo_gpg_passk_against_reference(by_id):
+    rewards, size, ids = (BY_ID, None, IDS) if by_id else (REWARDS, 4, None)
+    lengths = torch.arange(rewards.numel()) % 5 + 1
+    got = impl.opo_advantages(rewards, lengths, size, group_ids=ids)
+    assert torch.allclose(got, ref.opo_advantages(rewards, lengths, size, group_ids=ids),
+                          atol=1e-6)
+    got = impl.gpg_advantages(rewards, size, f_norm=0.5, group_ids=ids)
+    assert torch.allclose(got, ref.gpg_advantages(rewards, size, f_norm=0.5, group_ids=ids),
+                          atol=1e-6)
+    for scale in ("group", "none"):
+        got = impl.passk_advantages(rewards, size, scale=scale, eps=0.05, group_ids=ids)
+        expected = ref.passk_advantages(rewards, size, scale=scale, eps=0.05, group_ids=ids)
+        assert torch.allclose(got, expected, atol=1e-6), (scale, got, expected)
+
+
+def test_gpg_groups_of_one_and_two():
+    # A group of one keeps alpha R / f_norm (mean 0), a group of two is centred.
+    rewards, ids = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0, 1, 1])
+    got = impl.gpg_advantages(rewards, None, group_ids=ids)
+    assert torch.allclose(got, torch.tensor([2.0, -1.0, 1.0]), atol=1e-6)
+    assert torch.allclose(ref.gpg_advantages(rewards, None, group_ids=ids), got, atol=1e-6)
+
+
+@pytest.mark.parametrize("by_id", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gdpo_against_reference(by_id, with_mask):
+    components = torch.stack([BY_ID if by_id else REWARDS[:10],
+                              torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 1.0, -1.0, 0.5, 3.0,
+                                            1.0])], dim=1)
+    size, ids = (None, IDS) if by_id else (5, None)
+    weights = torch.tensor([1.0, 0.5])
+    mask = (torch.arange(4)[None, :] < (torch.arange(10) % 4 + 1)[:, None]) if with_mask \
+        else None
+    got = impl.gdpo_advantages(components, size, weights=weights, mask=mask, group_ids=ids)
+    expected = ref.gdpo_advantages(components, size, weights=weights, mask=mask,
+                                   group_ids=ids)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gdpo_of_two_samples():
+    # One group of two: the batch std of the two summed advantages is taken (Bessel).
+    components = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    got = impl.gdpo_advantages(components, 2, weights=torch.tensor([1.0, 2.0]))
+    expected = ref.gdpo_advantages(components, 2, weights=torch.tensor([1.0, 2.0]))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.abs().max() < 1.0
+
+
+def test_sum_pi_squared_by_hand():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [3.0, 3.0, -2.0, 1.0]])
+    for temperature in (1.0, 0.7):
+        p = torch.softmax(logits.double() / temperature, -1)
+        got = impl.sum_pi_squared(logits, temperature)
+        assert torch.allclose(got.double(), (p * p).sum(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tail", [None, True, False])
+def test_optimal_token_baseline_against_reference(tail):
+    # Groups by id with a unique longest response (the zero tail) and a singleton.
+    g = torch.Generator().manual_seed(4)
+    n, steps = 7, 6
+    ids = torch.tensor([0, 1, 0, 0, 1, 2, 1])
+    lengths = torch.tensor([6, 3, 2, 4, 5, 3, 5])
+    mask = torch.arange(steps)[None, :] < lengths[:, None]
+    token_rewards = torch.randn(n, steps, generator=g)
+    old = -torch.rand(n, steps, generator=g) * 2
+    sum_pi_sq = torch.rand(n, steps, generator=g) * 0.5
+    kwargs = dict(group_ids=ids) if tail is None else dict(group_ids=ids,
+                                                           handle_zero_tail=tail)
+    got = impl.optimal_token_baseline_advantages(token_rewards, mask, old, sum_pi_sq, **kwargs)
+    expected = ref.optimal_token_baseline_advantages(token_rewards, mask, old, sum_pi_sq,
+                                                     **kwargs)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rewards", "ids", "match"), [
+    (BY_ID.view(2, 5), IDS.view(2, 5), "rewards must be 1-D"),
+    (BY_ID, IDS.bool(), "group_ids must be an integer tensor"),
+    (BY_ID, IDS[:5], "group_ids must be an integer tensor"),
+    (BY_ID, IDS.float(), "group_ids must be an integer tensor"),
+])
+def test_bad_group_ids(rewards, ids, match):
+    with pytest.raises(ValueError, match=match):
+        impl.group_advantages(rewards, None, group_ids=ids)

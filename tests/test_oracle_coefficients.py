@@ -139,6 +139,29 @@ CONFIGS = {
     "token_sum_norm": dict(aggregation="seq_mean_token_sum_norm", entropy_coef=0.125),
     "token_sum_norm_max_length": dict(aggregation="seq_mean_token_sum_norm", max_length=9),
     "normalizer": dict(aggregation="seq_mean_token_mean", normalizer=2.5, kl_coef=0.25),
+    # TRL's bias-corrected KL (the estimate times the ratio) at each ratio level, the log
+    # clamp binding on some tokens (their ratio derivative is 0).
+    "kl_ratio_weighted": dict(kl_coef=0.5, kl_ratio_weighted=True, log_ratio_clamp=0.5),
+    "kl_ratio_weighted_sequence": dict(ratio_level="sequence", kl_coef=0.5,
+                                       kl_ratio_weighted=True, log_ratio_clamp=0.5),
+    "kl_ratio_weighted_sequence_token": dict(ratio_level="sequence_token", kl_coef=0.5,
+                                             kl_estimator="k2", kl_ratio_weighted=True,
+                                             log_ratio_clamp=0.5),
+    # Clip-Cov taking every eligible token (cov_ratio 1, a band wider than any covariance):
+    # the selection is then the tokens PPO does not clip, whatever the random priorities.
+    "clip_cov_all_eligible": dict(cov_selection="clip_cov", cov_ratio=1.0, cov_lower=-1e3,
+                                  cov_upper=1e3),
+    "clip_cov_no_low": dict(cov_selection="clip_cov", cov_ratio=1.0, cov_lower=-1e3,
+                            cov_upper=1e3, clip_eps_low=None, clip_eps_high=0.5),
+    # VESPO's gamma weight, alone and with the rollout correction's log rho summed over the
+    # valid tokens or taken once per sequence; DPPO's total-variation trust region
+    # (the binary KL one needs old log-probs <= 0: tests/test_oracle_policy.py).
+    "vespo": dict(objective="vespo"),
+    "vespo_token_rollout": dict(objective="vespo", rollout_correction="token_truncate",
+                                rollout_cap=1.5),
+    "vespo_sequence_rollout": dict(objective="vespo", rollout_correction="sequence_mask",
+                                   rollout_cap=3.0),
+    "dppo_tv": dict(objective="dppo_tv", clip_eps_low=0.25, clip_eps_high=0.125),
     "everything": dict(dual_clip_c=2.0, delta=3.0, kl_coef=0.25, kl_clamp=1.0,
                        entropy_coef=0.125, top_entropy_quantile=0.75,
                        entropy_advantage_alpha=0.25, rollout_correction="token_mask",
@@ -224,3 +247,23 @@ def test_rows_with_the_batch_entropy_statistics_equal_the_whole_batch(name):
                                 rollout.float()[rows], config)
     assert not torch.allclose(both(alone), both(whole, rows), rtol=1e-6, atol=1e-8), \
         "the rows alone must have other statistics, or the test shows nothing"
+
+
+def test_dual_cap_tie_splits_the_gradient_like_torch_minimum():
+    # Token [1, 5] (A = -1.5 < 0, r = exp(0.75)) with the dual cap c equal to its float32
+    # ratio: the capped loss -r A ties the cap -c A exactly. The float32 reference sees the
+    # tie too, and torch.minimum gives half of the derivative to each side (the cap's is 0).
+    tied = float(torch.exp(torch.tensor(0.75)).item())
+    config = PolicyLossConfig(dual_clip_c=tied)
+    old = (LOGP - LOG_RATIO).float()
+    coef = policy_coefficients(LOGP.float(), ENTROPY.float(), VALID, ADV_TOKEN.float(), old,
+                               None, None, config)
+    logp = LOGP.float().requires_grad_()
+    loss, _ = policy_loss_from_logprobs(logp, ENTROPY.float(), VALID, ADV_TOKEN.float(),
+                                        old_logprobs=old, config=config)
+    (g_logp,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(coef.c_logp, g_logp, rtol=1e-5, atol=1e-7), (coef.c_logp, g_logp)
+    uncapped = policy_coefficients(LOGP.float(), ENTROPY.float(), VALID, ADV_TOKEN.float(),
+                                   old, None, None, PolicyLossConfig())
+    assert coef.c_logp[1, 5] != 0
+    assert coef.c_logp[1, 5] == pytest.approx(0.5 * uncapped.c_logp[1, 5].item(), rel=1e-6)

@@ -137,3 +137,13 @@ def test_temperature_accepts_positive_finite(good):
 def test_temperature_rejects(bad):
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         validation.check_temperature(bad)
+
+
+def test_check_inplace_refuses_a_leaf_and_its_views_not_a_model_output():
+    leaf = torch.randn(2, 3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf tensor"):
+        validation.check_inplace(leaf, writes_grad=True)
+    with pytest.raises(RuntimeError, match="view of a leaf"):
+        validation.check_inplace(leaf[:1], writes_grad=True)
+    validation.check_inplace(leaf * 1.0, writes_grad=True)     # a non-leaf: allowed
+    validation.check_inplace(leaf, writes_grad=False)          # nothing written

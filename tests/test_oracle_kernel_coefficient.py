@@ -12,7 +12,12 @@ from test_oracle_coefficients import ADV_TOKEN, CONFIGS, LOG_RATIO, LOGP, REF_GA
 
 from rlhf_fast import PolicyLossConfig
 from rlhf_fast.loss_weights import aggregation_weights, rollout_weights
-from rlhf_fast.ops.policy_loss import CLIP_GRADIENT_CODES, OBJECTIVE_CODES, _kl_mode
+from rlhf_fast.ops.policy_loss import (
+    CLIP_GRADIENT_CODES,
+    OBJECTIVE_CODES,
+    _kl_mode,
+    fused_token_level,
+)
 from rlhf_fast.policy_coefficients import policy_coefficients
 
 
@@ -40,10 +45,13 @@ def coefficient_kernel(
     tl.store(out_ptr + offsets, c, mask=inside)
 
 
+# The configs the fused op sends to this helper (``fused_token_level``; the others, e.g.
+# the ratio-weighted KL or DPPO, take the two-sweep path through the host step).
 TOKEN_LEVEL = [name for name, fields in CONFIGS.items()
                if PolicyLossConfig(**fields).ratio.level == "token"
                and PolicyLossConfig(**fields).objective != "gmpo"
-               and not PolicyLossConfig(**fields).needs_batch_statistics]
+               and not PolicyLossConfig(**fields).needs_batch_statistics
+               and fused_token_level(PolicyLossConfig(**fields), LOGP)]
 
 
 @pytest.mark.parametrize("name", TOKEN_LEVEL)

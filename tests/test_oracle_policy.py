@@ -62,6 +62,9 @@ CASES = {
     "token_clamp_binds": dict(preset="ppo", log_ratio_clamp=0.2, clip_eps_low=0.5,
                               clip_eps_high=0.5),
     "temperature": dict(preset="dapo", temperature=0.6, entropy_coef=0.05),
+    # DPPO's binary-KL trust region, bounds tight enough that both sides drop some tokens.
+    "dppo_kl_tight": dict(preset="ppo", objective="dppo_kl", clip_eps_low=5e-4,
+                          clip_eps_high=5e-4),
 }
 
 

@@ -176,6 +176,11 @@ def test_config_dataclass_defaults_are_the_checked_defaults():
     (dict(nll_coef=-1e-9), ValueError), (dict(discopop_tau=-1.0), ValueError),
     (dict(loss_type="simpo", average_logprobs=False), ValueError),
     (dict(temperature=-1.0), ValueError), (dict(loss_type="SIGMOID"), ValueError),
+    # Loss lists: two of the same type, a type that cannot be mixed, a weight per type.
+    (dict(loss_type=["sigmoid", "sigmoid"]), ValueError),
+    (dict(loss_type=["sigmoid", "ipo"]), ValueError),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), ValueError),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5, 0.25]), ValueError),
 ])
 def test_config_rejects(kwargs, error):
     with pytest.raises(error):
@@ -186,6 +191,9 @@ def test_config_rejects(kwargs, error):
     dict(label_smoothing=0.0), dict(loss_type="robust", label_smoothing=0.49),
     dict(label_smoothing=0.99), dict(nll_coef=0.0), dict(loss_type="simpo", gamma=-0.5),
     dict(loss_type="discopop", discopop_tau=1e-6), dict(beta=1e-6),
+    dict(ld_alpha=0.0), dict(ld_alpha=1.0),
+    dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.5]),
+    dict(loss_type=["sigmoid", "hinge", "bco_pair"]),
 ])
 def test_config_accepts_the_edges(kwargs):
     preference_config(**kwargs)
@@ -209,3 +217,69 @@ def test_hinge_at_its_kink_follows_relu():
     ref_loss, ref_w, ref_l = autograd_pair(d_w, d_l, config)
     assert torch.equal(loss, ref_loss) and torch.equal(g_w, ref_w) and torch.equal(g_l, ref_l)
     assert g_w.tolist() == [0.0, -0.5, 0.0]
+
+
+SCORED = {
+    # TRL's f-divergences through a margin loss (alpha 1 is the reverse-KL limit), AlphaPO,
+    # LD-DPO's down-weighted tail, OpenRLHF's per-sequence-mean NLL.
+    "forward_kl": dict(loss_type="sigmoid", f_divergence="forward_kl"),
+    "js_divergence": dict(loss_type="sigmoid", f_divergence="js_divergence"),
+    "alpha_divergence": dict(loss_type="sigmoid", f_divergence="alpha_divergence",
+                             f_alpha=0.25),
+    "alpha_divergence_at_one": dict(loss_type="hinge", f_divergence="alpha_divergence",
+                                    f_alpha=1.0),
+    "alphapo": dict(loss_type="simpo", alphapo=0.75, gamma=0.5),
+    "ld_alpha": dict(loss_type="sigmoid", ld_alpha=0.25),
+    "nll_sequence_mean": dict(loss_type="sigmoid", nll_coef=0.5,
+                              nll_aggregation="sequence_mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORED))
+def test_scored_losses_against_reference(name):
+    # preference_coefficients against autograd of the reference: loss, dL/dlogp and the
+    # rewards (the transformed scores with AlphaPO). Chosen sequence 0 keeps one token, so a
+    # per-sequence mean over it divides by 1; lengths differ within pairs (LD-DPO's tail).
+    problem = make_pairs(pairs=3, seed=5)
+    valid = problem["mask"].clone()
+    valid[0] = False
+    valid[0, 3] = True
+    config = preference_config(**SCORED[name], beta=0.7)
+    lp = _logp(problem).float()
+    ref = problem["ref"] if config.uses_reference else None
+    coef = pc.preference_coefficients(lp, valid, ref, config, num_pairs=3,
+                                      chosen_tokens=valid[:3].sum(),
+                                      chosen_sequences=(valid[:3].sum(-1) > 0).sum())
+    lpr = lp.double().requires_grad_()
+    ref_loss, _, _, metrics = reference_dpo.dpo_loss_from_logprobs(
+        lpr, valid, ref.double() if ref is not None else None, config)
+    (grad,) = torch.autograd.grad(ref_loss, lpr)
+    assert coef.loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert torch.allclose(coef.c_logp.double(), grad, rtol=1e-5, atol=1e-7)
+    for key in ("rewards_chosen", "rewards_rejected"):
+        assert coef.pairs[key].mean().item() == pytest.approx(metrics[key].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ld_alpha", "nll_sequence_mean"])
+def test_packed_pairs_equal_the_padded_rows(name):
+    # The same rows packed back to back into [1, 2b T] (cu_seqlens every T): the same loss
+    # and coefficients (LD-DPO's token positions count from each sequence's own start).
+    from rlhf_fast.ops.packing import Packed
+
+    problem = make_pairs(pairs=3, seed=6)
+    valid = problem["mask"]
+    config = preference_config(**SCORED[name], beta=0.7)
+    lp = _logp(problem).float()
+    ref = problem["ref"]
+    kwargs = dict(num_pairs=3, chosen_tokens=valid[:3].sum(),
+                  chosen_sequences=(valid[:3].sum(-1) > 0).sum())
+    padded = pc.preference_coefficients(lp, valid, ref, config, **kwargs)
+    rows, steps = valid.shape
+    layout = Packed.from_cu_seqlens(torch.arange(rows + 1) * steps, rows * steps)
+    packed = pc.preference_coefficients(lp.reshape(1, -1), valid.reshape(1, -1),
+                                        ref.reshape(1, -1), config, layout=layout, **kwargs)
+    assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-12)
+    assert torch.allclose(packed.c_logp.reshape(rows, steps), padded.c_logp, rtol=1e-6,
+                          atol=1e-9)
+    weights = pc.token_weights(valid.reshape(1, -1), config, layout).reshape(rows, steps)
+    assert torch.equal(weights, pc.token_weights(valid, config))

@@ -54,3 +54,40 @@ def test_banned_target_has_minus_inf_logp_and_a_finite_entropy(device, backend):
     (ref_ent * g.double()).sum().backward()
     assert torch.isfinite(x.grad).all()
     assert torch.allclose(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sum_of_squared_probabilities_in_the_same_sweep(device, backend):
+    # WPO's ln sum_v p_v^2 from the stats sweep's WITH_SUM_SQ variant, streaming (rows()) and
+    # on chip (its first 300 columns), against the float64 formula
+    # logsumexp(2 z) - 2 logsumexp(z) with z = x / temperature.
+    from numerics import assert_values_close
+
+    from rlhf_fast.ops.row_sweeps import stats_sweep
+
+    logits, targets = rows()
+    short, short_targets = logits[:, :300].clone(), targets.clamp(max=299)
+    short[4, 7], short_targets[4] = 0.5, 7    # row 4 keeps its one finite logit
+    for x, y in ((logits, targets), (short, short_targets)):
+        for temperature in (1.0, 0.7):
+            z = x.double() / temperature
+            expected = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+            got = torch.empty(1, x.shape[0], device=device)
+            stats_sweep(x[None].to(device), y[None].to(device), temperature, -100, True,
+                        backend, log_sum_sq=got)
+            assert_values_close(got[0].cpu(), expected, torch.float32, "log_sum_sq")
+
+
+def test_row_of_only_minus_inf_gives_nan(device, backend):
+    # No finite logit: log p_y and the entropy are NaN, as torch.log_softmax gives (not -inf:
+    # a row without a finite maximum takes the plain s - 1 = -1 branch, log1p(-1) = -inf).
+    import rlhf_fast
+
+    for n_cols in (300, V):
+        x = torch.randn(2, n_cols, generator=torch.Generator().manual_seed(3))
+        x[1] = float("-inf")
+        targets = torch.tensor([[3, 5]], device=device)
+        logp, ent = rlhf_fast.token_logprobs(x[None].to(device), targets, return_entropy=True,
+                                             backend=backend)
+        assert torch.isnan(torch.log_softmax(x[1].double(), -1)[5])
+        assert torch.isnan(logp[0, 1]) and torch.isnan(ent[0, 1])
+        assert torch.isfinite(logp[0, 0]) and torch.isfinite(ent[0, 0])

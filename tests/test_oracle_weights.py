@@ -12,6 +12,7 @@ import torch
 
 from rlhf_fast import PolicyLossConfig, loss_weights
 from rlhf_fast.reference import aggregation, entropy, rollout
+from rlhf_fast.reference import selection as selection_reference
 
 AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm"]
@@ -201,3 +202,73 @@ def test_entropy_zscore_of_two_tokens():
     std = statistics.stdev([0.5, 2.0])
     assert torch.allclose(got, 1 + 0.5 * (h - 1.25) / std, rtol=1e-12)
     assert torch.allclose(entropy.entropy_advantage(adv, h, m, 0.5), got, rtol=1e-12)
+
+
+@pytest.mark.parametrize("correction", ["token_truncate", "token_mask", "sequence_truncate",
+                                        "sequence_mask"])
+def test_rollout_normalize_with_one_counted_unit(correction):
+    # One valid token (token modes) or one non-empty sequence (sequence modes): the batch
+    # mean is that unit's own weight, so the normalised weight there is exactly 1.
+    old = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    rollout_logp = torch.tensor([[-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    config = PolicyLossConfig(rollout_correction=correction, rollout_cap=2.0,
+                              rollout_normalize=True)
+    got = loss_weights.rollout_weights(old, rollout_logp, mask, config)
+    expected = rollout.rollout_weights(old, rollout_logp, mask, config)
+    assert got[0, 0].item() == pytest.approx(1.0, rel=1e-12)
+    assert torch.allclose(got * mask, expected * mask, rtol=1e-12)
+
+
+# Advantages with a non-zero mean and log-probs whose covariances are distinct, so the
+# ranking depends on both batch means; position [1, 2] is masked.
+COV_ADV = torch.tensor([[2.0, 0.5, 3.0, -1.0], [1.5, 4.0, 9.0, 0.25]], dtype=torch.float64)
+COV_LOGP = torch.tensor([[-0.5, -2.0, -1.25, -3.0], [-0.75, -0.25, -8.0, -1.75]],
+                        dtype=torch.float64)
+COV_MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("selection", "ratio", "lower", "upper"),
+                         [("kl_cov", 0.3, 1.0, 5.0), ("kl_cov", 0.5, 1.0, 5.0),
+                          ("clip_cov", 1.0, -0.5, 0.75), ("clip_cov", 0.3, -10.0, 10.0)])
+def test_covariance_selection_against_reference(selection, ratio, lower, upper):
+    config = PolicyLossConfig(cov_selection=selection, cov_ratio=ratio, cov_lower=lower,
+                              cov_upper=upper)
+    eligible = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    torch.manual_seed(3)
+    got = loss_weights.covariance_selection(COV_ADV, COV_LOGP, COV_MASK, eligible, config)
+    torch.manual_seed(3)
+    expected = selection_reference.covariance_selection(COV_ADV, COV_LOGP, COV_MASK, eligible,
+                                                        config)
+    assert torch.equal(got, expected), (got, expected)
+    assert 0 < got.sum() < COV_MASK.sum(), "a selection of some tokens, not none or all"
+
+
+def test_dppo_kl_keeps_a_token_exactly_on_the_bound():
+    # p > p_old with A > 0 and A < 0: the binary KL written out here (the same float64
+    # operations) is the bound itself, and the trust region is closed: the token is kept.
+    logp = torch.tensor([[-0.5, -0.5]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    p, q = torch.exp(logp), torch.exp(old)
+    binary_kl = q * (old - logp) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+    bound = float(binary_kl[0, 0])
+    assert bound > 0
+    on_bound = PolicyLossConfig(objective="dppo_kl", clip_eps_high=bound, clip_eps_low=0.0)
+    assert loss_weights.dppo_keep(logp, old, adv, on_bound).tolist() == [[1.0, 1.0]]
+    below = on_bound.replace(clip_eps_high=math.nextafter(bound, 0.0))
+    assert loss_weights.dppo_keep(logp, old, adv, below).tolist() == [[0.0, 1.0]]
+
+
+def test_rollout_normalize_leaves_a_mean_at_the_threshold():
+    # One token whose weight the floor lifts to exactly the threshold 1e-8 (verl divides only
+    # by a batch mean above it): the weight stays 1e-8, as in the reference.
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    rollout_logp = torch.tensor([[30.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    config = PolicyLossConfig(rollout_correction="token_truncate", rollout_cap=2.0,
+                              rollout_floor=1e-8, rollout_normalize=True,
+                              log_ratio_clamp=None)
+    got = loss_weights.rollout_weights(old, rollout_logp, mask, config)
+    assert got[0, 0].item() == 1e-8
+    assert rollout.rollout_weights(old, rollout_logp, mask, config)[0, 0].item() == 1e-8
