@@ -18,6 +18,7 @@ Public API (see docs/architecture.md, Public API):
 The pieces around the loss are submodules, imported on first use (``import rlhf_fast`` stays
 as cheap as the ops alone): ``rlhf_fast.advantages``, ``rlhf_fast.gae``, ``rlhf_fast.value``,
 ``rlhf_fast.kl_control``, ``rlhf_fast.entropy_control``, ``rlhf_fast.reward_shaping``,
+``rlhf_fast.packing`` (``cu_seqlens`` from ``position_ids`` / sequence ids),
 ``rlhf_fast.rollout_correction`` and ``rlhf_fast.reference``.
 """
 
@@ -42,7 +43,7 @@ from .policy_config_parts import (
 
 __version__ = "0.1.0"
 
-LAZY_SUBMODULES = ("advantages", "entropy_control", "gae", "kl_control", "reference",
+LAZY_SUBMODULES = ("advantages", "entropy_control", "gae", "kl_control", "packing", "reference",
                    "reward_shaping", "rollout_correction", "value")
 """Submodules reachable as attributes of ``rlhf_fast`` without importing them up front."""
 
