@@ -247,7 +247,8 @@ class ARPOTrainer(GRPOTrainer):
             "agent/tool_calls": stats.mean(per_row[:, 0]),
             "agent/tool_errors": stats.mean(per_row[:, 1]),
             "agent/masked_share": float(tokens[0] / tokens[1]) if float(tokens[1]) else 0.0,
-            "agent/rounds": float(tree.rounds),
+            "agent/rounds": float(stats.all_reduce_max(torch.tensor(  # the slowest rank's
+                tree.rounds, dtype=torch.float64))),
             "agent/branches_per_prompt": stats.mean(torch.tensor(branches, dtype=torch.float64)),
             "agent/top3_branch_share": (float(shares[0] / shares[1]) if float(shares[1])
                                         else 0.0),
