@@ -1,6 +1,7 @@
 """Data-parallel trainers on the CPU: two gloo ranks (``torch.multiprocessing.spawn``, one
 spawn for the whole module, one thread per rank) against the single-process trainer on the
-whole batch, for DDP and FSDP2 (``fully_shard`` runs on the CPU with gloo); checkpoints
+whole batch, for DDP and FSDP2 (``fully_shard`` runs on the CPU with gloo), ARPO / AEPO
+with tool calls on the warmed-up ``shop`` model; checkpoints
 through ``torch.distributed.checkpoint``; ``torchrun -m rlhf_fast.cli train``; clear errors
 instead of hangs. The rank-side code is ``distributed_cases.py``."""
 
