@@ -193,7 +193,7 @@ SHOP_MODEL = "RLHF_FAST_TEST_SHOP_MODEL"
 tools), saved by the test module before the ranks start."""
 
 
-def agentic_update(name, rank, world):
+def agentic_update(name, strategy, rank, world):
     """ARPO / AEPO on the warmed-up ``shop`` model: the whole batch of rollout trees (tool
     calls executed, their results loss-masked) built on every rank by a single-process
     trainer; the data-parallel trainer on this rank's half (one whole tree per rank)
@@ -229,12 +229,13 @@ def agentic_update(name, rank, world):
 
     dp_model = model()
     dp = make_data_parallel_trainer(name, dp_model, tok, prompts, task.reward_functions,
-                                    config=c, parallel=DataParallelConfig(strategy="ddp"))
+                                    config=c, parallel=DataParallelConfig(strategy=strategy))
     dp.prepare_logprobs(local)
     dp.compute_advantages(local)
     grads = capture_gradients(dp, True)
     dp_metrics = dp.update(local)
-    # the agent/ metrics of a data-parallel rollout (each rank its own trees) are global
+    # a data-parallel rollout (each rank its own trees; under FSDP2 the tool rollout must
+    # generate with the gathered weights), its agent/ metrics global
     dp.collect()
     logged: list = [None] * world
     dist.all_gather_object(logged, (dp.rollout_stats, dp.last_tree.rounds,
@@ -423,8 +424,8 @@ def straggler(rank, world):
     return out
 
 
-CASES.update({"arpo_ddp": lambda r, w: agentic_update("arpo", r, w),
-              "aepo_ddp": lambda r, w: agentic_update("aepo", r, w),
+CASES.update({"arpo_ddp": lambda r, w: agentic_update("arpo", "ddp", r, w),
+              "aepo_fsdp2": lambda r, w: agentic_update("aepo", "fsdp2", r, w),
               "entropy_features_ddp": entropy_features, "dapo_ddp": dynamic_sampling,
               "dpo_ddp": dpo_step, "dpo_trainer_ddp": dpo_trainer_step,
               "checkpoint_fsdp2": checkpoint_resume,

@@ -79,12 +79,13 @@ def test_constant_normaliser_and_global_whitening(results, case):
     assert_same_update(results[case])
 
 
-@pytest.mark.parametrize("case", ["arpo_ddp", "aepo_ddp"])
+@pytest.mark.parametrize("case", ["arpo_ddp", "aepo_fsdp2"])
 def test_agentic_update_with_tool_calls_equals_one_process(results, case):
-    """ARPO / AEPO: rollout trees with executed tool calls, whole trees per rank; the update
-    on 2 ranks equals the one-process update on the whole batch (AEPO: its entropy-aware
-    advantage from both ranks' token entropies), and tool-result tokens sit in the batch
-    with loss mask 0."""
+    """ARPO (DDP) / AEPO (FSDP2): rollout trees with executed tool calls, whole trees per
+    rank; the update on 2 ranks equals the one-process update on the whole batch (AEPO: its
+    entropy-aware advantage from both ranks' token entropies), tool-result tokens sit in the
+    batch with loss mask 0, and a data-parallel tool rollout runs (FSDP2: with the gathered
+    weights) and logs the same global agent/ metrics on every rank."""
     r = results[case]
     assert_same_update(r)
     assert r["rows"] == 2 * r["local_rows"] == cases.ROWS

@@ -196,6 +196,9 @@ class ARPOTrainer(GRPOTrainer):
         ``group_size`` trajectories per prompt. Otherwise (evaluation): ``group_size``
         independent multi-turn samples per prompt, no branching."""
         training = group_size is None and sampling is None
+        # The trainer's generator as it is now: the data-parallel trainer wraps it after
+        # __init__ (FSDP2: ``UnshardedGenerator``, which gathers the sharded weights).
+        self.engine.generator = self.generator
         rows = self.prompts if rows is None else rows
         group = group_size or self.config.group_size
         sampling = sampling or self.config.sampling
