@@ -188,6 +188,69 @@ def entropy_features(rank, world):
     return compare_update("grpo", "ddp", rank, world, loss=loss)
 
 
+SHOP_MODEL = "RLHF_FAST_TEST_SHOP_MODEL"
+"""Environment variable: the directory of the tiny model warmed up on ``shop`` (it calls
+tools), saved by the test module before the ranks start."""
+
+
+def agentic_update(name, strategy, rank, world):
+    """ARPO / AEPO on the warmed-up ``shop`` model: the whole batch of rollout trees (tool
+    calls executed, their results loss-masked) built on every rank by a single-process
+    trainer; the data-parallel trainer on this rank's half (one whole tree per rank)
+    vs the single-process update on all of it. AEPO's entropy-aware advantage is folded in
+    from entropy statistics over both ranks' trained tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.agents import get_agent_task
+    from rlhf_fast.tasks.tokenizer import load_tokenizer
+    from rlhf_fast.trainers import make_config, make_trainer
+    from rlhf_fast.trainers.distributed import DataParallelConfig, make_data_parallel_trainer
+
+    task = get_agent_task("shop")
+    prompts = task.train_prompts(64, seed=1)
+    path = os.environ[SHOP_MODEL]
+    tok = load_tokenizer(path)
+
+    def model():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    c = make_config(name, batch_size=ROWS, group_size=GROUP * 2, steps=1, lr=1e-3,
+                    backend="torch", max_new_tokens=task.max_new_tokens, seed=3,
+                    eval_samples=0)
+    single_model = model()
+    single = make_trainer(name, single_model, tok, prompts, task.reward_functions, config=c)
+    batch = single.collect()
+    rows = single.last_tree.rows()
+    local = batch.select(rows_of(rank, world, batch.size))
+    single.prepare_logprobs(batch)
+    single.compute_advantages(batch)
+    reference_grads = capture_gradients(single, False)
+    single_metrics = single.update(batch)
+
+    dp_model = model()
+    dp = make_data_parallel_trainer(name, dp_model, tok, prompts, task.reward_functions,
+                                    config=c, parallel=DataParallelConfig(strategy=strategy))
+    dp.prepare_logprobs(local)
+    dp.compute_advantages(local)
+    grads = capture_gradients(dp, True)
+    dp_metrics = dp.update(local)
+    # a data-parallel rollout (each rank its own trees; under FSDP2 the tool rollout must
+    # generate with the gathered weights), its agent/ metrics global
+    dp.collect()
+    logged: list = [None] * world
+    dist.all_gather_object(logged, (dp.rollout_stats, dp.last_tree.rounds,
+                                    sum(t.tool_calls for t in dp.last_tree.rows())))
+    # a tool result: attention 1, loss mask 0, between trained completion tokens
+    completion = local.attention_mask[:, local.prompt_width:].bool()
+    return {"grads": grads, "reference_grads": reference_grads,
+            "weights": full_weights(dp_model), "reference_weights": full_weights(single_model),
+            "metrics": dp_metrics, "reference_metrics": single_metrics,
+            "tool_calls": sum(t.tool_calls for t in rows), "rows": len(rows),
+            "masked_tokens": int((completion & ~local.loss_mask).sum()),
+            "masked_share": single.rollout_stats["agent/masked_share"],
+            "local_rows": local.size, "dp_logged": logged}
+
+
 def dynamic_sampling(rank, world):
     """DAPO under DDP: the filter and the kept-group count are global, the kept batch is
     re-dealt evenly, and the prompts are the single-process draw."""
@@ -361,7 +424,9 @@ def straggler(rank, world):
     return out
 
 
-CASES.update({"entropy_features_ddp": entropy_features, "dapo_ddp": dynamic_sampling,
+CASES.update({"arpo_ddp": lambda r, w: agentic_update("arpo", "ddp", r, w),
+              "aepo_fsdp2": lambda r, w: agentic_update("aepo", "fsdp2", r, w),
+              "entropy_features_ddp": entropy_features, "dapo_ddp": dynamic_sampling,
               "dpo_ddp": dpo_step, "dpo_trainer_ddp": dpo_trainer_step,
               "checkpoint_fsdp2": checkpoint_resume,
               "bad_world_size": bad_world_size, "straggler": straggler})

@@ -1,6 +1,7 @@
 """Data-parallel trainers on the CPU: two gloo ranks (``torch.multiprocessing.spawn``, one
 spawn for the whole module, one thread per rank) against the single-process trainer on the
-whole batch, for DDP and FSDP2 (``fully_shard`` runs on the CPU with gloo); checkpoints
+whole batch, for DDP and FSDP2 (``fully_shard`` runs on the CPU with gloo), ARPO / AEPO
+with tool calls on the warmed-up ``shop`` model; checkpoints
 through ``torch.distributed.checkpoint``; ``torchrun -m rlhf_fast.cli train``; clear errors
 instead of hangs. The rank-side code is ``distributed_cases.py``."""
 
@@ -15,6 +16,7 @@ import distributed_cases as cases
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_setup import warm_shop
 
 WORLD = 2
 
@@ -28,6 +30,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("data_parallel") / "results.pt"
+    _, _, shop = warm_shop()      # the ranks load it (built once a session, in the parent)
+    os.environ[cases.SHOP_MODEL] = str(next(shop.glob("tiny-shop-*")))
     mp.spawn(cases.worker, args=(WORLD, free_port(), str(out), list(cases.CASES)),
              nprocs=WORLD, join=True)
     return torch.load(out, weights_only=False)
@@ -73,6 +77,24 @@ def test_gspo_sequence_ratio_over_two_epochs(results):
 def test_constant_normaliser_and_global_whitening(results, case):
     """Dr. GRPO's B * max_new_tokens; REINFORCE++'s returns whitened over both ranks."""
     assert_same_update(results[case])
+
+
+@pytest.mark.parametrize("case", ["arpo_ddp", "aepo_fsdp2"])
+def test_agentic_update_with_tool_calls_equals_one_process(results, case):
+    """ARPO (DDP) / AEPO (FSDP2): rollout trees with executed tool calls, whole trees per
+    rank; the update on 2 ranks equals the one-process update on the whole batch (AEPO: its
+    entropy-aware advantage from both ranks' token entropies), tool-result tokens sit in the
+    batch with loss mask 0, and a data-parallel tool rollout runs (FSDP2: with the gathered
+    weights) and logs the same global agent/ metrics on every rank."""
+    r = results[case]
+    assert_same_update(r)
+    assert r["rows"] == 2 * r["local_rows"] == cases.ROWS
+    assert r["tool_calls"] >= 2 and r["masked_tokens"] > 0 and r["masked_share"] > 0
+    # a data-parallel rollout: every rank logs the global agent/ metrics
+    (stats_0, rounds_0, calls_0), (stats_1, rounds_1, calls_1) = r["dp_logged"]
+    assert stats_0 == stats_1
+    assert stats_0["agent/rounds"] == max(rounds_0, rounds_1)
+    assert stats_0["agent/tool_calls"] == pytest.approx((calls_0 + calls_1) / cases.ROWS)
 
 
 def test_entropy_statistics_are_global(results):

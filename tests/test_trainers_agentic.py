@@ -4,20 +4,14 @@ tokens, a few steps with tool calls that execute raise the task reward, AEPO's p
 sets the global samples, the branch generator is checkpointed, ``rlhf-fast train aepo``
 runs, bad combinations get clear errors."""
 
-import atexit
 import dataclasses
-import functools
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_setup import one_thread
+from tiny_setup import one_thread, warm_shop
 
 from rlhf_fast.agents import get_agent_task, global_samples
-from rlhf_fast.tasks import warmed_up_tiny_model
 from rlhf_fast.trainers import (
     AEPOConfig,
     ARPOConfig,
@@ -29,16 +23,6 @@ from rlhf_fast.trainers import (
 
 TASK = get_agent_task("shop")
 PROMPTS = TASK.train_prompts(400, seed=1)
-
-
-@functools.cache
-def warm_shop():
-    """(model, tokenizer, cache dir): the tiny model warmed up on ``shop``, built once."""
-    cache = Path(tempfile.mkdtemp(prefix="rlhf_fast_test_shop_"))
-    atexit.register(shutil.rmtree, cache, True)
-    with one_thread():
-        model, tok = warmed_up_tiny_model(TASK, cache)
-    return model, tok, cache
 
 
 def fresh_model():

@@ -1,7 +1,7 @@
-"""Shared set-up of the trainer and task tests: the tiny model warmed up on ``sum3`` once per
-test session (cached in a temporary directory removed at exit), run on one CPU thread (the
-tiny model's matrices are too small to gain from more, and a busy machine makes extra
-threads much slower)."""
+"""Shared set-up of the trainer and task tests: the tiny model warmed up on ``sum3`` (and on
+the agentic ``shop`` task) once per test session (cached in a temporary directory removed at
+exit), run on one CPU thread (the tiny model's matrices are too small to gain from more, and a
+busy machine makes extra threads much slower)."""
 
 import atexit
 import contextlib
@@ -33,6 +33,19 @@ def warm_tiny():
     atexit.register(shutil.rmtree, cache, True)
     with one_thread():
         model, tok = warmed_up_tiny_model(get_task("sum3"), cache)
+    return model, tok, cache
+
+
+@functools.cache
+def warm_shop():
+    """(model, tokenizer, cache dir) of the tiny model warmed up on the agentic ``shop`` task
+    (it calls tools); built once per session, shared by the agentic and distributed tests."""
+    from rlhf_fast.agents import get_agent_task
+
+    cache = Path(tempfile.mkdtemp(prefix="rlhf_fast_test_shop_"))
+    atexit.register(shutil.rmtree, cache, True)
+    with one_thread():
+        model, tok = warmed_up_tiny_model(get_agent_task("shop"), cache)
     return model, tok, cache
 
 

@@ -196,6 +196,9 @@ class ARPOTrainer(GRPOTrainer):
         ``group_size`` trajectories per prompt. Otherwise (evaluation): ``group_size``
         independent multi-turn samples per prompt, no branching."""
         training = group_size is None and sampling is None
+        # The trainer's generator as it is now: the data-parallel trainer wraps it after
+        # __init__ (FSDP2: ``UnshardedGenerator``, which gathers the sharded weights).
+        self.engine.generator = self.generator
         rows = self.prompts if rows is None else rows
         group = group_size or self.config.group_size
         sampling = sampling or self.config.sampling
@@ -247,7 +250,8 @@ class ARPOTrainer(GRPOTrainer):
             "agent/tool_calls": stats.mean(per_row[:, 0]),
             "agent/tool_errors": stats.mean(per_row[:, 1]),
             "agent/masked_share": float(tokens[0] / tokens[1]) if float(tokens[1]) else 0.0,
-            "agent/rounds": float(tree.rounds),
+            "agent/rounds": float(stats.all_reduce_max(torch.tensor(  # the slowest rank's
+                tree.rounds, dtype=torch.float64))),
             "agent/branches_per_prompt": stats.mean(torch.tensor(branches, dtype=torch.float64)),
             "agent/top3_branch_share": (float(shares[0] / shares[1]) if float(shares[1])
                                         else 0.0),
