@@ -63,11 +63,8 @@ def _local_stats_sweep(logits: Tensor, targets: Tensor, temperature: float, igno
                        with_entropy: bool, backend: str, log_sum_sq: Optional[Tensor] = None
                        ) -> tuple[Tensor, Tensor, Tensor]:
     if resolve_backend(backend, logits) == "torch":
-        if log_sum_sq is not None:
-            log_sum_sq.copy_(torch_impl.log_sum_sq_probs(logits, targets, temperature,
-                                                         ignore_index))
         return torch_impl.token_logprobs_forward(logits, targets, temperature, ignore_index,
-                                                 with_entropy)
+                                                 with_entropy, log_sum_sq=log_sum_sq)
     from ..kernels.token_logprobs import token_logprobs_fwd_kernel
 
     logits = _unit_column_stride(logits)

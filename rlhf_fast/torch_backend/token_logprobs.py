@@ -70,26 +70,30 @@ def _safe_targets(y: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
     return valid, torch.where(valid, y, torch.zeros_like(y)).unsqueeze(-1)
 
 
-def _block_sums(z: Tensor, e: Tensor, tmp: Tensor | None, y_safe: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+def _block_sums(z: Tensor, e: Tensor, tmp: Tensor | None, y_safe: Tensor, with_entropy: bool,
+                with_sum_sq: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The big passes of the stats sweep over one block ``z`` (scaled logits, overwritten;
-    ``e`` and ``tmp`` are scratch, ``tmp`` None without entropy): per row the max ``m``,
+    ``e`` and ``tmp`` are scratch, ``tmp`` None without entropy and sums of squares): per
+    row the max ``m``,
     ``d_y = z_y - m``, the non-target sum ``s_kept`` of ``e = exp(z - m)``, the part ``r``
-    of it strictly below the max, and ``t = sum e * (z - m)`` over the non-target columns."""
+    of it strictly below the max, ``t = sum e * (z - m)`` over the non-target columns, and
+    with ``with_sum_sq`` ``q = sum e^2`` over them (WPO), else None."""
     m = z.amax(-1, keepdim=True)
     m.masked_fill_(m == float("-inf"), 0.0)       # a row of -inf: keep it finite
     d = z.sub_(m)                                 # z - m, in place
     d_y = d.gather(-1, y_safe)
-    if tmp is not None:
+    if with_entropy:
         d.clamp_(min=LOG_ZERO)                   # -inf -> finite: e * d = 0, not NaN
     torch.exp(d, out=e)
     e.scatter_(-1, y_safe, 0.0)                   # the target is added back exactly later
     s_kept = e.sum(-1)
-    t = torch.mul(e, d, out=tmp).sum(-1) if tmp is not None else None
+    t = torch.mul(e, d, out=tmp).sum(-1) if with_entropy else None
+    q = torch.mul(e, e, out=tmp).sum(-1) if with_sum_sq else None
     # sign(d) is -1 below the max and 0 at it (NaN stays NaN): r = -sum(e * sign(d)) is the
     # non-target mass strictly below the max, without a compare-and-mask pass.
     r = e.mul_(d.sign_()).sum(-1).neg_()
-    return m.squeeze(-1), d_y.squeeze(-1), s_kept, r, t
+    return m.squeeze(-1), d_y.squeeze(-1), s_kept, r, t, q
 
 
 def _finish_stats(m: Tensor, d_y: Tensor, s_kept: Tensor, r: Tensor, t: Tensor | None,
@@ -126,23 +130,27 @@ def _finish_stats(m: Tensor, d_y: Tensor, s_kept: Tensor, r: Tensor, t: Tensor |
 
 def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
                            ignore_index: int, with_entropy: bool,
-                           chunk_bytes: int = BLOCK_BYTES) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk_bytes: int = BLOCK_BYTES, log_sum_sq: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     """logits ``[B, T, V]`` (any strides), targets ``[B, T]`` -> logp, entropy, stats.
 
     logp and entropy are float32 ``[B, T]`` (entropy is empty when not asked for);
     stats is float32 ``[B, T, 3]`` holding ``(m, log_s, 1 - p_y)`` of the scaled logits.
+    ``log_sum_sq`` (float32 ``[B, T]``, optional) receives ``ln sum_v p_v^2`` of each row
+    from the same sweep (WPO): ``ln(q + e_y^2) - 2 log_s``; 0 at ignored rows, NaN at a
+    target out of range.
     """
     out_shape = logits.shape[:2]
     logits = merge_batch(logits)
     batch, seq_len, n_cols = logits.shape
     targets = targets.reshape(batch, seq_len)
     # Per-row sums of every block, [B, T] each; rows never read keep 0 (they are ignored).
-    sums = torch.zeros((5, batch, seq_len), dtype=torch.float32, device=logits.device)
-    m_all, d_y_all, s_kept_all, r_all, t_all = sums.unbind(0)
+    sums = torch.zeros((6, batch, seq_len), dtype=torch.float32, device=logits.device)
+    m_all, d_y_all, s_kept_all, r_all, t_all, q_all = sums.unbind(0)
     inv_temp = 1.0 / temperature
     if batch * seq_len:
         scratch = _Scratch(min(block_rows(n_cols, chunk_bytes), seq_len), n_cols,
-                           logits.device, 3 if with_entropy else 2)
+                           logits.device, 3 if with_entropy or log_sum_sq is not None else 2)
     for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
         y = targets[b, ts]
         rows = active_rows(y != ignore_index)
@@ -153,8 +161,9 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
         y_rows = y if rows is None else y.index_select(0, rows)
         _, y_safe = _safe_targets(y_rows, n_cols)
         _load_scaled(z, logits[b, ts], rows, inv_temp)
-        values = _block_sums(z, e, tmp[0] if tmp else None, y_safe)
-        for out, value in zip((m_all, d_y_all, s_kept_all, r_all, t_all), values,
+        values = _block_sums(z, e, tmp[0] if tmp else None, y_safe, with_entropy,
+                             log_sum_sq is not None)
+        for out, value in zip((m_all, d_y_all, s_kept_all, r_all, t_all, q_all), values,
                               strict=True):
             if value is None:
                 continue
@@ -165,27 +174,16 @@ def token_logprobs_forward(logits: Tensor, targets: Tensor, temperature: float,
     logp, entropy, stats = _finish_stats(m_all, d_y_all, s_kept_all, r_all,
                                          t_all if with_entropy else None, targets, n_cols,
                                          ignore_index)
+    if log_sum_sq is not None:
+        # stats[..., 1] is log_s; p_v = e_v / s, so sum p^2 = (q + e_y^2) / s^2.
+        lsq = torch.log(q_all + (2.0 * d_y_all).exp()) - 2.0 * stats[..., 1]
+        bad = ~((targets >= 0) & (targets < n_cols))
+        lsq = torch.where(targets == ignore_index, 0.0,
+                          torch.where(bad, float("nan"), lsq))
+        log_sum_sq.copy_(lsq.view(out_shape))
     entropy = entropy.view(out_shape) if with_entropy \
         else logits.new_empty((0,), dtype=torch.float32)
     return logp.view(out_shape), entropy, stats.view(*out_shape, 3)
-
-
-def log_sum_sq_probs(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
-                     chunk_bytes: int = BLOCK_BYTES) -> Tensor:
-    """float32 ``[B, T]``: ``ln sum_v p_v^2 = logsumexp(2 log_softmax(z))`` of each row's
-    scaled logits z (WPO's weights), computed directly over row blocks; 0 at ignored rows,
-    NaN at a target out of range (as the Triton sweep's ``WITH_SUM_SQ`` output)."""
-    out_shape = logits.shape[:2]
-    logits = merge_batch(logits)
-    batch, seq_len, n_cols = logits.shape
-    targets = targets.reshape(batch, seq_len)
-    out = torch.zeros((batch, seq_len), dtype=torch.float32, device=logits.device)
-    for b, ts in row_chunks(batch, seq_len, n_cols, chunk_bytes):
-        z = logits[b, ts].float() / temperature
-        out[b, ts] = torch.logsumexp(2.0 * torch.log_softmax(z, dim=-1), dim=-1)
-    in_range = (targets >= 0) & (targets < n_cols)
-    out = torch.where(targets == ignore_index, 0.0, torch.where(in_range, out, float("nan")))
-    return out.view(out_shape)
 
 
 def _block_grad(lp: Tensor, p: Tensor, y: Tensor, stats: Tensor, c: Tensor,
